@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+MDS_CACHE ?= $(HOME)/.cache/mds
+VENV ?= $(MDS_CACHE)/venv
+export MDS_CACHE
+export MDS_VENV := $(VENV)
+BIN := $(VENV)/bin
+
+.PHONY: run test install install-test gen check-gen clean
+
+## Install (idempotent) and run the service on its embedded default (./data, SQLite).
+run: install
+	$(BIN)/mds serve
+
+## Install everything the tests need (idempotent, cached) and run the test suite.
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install:
+	scripts/bootstrap.sh
+
+install-test:
+	scripts/bootstrap.sh --test
+
+## Regenerate gen/ from protos/ (Python stubs and gen/mds.protoset).
+gen: install
+	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+clean:
+	rm -rf data logs .pytest_cache

@@ -1,0 +1,3 @@
+from mds_grpc.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""mds.v1.InferenceService: converts and delegates to the inference engine."""
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from google.rpc import status_pb2
+
+from mds.v1 import inference_service_pb2 as pb
+from mds.v1 import inference_service_pb2_grpc, tensor_pb2
+from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.tensors import from_array, to_array
+from mds_grpc.core.errors import InvalidArgument
+from mds_grpc.core.inference import InferenceEngine, Prediction
+
+
+def decode_inputs(request: pb.PredictRequest) -> dict[str, np.ndarray]:
+    inputs = {}
+    for tensor in request.inputs:
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input {tensor.name!r} is given twice")
+        inputs[tensor.name] = to_array(tensor)
+    return inputs
+
+
+def wants_raw(request: pb.PredictRequest) -> bool:
+    if request.output_encoding == tensor_pb2.TENSOR_ENCODING_UNSPECIFIED:
+        return bool(request.inputs) and all(t.raw_data for t in request.inputs)
+    return request.output_encoding == tensor_pb2.TENSOR_ENCODING_RAW
+
+
+def encode_prediction(prediction: Prediction, request: pb.PredictRequest) -> pb.PredictResponse:
+    response = pb.PredictResponse(model=prediction.model, version=prediction.version, request_id=request.request_id)
+    raw = wants_raw(request)
+    for name, value in prediction.outputs:
+        if isinstance(value, np.ndarray):
+            response.outputs.append(from_array(name, value, raw))
+        else:  # sequences and maps, e.g. ZipMap: JSON-like values with string keys
+            response.structured_outputs[name].CopyFrom(json_format.ParseDict(_jsonable(value), struct_pb2.Value()))
+    return response
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: InferenceEngine, stream_max_in_flight: int):
+        self.engine = engine
+        self.stream_max_in_flight = stream_max_in_flight
+
+    async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+        prediction = await self.engine.predict(
+            request.model, request.version, decode_inputs(request), list(request.output_names), deadline
+        )
+        return encode_prediction(prediction, request)
+
+    async def Predict(self, request, context):
+        response = await self._predict(request, _deadline(context))
+        annotate(version=response.version)
+        return response
+
+    async def _stream_item(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictStreamResponse:
+        try:
+            response = await self._predict(request, deadline)
+        except Exception as error:
+            code, message = status_of(error)
+            status = status_pb2.Status(code=code.value[0], message=message)
+            return pb.PredictStreamResponse(request_id=request.request_id, error=status)
+        return pb.PredictStreamResponse(request_id=request.request_id, response=response)
+
+    async def PredictStream(self, request_iterator, context):
+        """Up to `stream_max_in_flight` requests run at once; responses leave in request order."""
+        deadline = _deadline(context)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.stream_max_in_flight)
+        count = errors = 0
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    await queue.put(asyncio.ensure_future(self._stream_item(request, deadline)))
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await queue.get()) is not None:
+                response = await item
+                count += 1
+                errors += response.HasField("error")
+                yield response
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not queue.empty():
+                if (item := queue.get_nowait()) is not None:
+                    item.cancel()
+            annotate(messages=count, errors=errors)

@@ -1,0 +1,186 @@
+"""The `mds` command: run the server, and a small gRPC client for models and predictions."""
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from mds_grpc.config import Settings, env_name, load_settings
+
+CHUNK_BYTES = 1 << 20
+
+
+def _serve(args) -> None:
+    from mds_grpc.logs import configure_logging
+    from mds_grpc.server import serve
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_dir, settings.log_level)
+    asyncio.run(serve(settings))
+
+
+def _channel(args) -> grpc.Channel:
+    return grpc.insecure_channel(args.server, options=[("grpc.max_receive_message_length", -1),
+                                                       ("grpc.max_send_message_length", -1)])
+
+
+def _print_message(message) -> None:
+    print(json.dumps(json_format.MessageToDict(message), indent=2))
+
+
+def _side_files(model_path: Path) -> list[str]:
+    """Locations of external data the model references, relative to its folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    graph = onnx.load(str(model_path), load_external_data=False)
+    return sorted({ExternalDataInfo(t).location for t in _get_all_tensors(graph) if uses_external_data(t)})
+
+
+def _upload(args) -> None:
+    from tqdm import tqdm
+
+    from mds.v1 import model_service_pb2 as pb
+    from mds.v1 import model_service_pb2_grpc
+
+    path = Path(args.path)
+    side = [(name, path.parent / name) for name in _side_files(path)]
+    header = pb.ModelHeader(
+        name=args.name, description=args.description, labels=dict(kv.split("=", 1) for kv in args.label),
+        size_bytes=path.stat().st_size,
+        external_files=[pb.ModelFile(path=name, size_bytes=file.stat().st_size) for name, file in side],
+    )
+    if args.metadata:
+        header.metadata.update(json.loads(args.metadata))
+    total = path.stat().st_size + sum(file.stat().st_size for _, file in side)
+    progress = tqdm(total=total, unit="B", unit_scale=True, desc=args.name, disable=args.quiet)
+    digest = hashlib.sha256()
+
+    def requests():
+        yield pb.UploadModelRequest(header=header)
+        for name, file in [(None, path), *side]:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(CHUNK_BYTES):
+                    progress.update(len(chunk))
+                    if name is None:
+                        digest.update(chunk)
+                        yield pb.UploadModelRequest(chunk=chunk)
+                    else:
+                        yield pb.UploadModelRequest(file_chunk=pb.FileChunk(path=name, data=chunk))
+
+    model = model_service_pb2_grpc.ModelServiceStub(_channel(args)).UploadModel(requests())
+    progress.close()
+    if model.sha256 != digest.hexdigest():
+        raise SystemExit(f"error: server stored sha256 {model.sha256}, the file hashes to {digest.hexdigest()}")
+    _print_message(model)
+
+
+def _input_array(spec: str, dtypes_by_input: dict) -> tuple[str, np.ndarray]:
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy or NAME=JSON")
+    if value.endswith(".npy"):
+        return name, np.load(value, allow_pickle=False)
+    dtype = dtypes_by_input.get(name)
+    return name, np.array(json.loads(value), dtype=dtype.numpy if dtype else None)
+
+
+def _predict(args) -> None:
+    from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
+    from mds_grpc.api.tensors import PREFIX, DataType, from_array, to_array
+    from mds_grpc.core import dtypes
+
+    channel = _channel(args)
+    model = model_service_pb2_grpc.ModelServiceStub(channel).GetModel(
+        model_service_pb2.GetModelRequest(name=args.name, version=args.version)
+    )
+    wanted = {spec.name: dtypes.BY_NAME.get(DataType.Name(spec.dtype).removeprefix(PREFIX)) for spec in model.inputs}
+    arrays = dict(_input_array(spec, wanted) for spec in args.input)
+    request = inference_service_pb2.PredictRequest(
+        model=args.name, version=model.version, output_names=args.output,
+        inputs=[from_array(name, array, raw=True) for name, array in arrays.items()],
+    )
+    response = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(request)
+    result = {t.name: {"dtype": dtypes.of_array(a := to_array(t)).name, "shape": list(a.shape), "data": a.tolist()}
+              for t in response.outputs}
+    result.update(json_format.MessageToDict(response)["structuredOutputs"] if response.structured_outputs else {})
+    print(json.dumps({"model": response.model, "version": response.version, "outputs": result}, default=str))
+
+
+def _models(args) -> None:
+    from mds.v1 import model_service_pb2 as pb
+    from mds.v1 import model_service_pb2_grpc
+
+    stub = model_service_pb2_grpc.ModelServiceStub(_channel(args))
+    if args.action == "list":
+        token = ""
+        while True:
+            page = stub.ListModels(pb.ListModelsRequest(name=args.name or "", page_token=token))
+            for model in page.models:
+                print(f"{model.name}\t{model.version}\t{model.size_bytes}\t{model.created_at.ToJsonString()}")
+            if not (token := page.next_page_token):
+                break
+    elif args.action == "get":
+        _print_message(stub.GetModel(pb.GetModelRequest(name=args.name, version=args.version)))
+    else:
+        _print_message(stub.DeleteModel(pb.DeleteModelRequest(name=args.name, version=args.version)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mds", description="MDS, the Model Deployment Service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server (settings: MDS_* variables, .env, these flags)")
+    for f in dataclasses.fields(Settings):
+        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                           type=Path if isinstance(f.default, Path) else type(f.default),
+                           help=f"default: ${env_name(f.name)} or {f.default}")
+    serve.set_defaults(run=_serve)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),
+                        help="host:port of the server (default: $MDS_SERVER or localhost:50051)")
+
+    upload = sub.add_parser("upload", parents=[client], help="upload an .onnx file (and its external data)")
+    upload.add_argument("path")
+    upload.add_argument("--name", required=True)
+    upload.add_argument("--description", default="")
+    upload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    upload.add_argument("--metadata", help="free-form JSON object")
+    upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    upload.set_defaults(run=_upload)
+
+    predict = sub.add_parser("predict", parents=[client], help="run a model on inputs and print its outputs")
+    predict.add_argument("name")
+    predict.add_argument("--version", type=int, default=0)
+    predict.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy|NAME=JSON")
+    predict.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")
+    predict.set_defaults(run=_predict)
+
+    models = sub.add_parser("models", parents=[client], help="list, get or delete models")
+    models.add_argument("action", choices=["list", "get", "delete"])
+    models.add_argument("name", nargs="?")
+    models.add_argument("--version", type=int, default=0)
+    models.set_defaults(run=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if getattr(args, "action", "list") != "list" and not args.name:
+        raise SystemExit(f"error: mds models {args.action} needs a model name")
+    try:
+        args.run(args)
+    except grpc.RpcError as error:
+        raise SystemExit(f"error: {error.code().name}: {error.details()}") from None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None

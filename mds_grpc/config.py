@@ -1,0 +1,47 @@
+"""Settings from MDS_* environment variables (and a .env file), overridable by CLI flags."""
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Each field `x` is read from `MDS_X`; `.env.example` documents them all."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    data_dir: Path = Path("data")
+    log_dir: Path = Path("logs")
+    log_level: str = "INFO"
+    max_model_bytes: int = 4 * GiB
+    model_cache_bytes: int = 2 * GiB
+    max_message_bytes: int = 64 * MiB
+    stream_max_in_flight: int = 8
+    inference_threads: int = os.cpu_count() or 2
+    ort_intra_op_threads: int = 0
+    shutdown_grace_seconds: float = 10.0
+
+
+def env_name(field_name: str) -> str:
+    return "MDS_" + field_name.upper()
+
+
+def load_settings(**overrides) -> Settings:
+    """Defaults < .env file < environment < `overrides` (None values are ignored)."""
+    load_dotenv(override=False)
+    values = {}
+    for f in fields(Settings):
+        raw = os.environ.get(env_name(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = type(f.default)(raw) if not isinstance(f.default, Path) else Path(raw)
+            except ValueError:
+                raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""The protocol-neutral core: models, uploads and inference, free of any wire format."""

@@ -1,0 +1,27 @@
+"""Errors the core raises; each front door maps `status` to its own wire status."""
+
+
+class MdsError(Exception):
+    """A failure a caller can act on. `status` names a gRPC status code."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(MdsError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(MdsError):
+    status = "NOT_FOUND"
+
+
+class ResourceExhausted(MdsError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(MdsError):
+    status = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(MdsError):
+    status = "CANCELLED"

@@ -1,0 +1,127 @@
+"""Running a model: inputs checked against its signature, onnxruntime off the event loop."""
+
+import asyncio
+import ctypes
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from mds_grpc.core import dtypes
+from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from mds_grpc.core.records import ModelRecord, TensorSpec
+from mds_grpc.core.registry import ModelRegistry
+
+BF16 = dtypes.BY_NAME["BF16"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model: str
+    version: int
+    # In the model's output order: numpy arrays for tensors, plain Python values otherwise.
+    outputs: list[tuple[str, Any]]
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def check_inputs(record: ModelRecord, inputs: dict[str, np.ndarray]) -> None:
+    """Raise InvalidArgument naming the first input that does not fit the model's signature."""
+    label = f"model {record.name!r} version {record.version}"
+    specs = {spec.name: spec for spec in record.inputs}
+    for name in inputs:
+        if name not in specs:
+            raise InvalidArgument(f"{label} has no input {name!r}; its inputs are {sorted(specs)}")
+    for spec in record.inputs:
+        if spec.name not in inputs:
+            raise InvalidArgument(f"missing input {spec.name!r} for {label}")
+        _check_input(spec, inputs[spec.name])
+
+
+def _check_input(spec: TensorSpec, array: np.ndarray) -> None:
+    dtype = dtypes.of_array(array)
+    got = dtype.name if dtype else str(array.dtype)
+    if spec.dtype and got != spec.dtype:
+        raise InvalidArgument(f"input {spec.name!r} must have dtype {spec.dtype}, got {got}")
+    wrong_rank = len(array.shape) != len(spec.shape)
+    if wrong_rank or any(want >= 0 and want != have for want, have in zip(spec.shape, array.shape)):
+        raise InvalidArgument(
+            f"input {spec.name!r} must have shape {_shape_text(spec.shape)}, got {_shape_text(array.shape)}"
+        )
+
+
+def select_outputs(record: ModelRecord, requested: Sequence[str]) -> list[str]:
+    names = [spec.name for spec in record.outputs]
+    unknown = [name for name in requested if name not in names]
+    if unknown:
+        raise InvalidArgument(
+            f"model {record.name!r} version {record.version} has no output {unknown[0]!r}; its outputs are {names}"
+        )
+    return [name for name in names if name in requested] if requested else names
+
+
+def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
+    if array.dtype == BF16.numpy:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), BF16.onnx_enum)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() == "tensor(bfloat16)":
+        raw = (ctypes.c_char * value.tensor_size_in_bytes()).from_address(value.data_ptr())
+        return np.frombuffer(bytes(raw), dtype=BF16.numpy).reshape(value.shape())
+    return value.numpy()
+
+
+def _run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
+                 options: ort.RunOptions, uses_bf16: bool) -> list:
+    if uses_bf16:  # numpy-facing run() cannot take or give bfloat16
+        values = {name: _to_ort_value(array) for name, array in feeds.items()}
+        return [_from_ort_value(v) for v in session.run_with_ort_values(output_names, values, options)]
+    return session.run(output_names, feeds, options)
+
+
+class InferenceEngine:
+    def __init__(self, registry: ModelRegistry, executor: Executor):
+        self.registry = registry
+        self.executor = executor
+
+    async def predict(self, model: str, version: int, inputs: dict[str, np.ndarray],
+                      output_names: Sequence[str] = (), deadline: float | None = None) -> Prediction:
+        """Run one request. `deadline` is a time.monotonic() value after which the model is not run."""
+        loaded = await self.registry.load(model, version)
+        record = loaded.record
+        check_inputs(record, inputs)
+        names = select_outputs(record, output_names)
+        uses_bf16 = any(a.dtype == BF16.numpy for a in inputs.values()) or any(
+            spec.dtype == BF16.name for spec in record.outputs if spec.name in names
+        )
+        options = ort.RunOptions()
+
+        def run() -> list:
+            if options.terminate:
+                raise Cancelled("the request was cancelled before the model ran")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the deadline passed before the model ran")
+            try:
+                return _run_session(loaded.session, names, inputs, options, uses_bf16)
+            except Exception as error:  # onnxruntime raises its own exception types for bad inputs
+                if options.terminate:
+                    raise Cancelled("the request was cancelled while the model ran") from None
+                raise InvalidArgument(
+                    f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
+                ) from None
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
+        try:
+            values = await future
+        except asyncio.CancelledError:
+            options.terminate = True  # stops a run in progress; the client is gone
+            raise
+        return Prediction(record.name, record.version, list(zip(names, values)))

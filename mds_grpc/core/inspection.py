@@ -1,0 +1,88 @@
+"""Validating an uploaded model: safe external-data references, loadable by onnxruntime, its signature."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+from mds_grpc.core import dtypes
+from mds_grpc.core.errors import InvalidArgument
+from mds_grpc.core.records import TensorSpec
+from mds_grpc.core.uploads import check_relative_path
+
+ort.set_default_logger_severity(3)  # errors only; warnings about unused initializers are noise
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opsets: tuple[tuple[str, int], ...]
+    producer_name: str
+    producer_version: str
+    ir_version: int
+
+
+def open_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session loaded by path (so external data resolves next to the file).
+
+    No custom-op library is ever registered.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _spec(arg) -> TensorSpec:
+    dtype = dtypes.of_onnx_type(arg.type)
+    dims = list(arg.shape or []) if dtype else []
+    return TensorSpec(
+        name=arg.name,
+        dtype=dtype.name if dtype else None,
+        shape=tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims),
+        onnx_type=arg.type,
+        dim_names=tuple(d if isinstance(d, str) else "" for d in dims),
+    )
+
+
+def _check_external_data(graph: onnx.ModelProto, uploaded: set[str]) -> None:
+    for tensor in _get_all_tensors(graph):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        try:
+            check_relative_path(location)
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"tensor {tensor.name!r} keeps its data at {location!r}, outside the model's folder; "
+                "external data must be a relative path inside it"
+            ) from None
+        if location not in uploaded:
+            raise InvalidArgument(
+                f"tensor {tensor.name!r} keeps its data in {location!r}, which was not uploaded; "
+                "send it as a side file (header.external_files)"
+            )
+
+
+def inspect_model(path: Path, side_files: set[str]) -> tuple[ort.InferenceSession, ModelInfo]:
+    """Load the model at `path` for validation; raise InvalidArgument naming the problem."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # onnx raises DecodeError, ValueError and more for garbage
+        raise InvalidArgument(f"not an ONNX model: {error}") from None
+    _check_external_data(graph, side_files)
+    try:
+        session = open_session(path)
+    except Exception as error:  # onnxruntime's own exception types carry the reason
+        raise InvalidArgument(f"onnxruntime cannot load the model: {error}") from None
+    info = ModelInfo(
+        inputs=tuple(_spec(a) for a in session.get_inputs()),
+        outputs=tuple(_spec(a) for a in session.get_outputs()),
+        opsets=tuple((o.domain, o.version) for o in graph.opset_import),
+        producer_name=graph.producer_name,
+        producer_version=graph.producer_version,
+        ir_version=graph.ir_version,
+    )
+    return session, info

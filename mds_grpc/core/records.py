@@ -1,0 +1,72 @@
+"""What MDS knows about a stored model version, and its plain-dict form for metadata stores."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+
+MAIN_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str | None  # a core DType name; None for non-tensor values
+    shape: tuple[int, ...]  # -1 for a symbolic or unknown dimension
+    onnx_type: str
+    dim_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str  # relative to the model's folder; MAIN_FILE for the graph
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    version: int  # 0 until the metadata store allocates one
+    created_at: datetime
+    files: tuple[StoredFile, ...]  # the main file first
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opsets: tuple[tuple[str, int], ...] = ()
+    producer_name: str = ""
+    producer_version: str = ""
+    ir_version: int = 0
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return self.files[0].sha256
+
+    @property
+    def size_bytes(self) -> int:
+        return self.files[0].size_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+def record_to_dict(record: ModelRecord) -> dict:
+    """A JSON- and BSON-friendly dict (created_at stays a datetime)."""
+    return dataclasses.asdict(record)
+
+
+def record_from_dict(data: dict) -> ModelRecord:
+    def spec(d: dict) -> TensorSpec:
+        return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d["onnx_type"], tuple(d["dim_names"]))
+
+    return ModelRecord(
+        **{
+            **data,
+            "files": tuple(StoredFile(**f) for f in data["files"]),
+            "inputs": tuple(spec(s) for s in data["inputs"]),
+            "outputs": tuple(spec(s) for s in data["outputs"]),
+            "opsets": tuple((domain, version) for domain, version in data["opsets"]),
+        }
+    )

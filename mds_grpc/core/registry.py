@@ -1,0 +1,123 @@
+"""Model versions: upload, look up, list and delete, over a blob store and a metadata store."""
+
+import asyncio
+import base64
+import json
+import shutil
+from collections.abc import AsyncIterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mds_grpc.core.errors import InvalidArgument, NotFound
+from mds_grpc.core.inspection import inspect_model
+from mds_grpc.core.model_cache import LoadedModel, ModelCache
+from mds_grpc.core.records import ModelRecord, StoredFile
+from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
+from mds_grpc.storage.base import BlobStore, MetadataStore
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _encode_token(record: ModelRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([record.name, record.version]).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[str, int]:
+    try:
+        name, version = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(name), int(version)
+    except Exception:
+        raise InvalidArgument("malformed page_token: pass next_page_token from the previous page") from None
+
+
+class ModelRegistry:
+    def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
+                 max_model_bytes: int):
+        self.metadata = metadata
+        self.blobs = blobs
+        self.cache = cache
+        self.tmp_dir = Path(tmp_dir)
+        self.max_model_bytes = max_model_bytes
+        # Serialises publishing against deleting, so a blob shared by two versions is never
+        # removed while a new version that references it is being recorded (one process).
+        self._blob_lock = asyncio.Lock()
+
+    def sweep_tmp(self) -> None:
+        """Remove uploads left behind by a crash (call before serving)."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes]]) -> ModelRecord:
+        """Stage, validate, publish and warm a new version; nothing stays behind on failure."""
+        staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes)
+        try:
+            files = await receive(staging, parts)
+            side_files = {stored.path for stored in files[1:]}
+            session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files)
+            draft = ModelRecord(
+                name=header.name, version=0, created_at=datetime.now(timezone.utc), files=files,
+                inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
+                producer_name=info.producer_name, producer_version=info.producer_version,
+                ir_version=info.ir_version, description=header.description,
+                labels=dict(header.labels), metadata=dict(header.metadata),
+            )
+            # Once the client has sent everything and the model is valid, finish even if it leaves.
+            record = await asyncio.shield(self._publish(staging, draft))
+            self.cache.put(record, session)
+            return record
+        finally:
+            staging.cleanup()
+
+    async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
+        async with self._blob_lock:
+            try:
+                for stored in draft.files:
+                    await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256)
+                record = await asyncio.to_thread(self.metadata.create, draft)
+            except BaseException:
+                await asyncio.to_thread(self._delete_unreferenced, draft.files)
+                raise
+        await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
+        return record
+
+    def _delete_unreferenced(self, files: tuple[StoredFile, ...]) -> None:
+        for stored in files:
+            if not self.metadata.blob_in_use(stored.sha256):
+                self.blobs.delete(stored.sha256)
+
+    async def get(self, name: str, version: int = 0) -> ModelRecord:
+        if version < 0:
+            raise InvalidArgument(f"version must be positive, or 0 for the latest; got {version}")
+        record = await asyncio.to_thread(self.metadata.get, name, version)
+        if record is None:
+            what = f"model {name!r} version {version}" if version else f"model {name!r}"
+            raise NotFound(f"{what} does not exist")
+        return record
+
+    async def load(self, name: str, version: int = 0) -> LoadedModel:
+        return await self.cache.get(await self.get(name, version))
+
+    async def list_page(self, name: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[ModelRecord], str]:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {page_size}")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token) if page_token else None
+        records = await asyncio.to_thread(self.metadata.list_page, name or None, after, limit + 1)
+        if len(records) > limit:
+            return records[:limit], _encode_token(records[limit - 1])
+        return records, ""
+
+    async def delete(self, name: str, version: int = 0) -> list[int]:
+        if version < 0:
+            raise InvalidArgument(f"version must be positive, or 0 for every version; got {version}")
+        async with self._blob_lock:
+            deleted = await asyncio.to_thread(self.metadata.delete, name, version)
+            if not deleted:
+                what = f"model {name!r} version {version}" if version else f"model {name!r}"
+                raise NotFound(f"{what} does not exist")
+            for record in deleted:
+                await asyncio.to_thread(self._delete_unreferenced, record.files)
+        versions = [record.version for record in deleted]
+        self.cache.forget(name, versions)
+        return versions

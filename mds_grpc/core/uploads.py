@@ -1,0 +1,146 @@
+"""Receiving an upload: its files are streamed to a private temp folder while hashed."""
+
+import asyncio
+import hashlib
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
+from mds_grpc.core.records import MAIN_FILE, StoredFile
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+PATH_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    name: str
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    sha256: str = ""  # of the main file; "" = not verified
+    size_bytes: int = 0  # of the main file; 0 = not verified
+    external_files: tuple[StoredFile, ...] = ()  # side files, sha256/size optional as above
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"invalid model name {name!r}: use 1-128 characters of a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_relative_path(path: str) -> None:
+    """A side-file path must stay inside the model's folder."""
+    parts = path.split("/")
+    if not path or any(p in ("", ".", "..") or not PATH_COMPONENT.match(p) for p in parts):
+        raise InvalidArgument(
+            f"invalid file path {path!r}: use a relative path of [A-Za-z0-9._-] components, "
+            "without '..' or a leading '/'"
+        )
+
+
+def _check_sha256(sha256: str, what: str) -> None:
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise InvalidArgument(f"sha256 of {what} must be 64 lowercase hex digits, got {sha256!r}")
+
+
+@dataclass
+class _OpenFile:
+    path: str
+    handle: BinaryIO
+    hasher: "hashlib._Hash"
+    size: int = 0
+
+
+class StagedUpload:
+    """One upload's files in `DIR/upload-<id>/`, each written in one contiguous run of chunks."""
+
+    def __init__(self, tmp_root: Path, header: UploadHeader, max_bytes: int):
+        check_name(header.name)
+        _check_sha256(header.sha256, MAIN_FILE)
+        declared = {MAIN_FILE: StoredFile(MAIN_FILE, header.sha256, header.size_bytes)}
+        for side in header.external_files:
+            check_relative_path(side.path)
+            _check_sha256(side.sha256, side.path)
+            if side.path in declared:
+                raise InvalidArgument(f"file {side.path!r} is declared twice in the header")
+            declared[side.path] = side
+        self.declared = declared
+        self.max_bytes = max_bytes
+        self.dir = Path(tmp_root) / f"upload-{uuid.uuid4().hex}"
+        self.dir.mkdir(parents=True)
+        self.received: dict[str, StoredFile] = {}
+        self.total = 0
+        self._open: _OpenFile | None = None
+
+    @property
+    def main_path(self) -> Path:
+        return self.dir / MAIN_FILE
+
+    def write(self, path: str, data: bytes) -> None:
+        if path not in self.declared:
+            raise InvalidArgument(f"chunk for undeclared file {path!r}: list it in header.external_files")
+        if self._open is None or self._open.path != path:
+            if path in self.received:
+                raise InvalidArgument(f"chunks of file {path!r} must be contiguous; it was already finished")
+            self._close()
+            target = self.dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._open = _OpenFile(path, open(target, "xb"), hashlib.sha256())
+        self.total += len(data)
+        if self.total > self.max_bytes:
+            raise ResourceExhausted(f"upload exceeds the server's model size limit of {self.max_bytes} bytes")
+        self._open.handle.write(data)
+        self._open.hasher.update(data)
+        self._open.size += len(data)
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._open.handle.close()
+            self.received[self._open.path] = StoredFile(
+                self._open.path, self._open.hasher.hexdigest(), self._open.size
+            )
+            self._open = None
+
+    def finish(self) -> tuple[StoredFile, ...]:
+        """Close the last file and check every file against its declaration; main file first."""
+        self._close()
+        for path, want in self.declared.items():
+            got = self.received.get(path)
+            if got is None or got.size_bytes == 0:
+                raise InvalidArgument(f"no bytes received for file {path!r}")
+            if want.size_bytes and want.size_bytes != got.size_bytes:
+                raise InvalidArgument(
+                    f"size mismatch for {path!r}: header says {want.size_bytes} bytes, received {got.size_bytes}"
+                )
+            if want.sha256 and want.sha256 != got.sha256:
+                raise InvalidArgument(
+                    f"sha256 mismatch for {path!r}: header says {want.sha256}, received bytes hash to {got.sha256}"
+                )
+        return tuple(self.received[path] for path in self.declared)
+
+    def cleanup(self) -> None:
+        if self._open is not None:
+            self._open.handle.close()
+            self._open = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def receive(staging: StagedUpload, parts: AsyncIterable[tuple[str, bytes]]) -> tuple[StoredFile, ...]:
+    """Write every (path, bytes) part off the event loop; a cancelled receive lets the last write finish."""
+    pending: asyncio.Future | None = None
+    try:
+        async for path, data in parts:
+            pending = asyncio.ensure_future(asyncio.to_thread(staging.write, path, data))
+            await asyncio.shield(pending)
+        return await asyncio.to_thread(staging.finish)
+    finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])

@@ -1,0 +1,75 @@
+"""The gRPC server: wires storage, core and front doors; health, reflection, graceful shutdown."""
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
+from mds_grpc.api.access_log import AccessLogInterceptor
+from mds_grpc.api.inference_servicer import InferenceServicer
+from mds_grpc.api.model_servicer import ModelServicer
+from mds_grpc.config import Settings
+from mds_grpc.core.inference import InferenceEngine
+from mds_grpc.core.model_cache import ModelCache
+from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.storage.local_blobs import LocalBlobStore
+from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
+
+log = logging.getLogger("mds.server")
+SERVICES = (
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+)
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The embedded default: blobs in a local folder, metadata in SQLite, both under data_dir."""
+    data = settings.data_dir
+    blobs = LocalBlobStore(data / "blobs")
+    cache = ModelCache(blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
+    return ModelRegistry(SqliteMetadataStore(data / "mds.sqlite3"), blobs, cache, data / "tmp", settings.max_model_bytes)
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period."""
+    registry = build_registry(settings)
+    registry.sweep_tmp()
+    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
+    server = grpc.aio.server(
+        interceptors=[AccessLogInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(InferenceEngine(registry, executor), settings.stream_max_in_flight), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    port = server.add_insecure_port(address)
+    await server.start()
+    for service in ("", *SERVICES):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    executor.shutdown(wait=True, cancel_futures=True)
+    log.info("stopped")

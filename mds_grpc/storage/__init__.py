@@ -1,0 +1,1 @@
+"""Where models live: a blob store for files and a metadata store for records."""

@@ -1,0 +1,43 @@
+"""The two small interfaces every storage backend implements."""
+
+from pathlib import Path
+from typing import Protocol
+
+from mds_grpc.core.records import ModelRecord
+
+
+class BlobStore(Protocol):
+    """Immutable files addressed by their hex SHA-256."""
+
+    def put_file(self, path: Path, sha256: str) -> None:
+        """Publish a fully written local file under `sha256` (a no-op when present)."""
+
+    def fetch_to(self, sha256: str, dest: Path) -> None:
+        """Place the blob's bytes at `dest` (which must not exist yet)."""
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob; a missing blob is not an error."""
+
+    def exists(self, sha256: str) -> bool: ...
+
+
+class MetadataStore(Protocol):
+    """Model records keyed by (name, version)."""
+
+    def create(self, record: ModelRecord) -> ModelRecord:
+        """Store `record` under the next version of its name, allocated atomically.
+
+        Versions are never reused, even after the versions before them are deleted.
+        """
+
+    def get(self, name: str, version: int) -> ModelRecord | None:
+        """One version, or the latest when `version` is 0; None when absent."""
+
+    def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
+        """Up to `limit` records ordered by (name, version), strictly after `after`."""
+
+    def delete(self, name: str, version: int) -> list[ModelRecord]:
+        """Delete one version, or all when `version` is 0; returns the deleted records by version."""
+
+    def blob_in_use(self, sha256: str) -> bool:
+        """Whether any stored record references the blob."""

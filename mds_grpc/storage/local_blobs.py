@@ -1,0 +1,47 @@
+"""Blob store on the local filesystem: DIR/sha256/ab/abcdef..., files read-only."""
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-link `source` to `dest`, copying (then renaming) across filesystems."""
+    try:
+        os.link(source, dest)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        shutil.copyfile(source, partial)
+        os.chmod(partial, 0o444)
+        os.replace(partial, dest)
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root) / "sha256"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def put_file(self, path: Path, sha256: str) -> None:
+        final = self._path(sha256)
+        final.parent.mkdir(exist_ok=True)
+        os.chmod(path, 0o444)
+        try:
+            _link_or_copy(path, final)
+        except FileExistsError:
+            pass  # content-addressed: the same bytes are already there
+
+    def fetch_to(self, sha256: str, dest: Path) -> None:
+        _link_or_copy(self._path(sha256), dest)
+
+    def delete(self, sha256: str) -> None:
+        self._path(sha256).unlink(missing_ok=True)
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).exists()

@@ -1,0 +1,119 @@
+"""Metadata store on SQLite (stdlib): the embedded default."""
+
+import dataclasses
+import json
+import sqlite3
+from contextlib import closing, contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_names (
+    name TEXT PRIMARY KEY,
+    last_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS model_blobs (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_blobs_sha256 ON model_blobs (sha256);
+"""
+
+
+def _encode(record: ModelRecord) -> str:
+    data = record_to_dict(record)
+    data["created_at"] = record.created_at.isoformat()
+    return json.dumps(data)
+
+
+def _decode(text: str) -> ModelRecord:
+    data = json.loads(text)
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    return record_from_dict(data)
+
+
+class SqliteMetadataStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _transaction(self):
+        """A connection inside one write-locked transaction, committed on success."""
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple) -> list[tuple]:
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            return db.execute(sql, params).fetchall()
+
+    def create(self, record: ModelRecord) -> ModelRecord:
+        with self._transaction() as db:
+            (version,) = db.execute(
+                "INSERT INTO model_names (name, last_version) VALUES (?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET last_version = last_version + 1 "
+                "RETURNING last_version",
+                (record.name,),
+            ).fetchone()
+            stored = dataclasses.replace(record, version=version)
+            db.execute(
+                "INSERT INTO models (name, version, record) VALUES (?, ?, ?)",
+                (stored.name, version, _encode(stored)),
+            )
+            db.executemany(
+                "INSERT INTO model_blobs (name, version, sha256) VALUES (?, ?, ?)",
+                [(stored.name, version, f.sha256) for f in stored.files],
+            )
+        return stored
+
+    def get(self, name: str, version: int) -> ModelRecord | None:
+        if version:
+            rows = self._query("SELECT record FROM models WHERE name = ? AND version = ?", (name, version))
+        else:
+            rows = self._query(
+                "SELECT record FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            )
+        return _decode(rows[0][0]) if rows else None
+
+    def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
+        where, params = [], []
+        if name:
+            where.append("name = ?")
+            params.append(name)
+        if after:
+            where.append("(name, version) > (?, ?)")
+            params.extend(after)
+        sql = "SELECT record FROM models"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY name, version LIMIT ?"
+        return [_decode(text) for (text,) in self._query(sql, (*params, limit))]
+
+    def delete(self, name: str, version: int) -> list[ModelRecord]:
+        match, params = ("name = ? AND version = ?", (name, version)) if version else ("name = ?", (name,))
+        with self._transaction() as db:
+            rows = db.execute(f"SELECT record FROM models WHERE {match} ORDER BY version", params).fetchall()
+            db.execute(f"DELETE FROM models WHERE {match}", params)
+            db.execute(f"DELETE FROM model_blobs WHERE {match}", params)
+        return [_decode(text) for (text,) in rows]
+
+    def blob_in_use(self, sha256: str) -> bool:
+        return bool(self._query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent setup: a virtualenv outside the repo with the pinned Python
+# packages, this checkout installed into it (editable), and with `--test`
+# the test tools (grpcurl) and the real ONNX models the tests use.
+# Everything built or downloaded is cached under $MDS_CACHE, so a second run
+# takes seconds.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${MDS_CACHE:-$HOME/.cache/mds}
+venv=${MDS_VENV:-$cache/venv}
+python=${PYTHON:-python3}
+extras=dev
+[ "${1:-}" = "--test" ] && extras=test
+
+mkdir -p "$cache"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+
+# Dependencies: reinstalled only when pyproject.toml or the extras change.
+stamp="$venv/.mds-deps-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)-$extras"
+if [ ! -f "$stamp" ]; then
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -e "$repo[$extras]"
+  rm -f "$venv"/.mds-deps-*-"$extras"
+  touch "$stamp"
+fi
+# The package itself: re-pointed at this checkout when another one installed it.
+if ! "$venv/bin/python" -c "import mds_grpc, sys; sys.exit(not mds_grpc.__file__.startswith('$repo/'))" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --no-deps -e "$repo"
+fi
+
+if [ "$extras" = test ]; then
+  "$repo/scripts/install_grpcurl.sh"
+  "$venv/bin/python" "$repo/scripts/fetch_test_models.py"
+fi
