@@ -1,0 +1,89 @@
+"""Starting real `mds serve` processes for tests, and small client helpers."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mds.v1 import inference_service_pb2_grpc, model_service_pb2
+from mds.v1 import model_service_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mds_grpc serve` on a free port with its own data and log folders."""
+
+    def __init__(self, root: Path, **env):
+        self.root = Path(root)
+        self.data_dir = self.root / "data"
+        self.log_dir = self.root / "logs"
+        self.env = {k.upper(): str(v) for k, v in env.items()}
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        self.stdout = open(self.root / "stdout.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(self.port),
+             "--data-dir", str(self.data_dir), "--log-dir", str(self.log_dir)],
+            env=env, cwd=self.root, stdout=self.stdout, stderr=subprocess.STDOUT,
+        )
+        self.channel = grpc.insecure_channel(self.address)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channel)
+        return self
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.channel.close()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        self.stdout.close()
+        return code
+
+    def leftovers(self) -> list[Path]:
+        """Files in the server's temp folder (uploads in progress or left behind)."""
+        return sorted((self.data_dir / "tmp").rglob("*"))
+
+    def blobs(self) -> list[str]:
+        return sorted(p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def upload_requests(name: str, data: bytes, chunk_size: int = 64 * 1024, side_files: dict[str, bytes] | None = None,
+                    **header):
+    """The request stream of an upload: header, main-file chunks, then side-file chunks."""
+    side_files = side_files or {}
+    header.setdefault("external_files", [model_service_pb2.ModelFile(path=p) for p in side_files])
+    yield model_service_pb2.UploadModelRequest(header=model_service_pb2.ModelHeader(name=name, **header))
+    for offset in range(0, len(data), chunk_size):
+        yield model_service_pb2.UploadModelRequest(chunk=data[offset:offset + chunk_size])
+    for path, content in side_files.items():
+        for offset in range(0, len(content), chunk_size):
+            yield model_service_pb2.UploadModelRequest(
+                file_chunk=model_service_pb2.FileChunk(path=path, data=content[offset:offset + chunk_size])
+            )
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
+    """Poll `condition` until it holds; for effects of another process that sends no signal."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

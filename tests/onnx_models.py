@@ -1,0 +1,109 @@
+"""Small ONNX models built for tests, each exercising one feature of the contract."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+# (core dtype name, ONNX element type) for every dtype of the contract.
+ALL_DTYPES = [
+    ("BOOL", TensorProto.BOOL), ("UINT8", TensorProto.UINT8), ("UINT16", TensorProto.UINT16),
+    ("UINT32", TensorProto.UINT32), ("UINT64", TensorProto.UINT64), ("INT8", TensorProto.INT8),
+    ("INT16", TensorProto.INT16), ("INT32", TensorProto.INT32), ("INT64", TensorProto.INT64),
+    ("FP16", TensorProto.FLOAT16), ("FP32", TensorProto.FLOAT), ("FP64", TensorProto.DOUBLE),
+    ("BF16", TensorProto.BFLOAT16), ("STRING", TensorProto.STRING),
+]
+
+
+def _model(nodes, inputs, outputs, initializers=(), opsets=OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="mds-tests")
+    model.ir_version = 8
+    return model
+
+
+def identity_all_dtypes() -> bytes:
+    """One Identity per dtype: input `x_<DTYPE>` [N, 2] -> output `y_<DTYPE>`."""
+    inputs = [helper.make_tensor_value_info(f"x_{n}", t, ["n", 2]) for n, t in ALL_DTYPES]
+    outputs = [helper.make_tensor_value_info(f"y_{n}", t, ["n", 2]) for n, t in ALL_DTYPES]
+    nodes = [helper.make_node("Identity", [f"x_{n}"], [f"y_{n}"]) for n, _ in ALL_DTYPES]
+    return _model(nodes, inputs, outputs).SerializeToString()
+
+
+def add_scalar() -> bytes:
+    """y = x + s, with `s` a 0-d float and `x` of any length (empty too)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])]
+    return _model([helper.make_node("Add", ["x", "s"], ["y"])], inputs, outputs).SerializeToString()
+
+
+def add_two(scale: float = 1.0) -> bytes:
+    """z = (a + b) * scale for float vectors of symbolic lengths (mismatched lengths fail at run time)."""
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"])]
+    outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)]
+    nodes = [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["sum", "k"], ["z"])]
+    scale_init = numpy_helper.from_array(np.array(scale, dtype=np.float32), "k")
+    return _model(nodes, inputs, outputs, [scale_init]).SerializeToString()
+
+
+def string_labels() -> bytes:
+    """LabelEncoder from ai.onnx.ml: strings -> int64 ids (unknown -> -1)."""
+    inputs = [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])]
+    outputs = [helper.make_tensor_value_info("id", TensorProto.INT64, ["n"])]
+    node = helper.make_node("LabelEncoder", ["text"], ["id"], domain="ai.onnx.ml",
+                            keys_strings=["cat", "dog", "émeu"], values_int64s=[1, 2, 3], default_int64=-1)
+    opsets = [*OPSET, helper.make_opsetid("ai.onnx.ml", 2)]
+    return _model([node], inputs, outputs, opsets=opsets).SerializeToString()
+
+
+def half_precision() -> bytes:
+    """fp16 in; the same values as fp16 and widened to fp32 out."""
+    inputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["n", 3])]
+    outputs = [helper.make_tensor_value_info("same", TensorProto.FLOAT16, ["n", 3]),
+               helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["n", 3])]
+    nodes = [helper.make_node("Identity", ["h"], ["same"]),
+             helper.make_node("Cast", ["h"], ["wide"], to=TensorProto.FLOAT)]
+    return _model(nodes, inputs, outputs).SerializeToString()
+
+
+def save_with_external_data(folder: Path, location: str = "model.onnx.data") -> Path:
+    """A MatMul whose 64x32 weight lives in an external-data side file; returns the .onnx path."""
+    weight = np.random.default_rng(7).standard_normal((64, 32)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])]
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], inputs, outputs,
+                   [numpy_helper.from_array(weight, "w")])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+def pointing_outside(location: str) -> bytes:
+    """A model whose weight claims to live at `location` (e.g. absolute or with '..')."""
+    weight = numpy_helper.from_array(np.zeros((4, 4), dtype=np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+        weight.external_data.add(key=key, value=value)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]
+    return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], inputs, outputs, [weight]).SerializeToString()
+
+
+def sklearn_classifier() -> bytes:
+    """A scikit-learn logistic regression converted by skl2onnx, with its ZipMap output."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((60, 4)).astype(np.float32)
+    labels = (features[:, 0] + features[:, 1] > 0).astype(np.int64) + (features[:, 2] > 1)
+    classifier = LogisticRegression(max_iter=500).fit(features, labels)
+    return to_onnx(classifier, features[:1], target_opset={"": 17, "ai.onnx.ml": 3}).SerializeToString()

@@ -1,0 +1,73 @@
+"""The SQLite metadata store (embedded default)."""
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import pytest
+
+from mds_grpc.core.records import ModelRecord, StoredFile, TensorSpec
+from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
+
+
+def draft(name: str, sha: str = "a" * 64) -> ModelRecord:
+    return ModelRecord(
+        name=name, version=0, created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        files=(StoredFile("model.onnx", sha, 10), StoredFile("w.bin", "b" * 64, 20)),
+        inputs=(TensorSpec("x", "FP32", (-1, 3), "tensor(float)", ("n", "")),),
+        outputs=(TensorSpec("y", None, (), "seq(map(int64,tensor(float)))"),),
+        opsets=(("", 17), ("ai.onnx.ml", 3)), labels={"team": "a"}, metadata={"nested": {"k": [1, "two"]}},
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SqliteMetadataStore(tmp_path / "meta.sqlite3")
+
+
+def test_record_round_trips(store):
+    stored = store.create(draft("m"))
+    assert stored.version == 1
+    assert store.get("m", 1) == stored == dataclasses.replace(draft("m"), version=1)
+
+
+def test_concurrent_creates_from_two_connections_get_distinct_versions(tmp_path):
+    stores = [SqliteMetadataStore(tmp_path / "meta.sqlite3") for _ in range(2)]
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda i: stores[i % 2].create(draft("m")).version, range(40)))
+    assert sorted(versions) == list(range(1, 41))
+
+
+def test_latest_and_missing(store):
+    for _ in range(3):
+        store.create(draft("m"))
+    assert store.get("m", 0).version == 3
+    assert store.get("m", 4) is None and store.get("other", 0) is None
+
+
+def test_versions_are_never_reused_after_delete(store):
+    store.create(draft("m"))
+    store.create(draft("m"))
+    assert [r.version for r in store.delete("m", 0)] == [1, 2]
+    assert store.get("m", 0) is None
+    assert store.create(draft("m")).version == 3
+
+
+def test_pages_follow_name_then_version(store):
+    for name in ("b", "a", "c", "a"):
+        store.create(draft(name))
+    first = store.list_page(None, None, 3)
+    assert [(r.name, r.version) for r in first] == [("a", 1), ("a", 2), ("b", 1)]
+    rest = store.list_page(None, ("b", 1), 3)
+    assert [(r.name, r.version) for r in rest] == [("c", 1)]
+    assert [(r.name, r.version) for r in store.list_page("a", ("a", 1), 10)] == [("a", 2)]
+
+
+def test_blob_references_follow_deletes(store):
+    store.create(draft("one", sha="c" * 64))
+    store.create(draft("two", sha="c" * 64))
+    store.delete("one", 1)
+    assert store.blob_in_use("c" * 64)
+    store.delete("two", 0)
+    assert not store.blob_in_use("c" * 64) and not store.blob_in_use("b" * 64)
+    assert store.delete("two", 0) == []

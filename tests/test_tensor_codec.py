@@ -1,0 +1,78 @@
+"""mds.v1 Tensor <-> numpy: every dtype both ways, and every malformed tensor rejected before allocation."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mds.v1 import tensor_pb2
+from mds_grpc.api.tensors import from_array, to_array
+from mds_grpc.core.errors import InvalidArgument
+
+SAMPLES = {
+    "BOOL": np.array([[True, False], [False, True]]),
+    "UINT8": np.array([[0, 255], [7, 8]], dtype=np.uint8),
+    "UINT16": np.array([[0, 65535], [7, 8]], dtype=np.uint16),
+    "UINT32": np.array([[0, 2**32 - 1], [7, 8]], dtype=np.uint32),
+    "UINT64": np.array([[0, 2**64 - 1], [7, 8]], dtype=np.uint64),
+    "INT8": np.array([[-128, 127], [0, 1]], dtype=np.int8),
+    "INT16": np.array([[-32768, 32767], [0, 1]], dtype=np.int16),
+    "INT32": np.array([[-(2**31), 2**31 - 1], [0, 1]], dtype=np.int32),
+    "INT64": np.array([[-(2**63), 2**63 - 1], [0, 1]], dtype=np.int64),
+    "FP16": np.array([[0.5, -2.0], [65504, 1e-3]], dtype=np.float16),
+    "FP32": np.array([[0.5, -2.0], [3.4e38, 1e-30]], dtype=np.float32),
+    "FP64": np.array([[0.5, -2.0], [1e300, 1e-300]], dtype=np.float64),
+    "BF16": np.array([[0.5, -2.0], [3.0, 1e-3]], dtype=ml_dtypes.bfloat16),
+    "STRING": np.array([["a", ""], ["émeu", "x" * 300]], dtype=object),
+}
+
+
+@pytest.mark.parametrize("dtype", SAMPLES)
+@pytest.mark.parametrize("raw", [True, False])
+def test_every_dtype_round_trips(dtype, raw):
+    array = SAMPLES[dtype]
+    tensor = from_array("t", array, raw=raw)
+    assert tensor.dtype == tensor_pb2.DataType.Value("DATA_TYPE_" + dtype)
+    assert bool(tensor.raw_data) == (dtype in ("FP16", "BF16") or raw and dtype != "STRING")
+    decoded = to_array(tensor_pb2.Tensor.FromString(tensor.SerializeToString()))
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    assert decoded.tolist() == array.tolist()
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2)])
+@pytest.mark.parametrize("raw", [True, False])
+def test_scalars_and_empty_tensors(shape, raw):
+    array = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1.5
+    decoded = to_array(from_array("t", array, raw=raw))
+    assert decoded.shape == shape and decoded.tolist() == array.tolist()
+
+
+def _fp32(shape, raw=b"", **contents):
+    return tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_FP32, shape=shape, raw_data=raw,
+                             contents=tensor_pb2.TensorContents(**contents) if contents else None)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (_fp32([10**12], raw=b"\0" * 4), "needs 4000000000000 bytes of raw_data, got 4"),
+    (_fp32([2, 2], raw=b"\0" * 12), "needs 16 bytes of raw_data, got 12"),
+    (_fp32([2, -1], raw=b"\0" * 8), "negative dimension"),
+    (_fp32([1], raw=b"\0" * 4, fp32_contents=[1.0]), "both raw_data and contents"),
+    (_fp32([3], fp32_contents=[1.0, 2.0]), "needs 3 values in contents.fp32_contents, got 2"),
+    (_fp32([10**12], fp32_contents=[1.0]), "needs 1000000000000 values"),
+    (_fp32([1], int_contents=[1]), "belong in contents.fp32_contents, not int_contents"),
+    (tensor_pb2.Tensor(name="x", shape=[1], raw_data=b"\0"), "needs a dtype"),
+    (tensor_pb2.Tensor(name="x", dtype=99, shape=[1], raw_data=b"\0"), "needs a dtype"),
+    (tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_INT8, shape=[1],
+                       contents=tensor_pb2.TensorContents(int_contents=[300])), "outside the INT8 range"),
+    (tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_UINT8, shape=[1],
+                       contents=tensor_pb2.TensorContents(uint_contents=[256])), "outside the UINT8 range"),
+    (tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_FP16, shape=[1],
+                       contents=tensor_pb2.TensorContents(fp32_contents=[1.0])), "travels only as raw_data"),
+    (tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_STRING, shape=[1], raw_data=b"ab"),
+     "send its elements in contents.bytes_contents"),
+    (tensor_pb2.Tensor(name="x", dtype=tensor_pb2.DATA_TYPE_STRING, shape=[1],
+                       contents=tensor_pb2.TensorContents(bytes_contents=[b"\xff"])), "not UTF-8"),
+])
+def test_malformed_tensors_are_invalid_arguments(tensor, message):
+    with pytest.raises(InvalidArgument, match="'x'") as caught:
+        to_array(tensor)
+    assert message in str(caught.value)
