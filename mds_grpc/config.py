@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import dotenv_values, find_dotenv
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -33,11 +33,11 @@ def env_name(field_name: str) -> str:
 
 
 def load_settings(**overrides) -> Settings:
-    """Defaults < .env file < environment < `overrides` (None values are ignored)."""
-    load_dotenv(override=False)
+    """Defaults < .env file (found from the working folder up) < environment < `overrides` (None ignored)."""
+    environment = {**dotenv_values(find_dotenv(usecwd=True)), **os.environ}
     values = {}
     for f in fields(Settings):
-        raw = os.environ.get(env_name(f.name))
+        raw = environment.get(env_name(f.name))
         if raw is not None and raw != "":
             try:
                 values[f.name] = type(f.default)(raw) if not isinstance(f.default, Path) else Path(raw)

@@ -30,5 +30,5 @@ fi
 
 if [ "$extras" = test ]; then
   "$repo/scripts/install_grpcurl.sh"
-  "$venv/bin/python" "$repo/scripts/fetch_test_models.py"
+  "$venv/bin/python" "$repo/scripts/fetch_test_models.py" >/dev/null
 fi

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# grpcurl from the Go module proxy, built once and cached in $GOPATH/bin.
+# grpcurl from the Go module proxy, built once and cached in $(go env GOPATH)/bin.
 set -euo pipefail
+module=github.com/fullstorydev/grpcurl
 version=v1.9.4
 bin="$(go env GOPATH)/bin/grpcurl"
-if [ -x "$bin" ] && "$bin" -version 2>&1 | grep -q "${version#v}"; then
+if [ -x "$bin" ] && go version -m "$bin" | grep -q "mod[[:space:]]*$module[[:space:]]*$version"; then
   exit 0
 fi
-GOFLAGS=-mod=mod go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$version"
+go install "$module/cmd/grpcurl@$version"

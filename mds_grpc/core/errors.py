@@ -25,3 +25,7 @@ class DeadlineExceeded(MdsError):
 
 class Cancelled(MdsError):
     status = "CANCELLED"
+
+
+class Unimplemented(MdsError):
+    status = "UNIMPLEMENTED"

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mds_grpc.core import dtypes
-from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unimplemented
 from mds_grpc.core.records import ModelRecord, TensorSpec
 from mds_grpc.core.registry import ModelRegistry
 
@@ -82,6 +82,8 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
 def _run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
                  options: ort.RunOptions, uses_bf16: bool) -> list:
     if uses_bf16:  # numpy-facing run() cannot take or give bfloat16
+        if any(array.dtype == object for array in feeds.values()):
+            raise Unimplemented("onnxruntime's Python API cannot run a model with both STRING inputs and BF16 tensors")
         values = {name: _to_ort_value(array) for name, array in feeds.items()}
         return [_from_ort_value(v) for v in session.run_with_ort_values(output_names, values, options)]
     return session.run(output_names, feeds, options)
@@ -111,6 +113,8 @@ class InferenceEngine:
                 raise DeadlineExceeded("the deadline passed before the model ran")
             try:
                 return _run_session(loaded.session, names, inputs, options, uses_bf16)
+            except Unimplemented:
+                raise
             except Exception as error:  # onnxruntime raises its own exception types for bad inputs
                 if options.terminate:
                     raise Cancelled("the request was cancelled while the model ran") from None

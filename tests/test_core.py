@@ -1,0 +1,56 @@
+"""The protocol-neutral core driven directly: deadlines, the model cache bound, settings."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx_models
+import pytest
+
+from mds_grpc.config import load_settings
+from mds_grpc.core.errors import DeadlineExceeded
+from mds_grpc.core.inference import InferenceEngine
+from mds_grpc.core.uploads import UploadHeader
+from mds_grpc.server import build_registry
+
+
+async def parts(data: bytes):
+    yield "model.onnx", data
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return build_registry(load_settings(data_dir=tmp_path, model_cache_bytes=1))
+
+
+async def test_a_request_past_its_deadline_is_not_run(registry):
+    await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
+    engine = InferenceEngine(registry, ThreadPoolExecutor(1))
+    inputs = {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}
+    with pytest.raises(DeadlineExceeded, match="before the model ran"):
+        await engine.predict("adder", 0, inputs, deadline=time.monotonic() - 0.001)
+    result = await engine.predict("adder", 0, inputs, deadline=time.monotonic() + 60)
+    assert result.outputs[0][1].tolist() == [2.0]
+
+
+async def test_model_cache_keeps_only_the_most_recent_when_over_its_bound(registry):
+    first = await registry.upload(UploadHeader(name="one"), parts(onnx_models.add_two(1.0)))
+    assert ("one", 1) in registry.cache  # warmed right after upload
+    second = await registry.upload(UploadHeader(name="two"), parts(onnx_models.add_two(2.0)))
+    assert ("two", 1) in registry.cache and ("one", 1) not in registry.cache
+    reloaded = await registry.load("one")  # lazily loaded again from storage
+    assert reloaded.record == first and ("two", 1) not in registry.cache
+    assert second.version == 1
+
+
+def test_settings_come_from_dotenv_env_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MDS_GRPC_PORT=6001\nMDS_MAX_MODEL_BYTES=123\nMDS_LOG_DIR=/tmp/x\n")
+    monkeypatch.setenv("MDS_MAX_MODEL_BYTES", "456")
+    for name in ("MDS_GRPC_PORT", "MDS_LOG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(log_dir=tmp_path / "logs")
+    assert (settings.grpc_port, settings.max_model_bytes, settings.log_dir) == (6001, 456, tmp_path / "logs")
+    monkeypatch.setenv("MDS_GRPC_PORT", "many")
+    with pytest.raises(SystemExit, match="MDS_GRPC_PORT='many' is not a valid int"):
+        load_settings()
