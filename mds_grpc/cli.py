@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from mds_grpc.config import Settings, env_name, load_settings
+from mds_grpc.config import Settings, env_name, load_settings, parse
 
 CHUNK_BYTES = 1 << 20
 
@@ -142,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server (settings: MDS_* variables, .env, these flags)")
     for f in dataclasses.fields(Settings):
         serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                           type=Path if isinstance(f.default, Path) else type(f.default),
+                           type=functools.partial(parse, type(f.default)),
                            help=f"default: ${env_name(f.name)} or {f.default}")
     serve.set_defaults(run=_serve)
 

@@ -26,6 +26,26 @@ class Settings:
     inference_threads: int = os.cpu_count() or 2
     ort_intra_op_threads: int = 0
     shutdown_grace_seconds: float = 10.0
+    backend_check_seconds: float = 2.0
+    # Production backends; empty means the embedded default (SQLite, local folder).
+    mongo_uri: str = ""
+    mongo_database: str = "mds"
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "mds-models"
+    s3_secure: bool = False
+    s3_region: str = ""
+
+
+def parse(kind: type, raw: str):
+    """A setting's value from its text; booleans accept 1/0, true/false, yes/no, on/off."""
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(raw)
+        return lowered in ("1", "true", "yes", "on")
+    return kind(raw)
 
 
 def env_name(field_name: str) -> str:
@@ -40,7 +60,7 @@ def load_settings(**overrides) -> Settings:
         raw = environment.get(env_name(f.name))
         if raw is not None and raw != "":
             try:
-                values[f.name] = type(f.default)(raw) if not isinstance(f.default, Path) else Path(raw)
+                values[f.name] = parse(type(f.default), raw)
             except ValueError:
                 raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})

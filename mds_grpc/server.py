@@ -14,11 +14,11 @@ from mds_grpc.api.access_log import AccessLogInterceptor
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.config import Settings
+from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
-from mds_grpc.storage.local_blobs import LocalBlobStore
-from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
+from mds_grpc.storage import open_blob_store, open_metadata_store
 
 log = logging.getLogger("mds.server")
 SERVICES = (
@@ -28,11 +28,29 @@ SERVICES = (
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
-    """The embedded default: blobs in a local folder, metadata in SQLite, both under data_dir."""
+    """MongoDB and S3 when configured; otherwise the embedded default under data_dir."""
     data = settings.data_dir
-    blobs = LocalBlobStore(data / "blobs")
+    blobs = open_blob_store(settings)
     cache = ModelCache(blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
-    return ModelRegistry(SqliteMetadataStore(data / "mds.sqlite3"), blobs, cache, data / "tmp", settings.max_model_bytes)
+    return ModelRegistry(open_metadata_store(settings), blobs, cache, data / "tmp", settings.max_model_bytes)
+
+
+async def check_backends(registry: ModelRegistry, health_servicer) -> None:
+    """Health is SERVING while every backend answers, NOT_SERVING while one does not."""
+    try:
+        await asyncio.to_thread(registry.ping)
+        status = health_pb2.HealthCheckResponse.SERVING
+    except Unavailable as error:
+        log.warning("backend unavailable", extra={"error": str(error)})
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", *SERVICES):
+        await health_servicer.set(service, status)
+
+
+async def watch_backends(registry: ModelRegistry, health_servicer, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await check_backends(registry, health_servicer)
 
 
 async def serve(settings: Settings) -> None:
@@ -58,9 +76,9 @@ async def serve(settings: Settings) -> None:
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     port = server.add_insecure_port(address)
+    await check_backends(registry, health_servicer)
     await server.start()
-    for service in ("", *SERVICES):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    watcher = asyncio.ensure_future(watch_backends(registry, health_servicer, settings.backend_check_seconds))
     log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})
 
     stop = asyncio.Event()
@@ -69,6 +87,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
     executor.shutdown(wait=True, cancel_futures=True)

@@ -1,4 +1,6 @@
 import hashlib
+import os
+import time
 import re
 import subprocess
 import sys
@@ -20,9 +22,27 @@ def pretrained() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One real server for the session, on the embedded default storage."""
-    process = ServerProcess(tmp_path_factory.mktemp("server")).start()
+def services() -> dict[str, str]:
+    """Real MinIO, FerretDB and Redis on loopback, started (once) by the project's own script."""
+    script = str(REPO / "scripts" / "services.sh")
+    subprocess.run([script, "start"], check=True)
+    lines = subprocess.run([script, "env"], check=True, capture_output=True, text=True).stdout.split()
+    return dict(line.split("=", 1) for line in lines)
+
+
+def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
+    """Settings for a server on MongoDB + S3, in a database and bucket of its own."""
+    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY")
+    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace}
+
+
+@pytest.fixture(scope="session", params=["embedded", "mongo-s3"])
+def server(request, tmp_path_factory):
+    """One real server per storage configuration; every test using it runs against both."""
+    env = {}
+    if request.param == "mongo-s3":
+        env = backend_env(request.getfixturevalue("services"), f"mds-test-{os.getpid()}-{time.time_ns()}")
+    process = ServerProcess(tmp_path_factory.mktemp(request.param), **env).start()
     yield process
     assert process.stop() == 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from minio import Minio
 
 from mds.v1 import inference_service_pb2_grpc, model_service_pb2
 from mds.v1 import model_service_pb2_grpc
@@ -62,6 +63,12 @@ class ServerProcess:
         return sorted((self.data_dir / "tmp").rglob("*"))
 
     def blobs(self) -> list[str]:
+        """The SHA-256 of every stored blob, in the local folder or the S3 bucket."""
+        if "MDS_S3_ENDPOINT" in self.env:
+            client = Minio(self.env["MDS_S3_ENDPOINT"], self.env["MDS_S3_ACCESS_KEY"],
+                           self.env["MDS_S3_SECRET_KEY"], secure=False)
+            return sorted(o.object_name.rsplit("/", 1)[-1]
+                          for o in client.list_objects(self.env["MDS_S3_BUCKET"], recursive=True))
         return sorted(p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
 
 

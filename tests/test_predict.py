@@ -188,6 +188,7 @@ ONE = np.array([1.0], np.float32)
      ["onnxruntime could not run model 'adder-for-errors'"]),
 ])
 def test_request_errors(server, adder, inputs, fields, code, fragments):
+    fields = dict(fields)  # parameters are shared between the two server configurations
     call = request(fields.pop("model", adder), inputs, **fields)
     assert_status(lambda: server.inference.Predict(call), code, *fragments)
     (reply,) = server.inference.PredictStream(iter([call]))

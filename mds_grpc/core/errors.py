@@ -29,3 +29,9 @@ class Cancelled(MdsError):
 
 class Unimplemented(MdsError):
     status = "UNIMPLEMENTED"
+
+
+class Unavailable(MdsError):
+    """A backend (database, object store, broker) cannot be reached; retrying later may work."""
+
+    status = "UNAVAILABLE"

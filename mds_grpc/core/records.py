@@ -53,8 +53,10 @@ class ModelRecord:
 
 
 def record_to_dict(record: ModelRecord) -> dict:
-    """A JSON- and BSON-friendly dict (created_at stays a datetime)."""
-    return dataclasses.asdict(record)
+    """A JSON- and BSON-friendly dict, without nested arrays (created_at stays a datetime)."""
+    data = dataclasses.asdict(record)
+    data["opsets"] = [{"domain": domain, "version": version} for domain, version in record.opsets]
+    return data
 
 
 def record_from_dict(data: dict) -> ModelRecord:
@@ -67,6 +69,6 @@ def record_from_dict(data: dict) -> ModelRecord:
             "files": tuple(StoredFile(**f) for f in data["files"]),
             "inputs": tuple(spec(s) for s in data["inputs"]),
             "outputs": tuple(spec(s) for s in data["outputs"]),
-            "opsets": tuple((domain, version) for domain, version in data["opsets"]),
+            "opsets": tuple((o["domain"], o["version"]) for o in data["opsets"]),
         }
     )

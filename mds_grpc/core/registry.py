@@ -31,6 +31,12 @@ def _decode_token(token: str) -> tuple[str, int]:
         raise InvalidArgument("malformed page_token: pass next_page_token from the previous page") from None
 
 
+def _now_to_the_millisecond() -> datetime:
+    """The current UTC time at the precision every metadata store keeps (MongoDB: milliseconds)."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 class ModelRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
                  max_model_bytes: int):
@@ -42,6 +48,11 @@ class ModelRegistry:
         # Serialises publishing against deleting, so a blob shared by two versions is never
         # removed while a new version that references it is being recorded (one process).
         self._blob_lock = asyncio.Lock()
+
+    def ping(self) -> None:
+        """Raise Unavailable naming the first backend that cannot be reached."""
+        self.metadata.ping()
+        self.blobs.ping()
 
     def sweep_tmp(self) -> None:
         """Remove uploads left behind by a crash (call before serving)."""
@@ -56,7 +67,7 @@ class ModelRegistry:
             side_files = {stored.path for stored in files[1:]}
             session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files)
             draft = ModelRecord(
-                name=header.name, version=0, created_at=datetime.now(timezone.utc), files=files,
+                name=header.name, version=0, created_at=_now_to_the_millisecond(), files=files,
                 inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
                 producer_name=info.producer_name, producer_version=info.producer_version,
                 ir_version=info.ir_version, description=header.description,

@@ -20,6 +20,9 @@ class BlobStore(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
+    def ping(self) -> None:
+        """Raise Unavailable when the store cannot be reached."""
+
 
 class MetadataStore(Protocol):
     """Model records keyed by (name, version)."""
@@ -41,3 +44,6 @@ class MetadataStore(Protocol):
 
     def blob_in_use(self, sha256: str) -> bool:
         """Whether any stored record references the blob."""
+
+    def ping(self) -> None:
+        """Raise Unavailable when the store cannot be reached."""

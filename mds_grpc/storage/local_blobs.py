@@ -6,6 +6,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from mds_grpc.core.errors import Unavailable
+
 
 def _link_or_copy(source: Path, dest: Path) -> None:
     """Hard-link `source` to `dest`, copying (then renaming) across filesystems."""
@@ -45,3 +47,7 @@ class LocalBlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).exists()
+
+    def ping(self) -> None:
+        if not self.root.is_dir():
+            raise Unavailable(f"blob folder {self.root} is missing")

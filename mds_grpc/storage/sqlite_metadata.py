@@ -117,3 +117,6 @@ class SqliteMetadataStore:
 
     def blob_in_use(self, sha256: str) -> bool:
         return bool(self._query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
+
+    def ping(self) -> None:
+        self._query("SELECT 1", ())

@@ -1,12 +1,14 @@
-"""The SQLite metadata store (embedded default)."""
+"""Every metadata store passes the same tests: SQLite (embedded default) and MongoDB (FerretDB here)."""
 
 import dataclasses
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pytest
 
 from mds_grpc.core.records import ModelRecord, StoredFile, TensorSpec
+from mds_grpc.storage.mongo_metadata import MongoMetadataStore
 from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
 
 
@@ -20,9 +22,18 @@ def draft(name: str, sha: str = "a" * 64) -> ModelRecord:
     )
 
 
+@pytest.fixture(params=["sqlite", "mongo"])
+def open_store(request, tmp_path):
+    """Opens a new client of one fresh store (each test gets its own database)."""
+    if request.param == "sqlite":
+        return lambda: SqliteMetadataStore(tmp_path / "meta.sqlite3")
+    uri, database = request.getfixturevalue("services")["MDS_MONGO_URI"], "test-" + uuid.uuid4().hex[:12]
+    return lambda: MongoMetadataStore(uri, database)
+
+
 @pytest.fixture
-def store(tmp_path):
-    return SqliteMetadataStore(tmp_path / "meta.sqlite3")
+def store(open_store):
+    return open_store()
 
 
 def test_record_round_trips(store):
@@ -31,8 +42,8 @@ def test_record_round_trips(store):
     assert store.get("m", 1) == stored == dataclasses.replace(draft("m"), version=1)
 
 
-def test_concurrent_creates_from_two_connections_get_distinct_versions(tmp_path):
-    stores = [SqliteMetadataStore(tmp_path / "meta.sqlite3") for _ in range(2)]
+def test_concurrent_creates_from_two_clients_get_distinct_versions(open_store):
+    stores = [open_store(), open_store()]
     with ThreadPoolExecutor(8) as pool:
         versions = list(pool.map(lambda i: stores[i % 2].create(draft("m")).version, range(40)))
     assert sorted(versions) == list(range(1, 41))

@@ -1,0 +1,90 @@
+"""Metadata store on MongoDB (pymongo). Production targets MongoDB; the tests run FerretDB.
+
+Documents: `models` holds one record per (name, version) under a unique index;
+`model_names` holds each name's last allocated version, bumped atomically with
+find_one_and_update, so several server processes never allocate the same version.
+"""
+
+import dataclasses
+from contextlib import contextmanager
+
+import pymongo
+from pymongo import ReturnDocument
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
+
+from mds_grpc.core.errors import Unavailable
+from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
+
+MODEL_FIELDS = {"_id": 0}
+
+
+def _from_doc(doc: dict) -> ModelRecord:
+    return record_from_dict({k: v for k, v in doc.items() if k != "_id"})
+
+
+class MongoMetadataStore:
+    def __init__(self, uri: str, database: str = "mds", timeout_ms: int = 3000):
+        self.client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
+                                          connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000)
+        self.where = uri.split("@")[-1]  # for messages: never the credentials
+        db = self.client[database]
+        self.models = db["models"]
+        self.names = db["model_names"]
+        self._indexed = False
+
+    @contextmanager
+    def _reachable(self):
+        """Raise Unavailable, naming the backend, when MongoDB cannot be reached."""
+        try:
+            if not self._indexed:
+                self.models.create_index([("name", 1), ("version", 1)], unique=True, name="name_version")
+                self.models.create_index([("files.sha256", 1)], name="files_sha256")
+                self._indexed = True
+            yield
+        except ConnectionFailure as error:
+            raise Unavailable(f"MongoDB at {self.where} is unreachable: {error}") from None
+
+    def create(self, record: ModelRecord) -> ModelRecord:
+        """The unique (name, version) index is the guarantee: a collision takes the next number."""
+        with self._reachable():
+            while True:
+                try:
+                    counter = self.names.find_one_and_update(
+                        {"_id": record.name}, {"$inc": {"last_version": 1}}, upsert=True,
+                        return_document=ReturnDocument.AFTER,
+                    )
+                    stored = dataclasses.replace(record, version=counter["last_version"])
+                    self.models.insert_one(record_to_dict(stored))
+                    return stored
+                except DuplicateKeyError:  # a concurrent upsert or allocation won this number
+                    continue
+
+    def get(self, name: str, version: int) -> ModelRecord | None:
+        with self._reachable():
+            query = {"name": name, "version": version} if version else {"name": name}
+            doc = self.models.find_one(query, MODEL_FIELDS, sort=[("version", -1)])
+        return _from_doc(doc) if doc else None
+
+    def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
+        query: dict = {"name": name} if name else {}
+        if after:
+            query = {"$and": [query, {"$or": [{"name": {"$gt": after[0]}},
+                                              {"name": after[0], "version": {"$gt": after[1]}}]}]}
+        with self._reachable():
+            cursor = self.models.find(query, MODEL_FIELDS).sort([("name", 1), ("version", 1)]).limit(limit)
+            return [_from_doc(doc) for doc in cursor]
+
+    def delete(self, name: str, version: int) -> list[ModelRecord]:
+        query = {"name": name, "version": version} if version else {"name": name}
+        with self._reachable():
+            records = [_from_doc(d) for d in self.models.find(query, MODEL_FIELDS).sort("version", 1)]
+            self.models.delete_many({"name": name, "version": {"$in": [r.version for r in records]}})
+        return records
+
+    def blob_in_use(self, sha256: str) -> bool:
+        with self._reachable():
+            return self.models.find_one({"files.sha256": sha256}, {"_id": 1}) is not None
+
+    def ping(self) -> None:
+        with self._reachable():
+            self.client.admin.command("ping")
