@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen check-gen clean
+.PHONY: run test install install-test gen services services-stop clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -20,6 +20,14 @@ install:
 
 install-test:
 	scripts/bootstrap.sh --test
+
+## Start real MinIO, FerretDB (MongoDB wire) and Redis on loopback (idempotent); print their settings.
+services:
+	scripts/services.sh start
+	scripts/services.sh env
+
+services-stop:
+	scripts/services.sh stop
 
 ## Regenerate gen/ from protos/ (Python stubs and gen/mds.protoset).
 gen: install

@@ -56,7 +56,7 @@ async def watch_backends(registry: ModelRegistry, health_servicer, interval: flo
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period."""
     registry = build_registry(settings)
-    registry.sweep_tmp()
+    registry.sweep_local_copies()
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     server = grpc.aio.server(
         interceptors=[AccessLogInterceptor()],

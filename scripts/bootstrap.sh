@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv outside the repo with the pinned Python
 # packages, this checkout installed into it (editable), and with `--test`
-# the test tools (grpcurl) and the real ONNX models the tests use.
+# the test tools (grpcurl; MinIO, FerretDB and Redis) and the real ONNX models the tests use.
 # Everything built or downloaded is cached under $MDS_CACHE, so a second run
 # takes seconds.
 set -euo pipefail
@@ -30,5 +30,6 @@ fi
 
 if [ "$extras" = test ]; then
   "$repo/scripts/install_grpcurl.sh"
+  "$repo/scripts/services.sh" install
   "$venv/bin/python" "$repo/scripts/fetch_test_models.py" >/dev/null
 fi

@@ -36,10 +36,14 @@ async def test_a_request_past_its_deadline_is_not_run(registry):
 async def test_model_cache_keeps_only_the_most_recent_when_over_its_bound(registry):
     first = await registry.upload(UploadHeader(name="one"), parts(onnx_models.add_two(1.0)))
     assert ("one", 1) in registry.cache  # warmed right after upload
+    folders = registry.cache.folder_root
+    assert (folders / "one" / "1" / "model.onnx").exists()
     second = await registry.upload(UploadHeader(name="two"), parts(onnx_models.add_two(2.0)))
     assert ("two", 1) in registry.cache and ("one", 1) not in registry.cache
+    assert not (folders / "one" / "1").exists()  # the local copy goes with the session
     reloaded = await registry.load("one")  # lazily loaded again from storage
     assert reloaded.record == first and ("two", 1) not in registry.cache
+    assert (folders / "one" / "1" / "model.onnx").exists() and not (folders / "two" / "1").exists()
     assert second.version == 1
 
 

@@ -20,14 +20,13 @@ class LoadedModel:
     session: ort.InferenceSession
 
 
-def model_folder(root: Path, record: ModelRecord) -> Path:
-    return Path(root) / record.name / str(record.version)
 
 
 class ModelCache:
-    """Sessions keyed by (name, version); the sum of their file sizes stays under `capacity_bytes`.
+    """Sessions keyed by (name, version), each with its files in a local folder.
 
-    The most recently used model always stays, even when it alone exceeds the bound.
+    The sum of their file sizes stays under `capacity_bytes`, in memory and on disk; the
+    most recently used model always stays, even when it alone exceeds the bound.
     """
 
     def __init__(self, blobs: BlobStore, folder_root: Path, capacity_bytes: int, intra_op_threads: int = 0):
@@ -37,6 +36,13 @@ class ModelCache:
         self.intra_op_threads = intra_op_threads
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
+
+    def _folder(self, key: tuple[str, int]) -> Path:
+        return self.folder_root / key[0] / str(key[1])
+
+    def clear_folders(self) -> None:
+        """Remove every model folder (at start-up: none is loaded yet)."""
+        shutil.rmtree(self.folder_root, ignore_errors=True)
 
     @property
     def loaded_bytes(self) -> int:
@@ -64,7 +70,7 @@ class ModelCache:
 
     def _materialize(self, record: ModelRecord) -> Path:
         """The model's files in its own folder (built under a temp name, then renamed)."""
-        folder = model_folder(self.folder_root, record)
+        folder = self._folder((record.name, record.version))
         if folder.exists():
             return folder
         partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.part")
@@ -82,7 +88,7 @@ class ModelCache:
 
     def adopt_folder(self, record: ModelRecord, folder: Path) -> None:
         """Take a fully written folder (e.g. a validated upload) as the model's folder."""
-        target = model_folder(self.folder_root, record)
+        target = self._folder((record.name, record.version))
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
 
@@ -91,11 +97,18 @@ class ModelCache:
         model = self._models[key] = LoadedModel(record, session)
         self._models.move_to_end(key)
         while len(self._models) > 1 and self.loaded_bytes > self.capacity_bytes:
-            self._models.popitem(last=False)
+            self._drop(next(iter(self._models)))
         return model
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget a session and remove its folder, so the local copies stay bounded too.
+
+        Runs still using the session keep working: open files outlive their unlinking.
+        """
+        self._models.pop(key, None)
+        shutil.rmtree(self._folder(key), ignore_errors=True)
 
     def forget(self, name: str, versions: list[int]) -> None:
         """Drop the sessions and folders of deleted versions."""
         for version in versions:
-            self._models.pop((name, version), None)
-            shutil.rmtree(self.folder_root / name / str(version), ignore_errors=True)
+            self._drop((name, version))

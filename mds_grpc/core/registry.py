@@ -54,10 +54,11 @@ class ModelRegistry:
         self.metadata.ping()
         self.blobs.ping()
 
-    def sweep_tmp(self) -> None:
-        """Remove uploads left behind by a crash (call before serving)."""
+    def sweep_local_copies(self) -> None:
+        """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.cache.clear_folders()
 
     async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes]]) -> ModelRecord:
         """Stage, validate, publish and warm a new version; nothing stays behind on failure."""
@@ -81,13 +82,16 @@ class ModelRegistry:
             staging.cleanup()
 
     async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
+        created: list[str] = []  # blobs this upload added, removed again if it fails
         async with self._blob_lock:
             try:
                 for stored in draft.files:
-                    await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256)
+                    if await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256):
+                        created.append(stored.sha256)
                 record = await asyncio.to_thread(self.metadata.create, draft)
             except BaseException:
-                await asyncio.to_thread(self._delete_unreferenced, draft.files)
+                for sha256 in created:
+                    await asyncio.to_thread(self.blobs.delete, sha256)
                 raise
         await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
         return record

@@ -9,8 +9,8 @@ from mds_grpc.core.records import ModelRecord
 class BlobStore(Protocol):
     """Immutable files addressed by their hex SHA-256."""
 
-    def put_file(self, path: Path, sha256: str) -> None:
-        """Publish a fully written local file under `sha256` (a no-op when present)."""
+    def put_file(self, path: Path, sha256: str) -> bool:
+        """Publish a fully written local file under `sha256`; False when it was already there."""
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         """Place the blob's bytes at `dest` (which must not exist yet)."""

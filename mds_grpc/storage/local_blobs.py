@@ -30,14 +30,15 @@ class LocalBlobStore:
     def _path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
-    def put_file(self, path: Path, sha256: str) -> None:
+    def put_file(self, path: Path, sha256: str) -> bool:
         final = self._path(sha256)
         final.parent.mkdir(exist_ok=True)
         os.chmod(path, 0o444)
         try:
             _link_or_copy(path, final)
         except FileExistsError:
-            pass  # content-addressed: the same bytes are already there
+            return False  # content-addressed: the same bytes are already there
+        return True
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         _link_or_copy(self._path(sha256), dest)

@@ -9,6 +9,7 @@ import dataclasses
 from contextlib import contextmanager
 
 import pymongo
+from pymongo import uri_parser
 from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
@@ -26,7 +27,8 @@ class MongoMetadataStore:
     def __init__(self, uri: str, database: str = "mds", timeout_ms: int = 3000):
         self.client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
                                           connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000)
-        self.where = uri.split("@")[-1]  # for messages: never the credentials
+        # For messages: hosts only, never the credentials.
+        self.where = ",".join(f"{host}:{port}" for host, port in uri_parser.parse_uri(uri)["nodelist"])
         db = self.client[database]
         self.models = db["models"]
         self.names = db["model_names"]
@@ -42,7 +44,8 @@ class MongoMetadataStore:
                 self._indexed = True
             yield
         except ConnectionFailure as error:
-            raise Unavailable(f"MongoDB at {self.where} is unreachable: {error}") from None
+            reason = str(error).split(",")[0][:200]
+            raise Unavailable(f"MongoDB at {self.where} is unreachable ({reason}); retry when it is back") from None
 
     def create(self, record: ModelRecord) -> ModelRecord:
         """The unique (name, version) index is the guarantee: a collision takes the next number."""

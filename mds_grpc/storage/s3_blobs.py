@@ -44,16 +44,19 @@ class S3BlobStore:
         except (urllib3.exceptions.HTTPError, OSError) as error:
             if isinstance(error, FileNotFoundError):
                 raise
-            raise Unavailable(f"object store at {self.endpoint} is unreachable: {error}") from None
+            reason = str(error).split(" (Caused by")[0][:200]
+            raise Unavailable(f"object store at {self.endpoint} is unreachable ({reason}); retry when it is back") from None
 
     @staticmethod
     def _key(sha256: str) -> str:
         return f"sha256/{sha256}"
 
-    def put_file(self, path: Path, sha256: str) -> None:
+    def put_file(self, path: Path, sha256: str) -> bool:
         with self._reachable():
-            if not self._exists(sha256):
-                self.client.fput_object(self.bucket, self._key(sha256), str(path), part_size=PART_BYTES)
+            if self._exists(sha256):
+                return False
+            self.client.fput_object(self.bucket, self._key(sha256), str(path), part_size=PART_BYTES)
+            return True
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         with self._reachable():  # fget_object writes a temp file and renames it when complete

@@ -1,0 +1,83 @@
+"""MongoDB + S3 as the source of truth: shared by several servers, and survived when they fail."""
+
+import uuid
+
+import grpc
+import numpy as np
+import onnx_models
+import pytest
+from backends import ferretdb, minio, server_env
+from conftest import backend_env
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import ServerProcess, upload_requests
+from test_predict import ONE, outputs_of, request
+from test_upload import assert_status
+
+from mds.v1 import model_service_pb2 as pb
+
+
+def test_two_servers_share_models_and_versions(services, tmp_path):
+    env = backend_env(services, f"shared-{uuid.uuid4().hex[:12]}")
+    first = ServerProcess(tmp_path / "a", **env).start()
+    second = ServerProcess(tmp_path / "b", **env).start()
+    try:
+        assert first.models.UploadModel(upload_requests("shared", onnx_models.add_two(2.0))).version == 1
+        assert second.models.UploadModel(upload_requests("shared", onnx_models.add_two(3.0))).version == 2
+        for server in (first, second):  # each pulls the other's model from the object store on demand
+            for version, want in ((1, 4.0), (2, 6.0)):
+                reply = server.inference.Predict(request("shared", {"a": ONE, "b": ONE}, version=version))
+                assert outputs_of(reply)["z"].tolist() == [want]
+        second.models.DeleteModel(pb.DeleteModelRequest(name="shared", version=1))
+        assert_status(lambda: first.models.GetModel(pb.GetModelRequest(name="shared", version=1)),
+                      grpc.StatusCode.NOT_FOUND)
+    finally:
+        assert first.stop() == 0 and second.stop() == 0
+
+
+def wait_for_health(server: ServerProcess, status) -> None:
+    """Follow the health Watch stream until it reports `status`."""
+    for reply in health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=60):
+        if reply.status == status:
+            return
+
+
+@pytest.fixture
+def fragile(tmp_path):
+    """A server on private FerretDB and MinIO instances that the test may stop and restart."""
+    mongo, s3 = ferretdb(tmp_path / "ferretdb").start(), minio(tmp_path / "minio").start()
+    server = ServerProcess(tmp_path / "server", **server_env(mongo, s3)).start()
+    server.models.UploadModel(upload_requests("adder", onnx_models.add_two()))
+    yield server, mongo, s3
+    assert server.stop() == 0
+    mongo.stop()
+    s3.stop()
+
+
+def test_mongodb_down_is_unavailable_then_recovers(fragile):
+    server, mongo, _ = fragile
+    mongo.stop()
+    wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name="adder")), grpc.StatusCode.UNAVAILABLE,
+                  f"MongoDB at 127.0.0.1:{mongo.port} is unreachable")
+    assert_status(lambda: server.models.UploadModel(upload_requests("other", onnx_models.add_two())),
+                  grpc.StatusCode.UNAVAILABLE, "MongoDB")
+    mongo.start()
+    wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
+    assert server.models.GetModel(pb.GetModelRequest(name="adder")).version == 1
+    assert server.models.UploadModel(upload_requests("other", onnx_models.add_two())).version == 1
+
+
+def test_object_store_down_is_unavailable_then_recovers(fragile):
+    server, _, s3 = fragile
+    s3.stop()
+    wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert_status(lambda: server.models.UploadModel(upload_requests("other", onnx_models.add_two(5.0))),
+                  grpc.StatusCode.UNAVAILABLE, f"object store at 127.0.0.1:{s3.port} is unreachable")
+    # A model already loaded keeps serving from its local copy.
+    assert outputs_of(server.inference.Predict(request("adder", {"a": ONE, "b": ONE})))["z"].tolist() == [2.0]
+    s3.start()
+    wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
+    assert server.models.UploadModel(upload_requests("other", onnx_models.add_two(5.0))).version == 1
+    assert len(server.blobs()) == 2  # the failed upload left no object behind
+    np.testing.assert_array_equal(
+        outputs_of(server.inference.Predict(request("other", {"a": ONE, "b": ONE})))["z"], [10.0])
