@@ -19,14 +19,24 @@ from mds_grpc.config import Settings, env_name, load_settings, parse
 CHUNK_BYTES = 1 << 20
 
 
-def _serve(args) -> None:
+def _settings(args) -> Settings:
     from mds_grpc.logs import configure_logging
+
+    settings = load_settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    configure_logging(settings.log_dir, settings.log_level)
+    return settings
+
+
+def _serve(args) -> None:
     from mds_grpc.server import serve
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-    settings = load_settings(**overrides)
-    configure_logging(settings.log_dir, settings.log_level)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(_settings(args)))
+
+
+def _worker(args) -> None:
+    from mds_grpc.server import run_worker
+
+    run_worker(_settings(args))
 
 
 def _channel(args) -> grpc.Channel:
@@ -140,12 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mds", description="MDS, the Model Deployment Service")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gRPC server (settings: MDS_* variables, .env, these flags)")
+    settings = argparse.ArgumentParser(add_help=False)
     for f in dataclasses.fields(Settings):
-        serve.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                           type=functools.partial(parse, type(f.default)),
-                           help=f"default: ${env_name(f.name)} or {f.default}")
-    serve.set_defaults(run=_serve)
+        settings.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                              type=functools.partial(parse, type(f.default)),
+                              help=f"default: ${env_name(f.name)} or {f.default}")
+    sub.add_parser("serve", parents=[settings], help="run the gRPC server (settings: MDS_* variables, .env, "
+                   "these flags)").set_defaults(run=_serve)
+    sub.add_parser("worker", parents=[settings], help="run bulk jobs from Redis (needs MDS_REDIS_URL)"
+                   ).set_defaults(run=_worker)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),

@@ -36,6 +36,12 @@ class Settings:
     s3_bucket: str = "mds-models"
     s3_secure: bool = False
     s3_region: str = ""
+    # Bulk jobs: Redis for the Dramatiq queue (empty: the server runs jobs itself, in-process).
+    redis_url: str = ""
+    job_batch_rows: int = 4096
+    job_workers: int = 1
+    job_heartbeat_ms: int = 15000
+    max_job_input_bytes: int = 16 * GiB
 
 
 def parse(kind: type, raw: str):

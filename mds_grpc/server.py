@@ -4,41 +4,70 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import dramatiq
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
+from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
+                    model_service_pb2, model_service_pb2_grpc)
+from mds_grpc import job_queue
 from mds_grpc.api.access_log import AccessLogInterceptor
 from mds_grpc.api.inference_servicer import InferenceServicer
+from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.config import Settings
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.inference import InferenceEngine
+from mds_grpc.core.job_records import JobState
+from mds_grpc.core.job_runner import JobRunner
+from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
-from mds_grpc.storage import open_blob_store, open_metadata_store
+from mds_grpc.storage import Storage, open_storage
 
 log = logging.getLogger("mds.server")
-SERVICES = (
-    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-    inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+SERVICES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in ((model_service_pb2, "ModelService"), (inference_service_pb2, "InferenceService"),
+                         (job_service_pb2, "JobService"))
 )
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
-    """MongoDB and S3 when configured; otherwise the embedded default under data_dir."""
+@dataclass(frozen=True)
+class Core:
+    """Everything the front doors delegate to."""
+
+    storage: Storage
+    registry: ModelRegistry
+    broker: dramatiq.Broker
+    run_job: dramatiq.Actor
+    jobs: JobManager
+
+    def ping(self) -> None:
+        self.storage.ping()
+        job_queue.ping_broker(self.broker)
+
+
+def build_core(settings: Settings) -> Core:
+    """MongoDB, S3 and Redis when configured; otherwise the embedded default under data_dir."""
     data = settings.data_dir
-    blobs = open_blob_store(settings)
-    cache = ModelCache(blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
-    return ModelRegistry(open_metadata_store(settings), blobs, cache, data / "tmp", settings.max_model_bytes)
+    storage = open_storage(settings)
+    cache = ModelCache(storage.blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
+    registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes)
+    broker = job_queue.make_broker(settings)
+    run_job = job_queue.declare_actor(broker, JobRunner(storage, data / "jobs", settings.ort_intra_op_threads))
+    jobs = JobManager(storage, registry, data / "tmp", run_job.send, settings.job_batch_rows,
+                      settings.max_job_input_bytes)
+    return Core(storage, registry, broker, run_job, jobs)
 
 
-async def check_backends(registry: ModelRegistry, health_servicer) -> None:
+async def check_backends(core: Core, health_servicer) -> None:
     """Health is SERVING while every backend answers, NOT_SERVING while one does not."""
     try:
-        await asyncio.to_thread(registry.ping)
+        await asyncio.to_thread(core.ping)
         status = health_pb2.HealthCheckResponse.SERVING
     except Unavailable as error:
         log.warning("backend unavailable", extra={"error": str(error)})
@@ -47,16 +76,29 @@ async def check_backends(registry: ModelRegistry, health_servicer) -> None:
         await health_servicer.set(service, status)
 
 
-async def watch_backends(registry: ModelRegistry, health_servicer, interval: float) -> None:
+async def watch_backends(core: Core, health_servicer, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        await check_backends(registry, health_servicer)
+        await check_backends(core, health_servicer)
+
+
+def start_embedded_worker(core: Core, settings: Settings) -> dramatiq.Worker:
+    """Without Redis the server runs jobs itself; jobs a previous process left unfinished are queued again."""
+    worker = job_queue.start_worker(core.broker, settings.job_workers)
+    for state in (JobState.QUEUED, JobState.RUNNING):
+        after = None
+        while page := core.storage.jobs.list_page(state, None, after, 1000):
+            for job in page:
+                core.run_job.send(job.id)
+            after = (page[-1].created_at, page[-1].id)
+    return worker
 
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period."""
-    registry = build_registry(settings)
-    registry.sweep_local_copies()
+    core = build_core(settings)
+    core.registry.sweep_local_copies()
+    worker = None if settings.redis_url else start_embedded_worker(core, settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     server = grpc.aio.server(
         interceptors=[AccessLogInterceptor()],
@@ -65,10 +107,11 @@ async def serve(settings: Settings) -> None:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), server)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(InferenceEngine(registry, executor), settings.stream_max_in_flight), server
+        InferenceServicer(InferenceEngine(core.registry, executor), settings.stream_max_in_flight), server
     )
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -76,9 +119,9 @@ async def serve(settings: Settings) -> None:
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     port = server.add_insecure_port(address)
-    await check_backends(registry, health_servicer)
+    await check_backends(core, health_servicer)
     await server.start()
-    watcher = asyncio.ensure_future(watch_backends(registry, health_servicer, settings.backend_check_seconds))
+    watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
     log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})
 
     stop = asyncio.Event()
@@ -90,5 +133,27 @@ async def serve(settings: Settings) -> None:
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
+    if worker is not None:
+        await asyncio.to_thread(worker.stop)
     executor.shutdown(wait=True, cancel_futures=True)
     log.info("stopped")
+
+
+def run_worker(settings: Settings) -> None:
+    """`mds worker`: consume jobs from Redis until SIGTERM or SIGINT."""
+    if not settings.redis_url:
+        raise SystemExit("error: mds worker needs MDS_REDIS_URL; without Redis, `mds serve` runs jobs itself")
+    core = build_core(settings)
+    worker = job_queue.start_worker(core.broker, settings.job_workers)
+    log.info("worker started", extra={"threads": settings.job_workers})
+    stopped = asyncio.Event()
+
+    async def wait_for_signal():
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopped.set)
+        await stopped.wait()
+
+    asyncio.run(wait_for_signal())
+    worker.stop()
+    log.info("worker stopped")

@@ -11,7 +11,7 @@ from mds_grpc.config import load_settings
 from mds_grpc.core.errors import DeadlineExceeded
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.uploads import UploadHeader
-from mds_grpc.server import build_registry
+from mds_grpc.server import build_core
 
 
 async def parts(data: bytes):
@@ -20,7 +20,7 @@ async def parts(data: bytes):
 
 @pytest.fixture
 def registry(tmp_path):
-    return build_registry(load_settings(data_dir=tmp_path, model_cache_bytes=1))
+    return build_core(load_settings(data_dir=tmp_path, model_cache_bytes=1)).registry
 
 
 async def test_a_request_past_its_deadline_is_not_run(registry):

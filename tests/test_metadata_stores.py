@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from mds_grpc.core.records import ModelRecord, StoredFile, TensorSpec
-from mds_grpc.storage.mongo_metadata import MongoMetadataStore
+from mds_grpc.storage.mongo_metadata import MongoConnection, MongoMetadataStore
 from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
 
 
@@ -28,7 +28,7 @@ def open_store(request, tmp_path):
     if request.param == "sqlite":
         return lambda: SqliteMetadataStore(tmp_path / "meta.sqlite3")
     uri, database = request.getfixturevalue("services")["MDS_MONGO_URI"], "test-" + uuid.uuid4().hex[:12]
-    return lambda: MongoMetadataStore(uri, database)
+    return lambda: MongoMetadataStore(MongoConnection(uri, database))
 
 
 @pytest.fixture

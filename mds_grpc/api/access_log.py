@@ -14,7 +14,8 @@ from mds_grpc.core.errors import MdsError
 log = logging.getLogger("mds.access")
 errors_log = logging.getLogger("mds.errors")
 _fields: contextvars.ContextVar[dict] = contextvars.ContextVar("access_fields")
-_REQUEST_FIELDS = (("model", "model"), ("name", "model"), ("version", "version"), ("request_id", "request_id"))
+_REQUEST_FIELDS = (("model", "model"), ("name", "model"), ("version", "version"), ("request_id", "request_id"),
+                   ("id", "job"))
 
 
 def annotate(**fields) -> None:

@@ -11,18 +11,8 @@ from google.rpc import status_pb2
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import inference_service_pb2_grpc, tensor_pb2
 from mds_grpc.api.access_log import annotate, status_of
-from mds_grpc.api.tensors import from_array, to_array
-from mds_grpc.core.errors import InvalidArgument
+from mds_grpc.api.tensors import from_array, to_arrays
 from mds_grpc.core.inference import InferenceEngine, Prediction
-
-
-def decode_inputs(request: pb.PredictRequest) -> dict[str, np.ndarray]:
-    inputs = {}
-    for tensor in request.inputs:
-        if tensor.name in inputs:
-            raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        inputs[tensor.name] = to_array(tensor)
-    return inputs
 
 
 def wants_raw(request: pb.PredictRequest) -> bool:
@@ -66,7 +56,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         prediction = await self.engine.predict(
-            request.model, request.version, decode_inputs(request), list(request.output_names), deadline
+            request.model, request.version, to_arrays(request.inputs), list(request.output_names), deadline
         )
         return encode_prediction(prediction, request)
 

@@ -55,6 +55,16 @@ def to_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
     return _from_contents(tensor, dtype, count)
 
 
+def to_arrays(tensors) -> dict[str, np.ndarray]:
+    """Decode tensors by name; a name given twice is INVALID_ARGUMENT."""
+    arrays = {}
+    for tensor in tensors:
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {tensor.name!r} is given twice")
+        arrays[tensor.name] = to_array(tensor)
+    return arrays
+
+
 def _from_raw(tensor: tensor_pb2.Tensor, dtype: dtypes.DType, count: int) -> np.ndarray:
     expected = count * dtype.numpy.itemsize
     if len(tensor.raw_data) != expected:

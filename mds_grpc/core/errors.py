@@ -35,3 +35,7 @@ class Unavailable(MdsError):
     """A backend (database, object store, broker) cannot be reached; retrying later may work."""
 
     status = "UNAVAILABLE"
+
+
+class FailedPrecondition(MdsError):
+    status = "FAILED_PRECONDITION"

@@ -79,8 +79,9 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
     return value.numpy()
 
 
-def _run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
-                 options: ort.RunOptions, uses_bf16: bool) -> list:
+def run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
+                options: ort.RunOptions | None, uses_bf16: bool) -> list:
+    """session.run, or its OrtValue form when BF16 tensors are involved."""
     if uses_bf16:  # numpy-facing run() cannot take or give bfloat16
         if any(array.dtype == object for array in feeds.values()):
             raise Unimplemented("onnxruntime's Python API cannot run a model with both STRING inputs and BF16 tensors")
@@ -112,7 +113,7 @@ class InferenceEngine:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
             try:
-                return _run_session(loaded.session, names, inputs, options, uses_bf16)
+                return run_session(loaded.session, names, inputs, options, uses_bf16)
             except Unimplemented:
                 raise
             except Exception as error:  # onnxruntime raises its own exception types for bad inputs

@@ -22,6 +22,25 @@ class LoadedModel:
 
 
 
+def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
+    """The model's files in `folder` (built under a temp name, then renamed); kept when present."""
+    if folder.exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.part")
+    try:
+        for stored in record.files:
+            (partial / stored.path).parent.mkdir(parents=True, exist_ok=True)
+            blobs.fetch_to(stored.sha256, partial / stored.path)
+        partial.rename(folder)
+    except OSError:
+        if not folder.exists():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
 class ModelCache:
     """Sessions keyed by (name, version), each with its files in a local folder.
 
@@ -69,22 +88,7 @@ class ModelCache:
         return self.put(record, session)
 
     def _materialize(self, record: ModelRecord) -> Path:
-        """The model's files in its own folder (built under a temp name, then renamed)."""
-        folder = self._folder((record.name, record.version))
-        if folder.exists():
-            return folder
-        partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.part")
-        try:
-            for stored in record.files:
-                (partial / stored.path).parent.mkdir(parents=True, exist_ok=True)
-                self.blobs.fetch_to(stored.sha256, partial / stored.path)
-            partial.rename(folder)
-        except OSError:
-            if not folder.exists():
-                raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        return folder
+        return materialize(self.blobs, record, self._folder((record.name, record.version)))
 
     def adopt_folder(self, record: ModelRecord, folder: Path) -> None:
         """Take a fully written folder (e.g. a validated upload) as the model's folder."""

@@ -1,8 +1,6 @@
 """Model versions: upload, look up, list and delete, over a blob store and a metadata store."""
 
 import asyncio
-import base64
-import json
 import shutil
 from collections.abc import AsyncIterable
 from datetime import datetime, timezone
@@ -11,25 +9,10 @@ from pathlib import Path
 from mds_grpc.core.errors import InvalidArgument, NotFound
 from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
+from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, StoredFile
 from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
 from mds_grpc.storage.base import BlobStore, MetadataStore
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
-
-def _encode_token(record: ModelRecord) -> str:
-    return base64.urlsafe_b64encode(json.dumps([record.name, record.version]).encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, int]:
-    try:
-        name, version = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return str(name), int(version)
-    except Exception:
-        raise InvalidArgument("malformed page_token: pass next_page_token from the previous page") from None
-
 
 def _now_to_the_millisecond() -> datetime:
     """The current UTC time at the precision every metadata store keeps (MongoDB: milliseconds)."""
@@ -48,11 +31,6 @@ class ModelRegistry:
         # Serialises publishing against deleting, so a blob shared by two versions is never
         # removed while a new version that references it is being recorded (one process).
         self._blob_lock = asyncio.Lock()
-
-    def ping(self) -> None:
-        """Raise Unavailable naming the first backend that cannot be reached."""
-        self.metadata.ping()
-        self.blobs.ping()
 
     def sweep_local_copies(self) -> None:
         """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
@@ -114,13 +92,12 @@ class ModelRegistry:
         return await self.cache.get(await self.get(name, version))
 
     async def list_page(self, name: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[ModelRecord], str]:
-        if page_size < 0:
-            raise InvalidArgument(f"page_size must not be negative, got {page_size}")
-        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else None
+        limit = page_limit(page_size)
+        after = decode_token(page_token, (str, int))
         records = await asyncio.to_thread(self.metadata.list_page, name or None, after, limit + 1)
         if len(records) > limit:
-            return records[:limit], _encode_token(records[limit - 1])
+            last = records[limit - 1]
+            return records[:limit], encode_token([last.name, last.version])
         return records, ""
 
     async def delete(self, name: str, version: int = 0) -> list[int]:

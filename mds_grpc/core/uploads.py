@@ -28,6 +28,11 @@ class UploadHeader:
     external_files: tuple[StoredFile, ...] = ()  # side files, sha256/size optional as above
 
 
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise InvalidArgument(

@@ -1,27 +1,44 @@
-"""Where models live: a blob store for files and a metadata store for records."""
+"""Where models and jobs live: a blob store for files, and metadata and job stores for records."""
+
+from dataclasses import dataclass
 
 from mds_grpc.config import Settings
-from mds_grpc.storage.base import BlobStore, MetadataStore
+from mds_grpc.storage.base import BlobStore, JobStore, MetadataStore
 
 
-def open_metadata_store(settings: Settings) -> MetadataStore:
-    """MongoDB when MDS_MONGO_URI is set, else SQLite under the data folder."""
+@dataclass(frozen=True)
+class Storage:
+    metadata: MetadataStore
+    blobs: BlobStore
+    jobs: JobStore
+
+    def ping(self) -> None:
+        """Raise Unavailable naming the first backend that cannot be reached."""
+        self.metadata.ping()
+        self.blobs.ping()
+
+
+def open_storage(settings: Settings) -> Storage:
+    """MongoDB when MDS_MONGO_URI is set and S3 when MDS_S3_ENDPOINT is; else the embedded default."""
     if settings.mongo_uri:
-        from mds_grpc.storage.mongo_metadata import MongoMetadataStore
+        from mds_grpc.storage.mongo_jobs import MongoJobStore
+        from mds_grpc.storage.mongo_metadata import MongoConnection, MongoMetadataStore
 
-        return MongoMetadataStore(settings.mongo_uri, settings.mongo_database)
-    from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
+        connection = MongoConnection(settings.mongo_uri, settings.mongo_database)
+        metadata, jobs = MongoMetadataStore(connection), MongoJobStore(connection)
+    else:
+        from mds_grpc.storage.sqlite_jobs import SqliteJobStore
+        from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
 
-    return SqliteMetadataStore(settings.data_dir / "mds.sqlite3")
-
-
-def open_blob_store(settings: Settings) -> BlobStore:
-    """S3/MinIO when MDS_S3_ENDPOINT is set, else a folder under the data folder."""
+        database = settings.data_dir / "mds.sqlite3"
+        metadata, jobs = SqliteMetadataStore(database), SqliteJobStore(database)
     if settings.s3_endpoint:
         from mds_grpc.storage.s3_blobs import S3BlobStore
 
-        return S3BlobStore(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
-                           settings.s3_bucket, settings.s3_secure, settings.s3_region)
-    from mds_grpc.storage.local_blobs import LocalBlobStore
+        blobs = S3BlobStore(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
+                            settings.s3_bucket, settings.s3_secure, settings.s3_region)
+    else:
+        from mds_grpc.storage.local_blobs import LocalBlobStore
 
-    return LocalBlobStore(settings.data_dir / "blobs")
+        blobs = LocalBlobStore(settings.data_dir / "blobs")
+    return Storage(metadata, blobs, jobs)

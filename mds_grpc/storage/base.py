@@ -1,8 +1,12 @@
 """The two small interfaces every storage backend implements."""
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
+from datetime import datetime
+
+from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState
 from mds_grpc.core.records import ModelRecord
 
 
@@ -44,6 +48,32 @@ class MetadataStore(Protocol):
 
     def blob_in_use(self, sha256: str) -> bool:
         """Whether any stored record references the blob."""
+
+    def ping(self) -> None:
+        """Raise Unavailable when the store cannot be reached."""
+
+
+class JobStore(Protocol):
+    """Job inputs and jobs; every state change is conditional, so concurrent workers agree."""
+
+    def create_input(self, record: JobInputRecord) -> None: ...
+
+    def get_input(self, input_id: str) -> JobInputRecord | None: ...
+
+    def create(self, job: JobRecord) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def list_page(self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None,
+                  limit: int) -> list[JobRecord]:
+        """Newest first (created_at, then id, descending), strictly after `after`."""
+
+    def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
+                   error: str = "") -> JobRecord | None:
+        """Move the job to `target` if it is in one of `sources`; None (and no change) otherwise."""
+
+    def record_batch(self, job_id: str, result: JobResult) -> bool:
+        """Append `result` if the job is RUNNING with rows_done == result.offset; exactly once."""
 
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""

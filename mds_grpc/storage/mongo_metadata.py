@@ -6,6 +6,7 @@ find_one_and_update, so several server processes never allocate the same version
 """
 
 import dataclasses
+import threading
 from contextlib import contextmanager
 
 import pymongo
@@ -23,33 +24,53 @@ def _from_doc(doc: dict) -> ModelRecord:
     return record_from_dict({k: v for k, v in doc.items() if k != "_id"})
 
 
-class MongoMetadataStore:
+class MongoConnection:
+    """One client and database shared by the Mongo stores; errors of reach become Unavailable."""
+
     def __init__(self, uri: str, database: str = "mds", timeout_ms: int = 3000):
         self.client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
                                           connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000)
         # For messages: hosts only, never the credentials.
         self.where = ",".join(f"{host}:{port}" for host, port in uri_parser.parse_uri(uri)["nodelist"])
-        db = self.client[database]
-        self.models = db["models"]
-        self.names = db["model_names"]
-        self._indexed = False
+        self.db = self.client[database]
+        self._indexes: list[tuple] = []
+        self._indexes_lock = threading.Lock()
+
+    def index(self, collection, keys: list, **options) -> None:
+        """Declare an index; created on first use (the server may be down at start-up)."""
+        self._indexes.append((collection, keys, options))
 
     @contextmanager
-    def _reachable(self):
+    def reachable(self):
         """Raise Unavailable, naming the backend, when MongoDB cannot be reached."""
         try:
-            if not self._indexed:
-                self.models.create_index([("name", 1), ("version", 1)], unique=True, name="name_version")
-                self.models.create_index([("files.sha256", 1)], name="files_sha256")
-                self._indexed = True
+            if self._indexes:
+                with self._indexes_lock:
+                    while self._indexes:
+                        collection, keys, options = self._indexes[0]
+                        collection.create_index(keys, **options)
+                        self._indexes.pop(0)
             yield
         except ConnectionFailure as error:
             reason = str(error).split(",")[0][:200]
             raise Unavailable(f"MongoDB at {self.where} is unreachable ({reason}); retry when it is back") from None
 
+    def ping(self) -> None:
+        with self.reachable():
+            self.client.admin.command("ping")
+
+
+class MongoMetadataStore:
+    def __init__(self, connection: MongoConnection):
+        self.connection = connection
+        self.models = connection.db["models"]
+        self.names = connection.db["model_names"]
+        connection.index(self.models, [("name", 1), ("version", 1)], unique=True, name="name_version")
+        connection.index(self.models, [("files.sha256", 1)], name="files_sha256")
+
     def create(self, record: ModelRecord) -> ModelRecord:
         """The unique (name, version) index is the guarantee: a collision takes the next number."""
-        with self._reachable():
+        with self.connection.reachable():
             while True:
                 try:
                     counter = self.names.find_one_and_update(
@@ -63,7 +84,7 @@ class MongoMetadataStore:
                     continue
 
     def get(self, name: str, version: int) -> ModelRecord | None:
-        with self._reachable():
+        with self.connection.reachable():
             query = {"name": name, "version": version} if version else {"name": name}
             doc = self.models.find_one(query, MODEL_FIELDS, sort=[("version", -1)])
         return _from_doc(doc) if doc else None
@@ -73,21 +94,20 @@ class MongoMetadataStore:
         if after:
             query = {"$and": [query, {"$or": [{"name": {"$gt": after[0]}},
                                               {"name": after[0], "version": {"$gt": after[1]}}]}]}
-        with self._reachable():
+        with self.connection.reachable():
             cursor = self.models.find(query, MODEL_FIELDS).sort([("name", 1), ("version", 1)]).limit(limit)
             return [_from_doc(doc) for doc in cursor]
 
     def delete(self, name: str, version: int) -> list[ModelRecord]:
         query = {"name": name, "version": version} if version else {"name": name}
-        with self._reachable():
+        with self.connection.reachable():
             records = [_from_doc(d) for d in self.models.find(query, MODEL_FIELDS).sort("version", 1)]
             self.models.delete_many({"name": name, "version": {"$in": [r.version for r in records]}})
         return records
 
     def blob_in_use(self, sha256: str) -> bool:
-        with self._reachable():
+        with self.connection.reachable():
             return self.models.find_one({"files.sha256": sha256}, {"_id": 1}) is not None
 
     def ping(self) -> None:
-        with self._reachable():
-            self.client.admin.command("ping")
+        self.connection.ping()

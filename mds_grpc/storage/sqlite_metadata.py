@@ -2,12 +2,11 @@
 
 import dataclasses
 import json
-import sqlite3
-from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
+from mds_grpc.storage.sqlite_db import SqliteDatabase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_names (
@@ -43,30 +42,10 @@ def _decode(text: str) -> ModelRecord:
 
 class SqliteMetadataStore:
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
-            db.executescript(SCHEMA)
-
-    @contextmanager
-    def _transaction(self):
-        """A connection inside one write-locked transaction, committed on success."""
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    def _query(self, sql: str, params: tuple) -> list[tuple]:
-        with closing(sqlite3.connect(self.path, timeout=30)) as db:
-            return db.execute(sql, params).fetchall()
+        self.db = SqliteDatabase(path, SCHEMA)
 
     def create(self, record: ModelRecord) -> ModelRecord:
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             (version,) = db.execute(
                 "INSERT INTO model_names (name, last_version) VALUES (?, 1) "
                 "ON CONFLICT (name) DO UPDATE SET last_version = last_version + 1 "
@@ -86,9 +65,9 @@ class SqliteMetadataStore:
 
     def get(self, name: str, version: int) -> ModelRecord | None:
         if version:
-            rows = self._query("SELECT record FROM models WHERE name = ? AND version = ?", (name, version))
+            rows = self.db.query("SELECT record FROM models WHERE name = ? AND version = ?", (name, version))
         else:
-            rows = self._query(
+            rows = self.db.query(
                 "SELECT record FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
             )
         return _decode(rows[0][0]) if rows else None
@@ -105,18 +84,18 @@ class SqliteMetadataStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY name, version LIMIT ?"
-        return [_decode(text) for (text,) in self._query(sql, (*params, limit))]
+        return [_decode(text) for (text,) in self.db.query(sql, (*params, limit))]
 
     def delete(self, name: str, version: int) -> list[ModelRecord]:
         match, params = ("name = ? AND version = ?", (name, version)) if version else ("name = ?", (name,))
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             rows = db.execute(f"SELECT record FROM models WHERE {match} ORDER BY version", params).fetchall()
             db.execute(f"DELETE FROM models WHERE {match}", params)
             db.execute(f"DELETE FROM model_blobs WHERE {match}", params)
         return [_decode(text) for (text,) in rows]
 
     def blob_in_use(self, sha256: str) -> bool:
-        return bool(self._query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
+        return bool(self.db.query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
 
     def ping(self) -> None:
-        self._query("SELECT 1", ())
+        self.db.query("SELECT 1")

@@ -1,0 +1,98 @@
+"""Running a bulk job in a worker: batches of rows through onnxruntime, each result recorded once."""
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mds_grpc.core import dtypes
+from mds_grpc.core.errors import Unavailable
+from mds_grpc.core.inference import run_session
+from mds_grpc.core.inspection import open_session
+from mds_grpc.core.job_records import JobRecord, JobResult, JobState
+from mds_grpc.core.model_cache import materialize
+from mds_grpc.core.records import MAIN_FILE
+from mds_grpc.core.uploads import sha256_of
+from mds_grpc.storage import Storage
+
+log = logging.getLogger("mds.jobs")
+
+
+def read_rows(path: Path, dtype: str, rows: int, row_shape: tuple[int, ...]) -> np.ndarray:
+    """A job input column, memory-mapped (never loaded whole)."""
+    numpy_dtype = dtypes.BY_NAME[dtype].numpy.newbyteorder("<")
+    if rows == 0 or 0 in row_shape:
+        return np.empty((rows, *row_shape), numpy_dtype)
+    return np.memmap(path, dtype=numpy_dtype, mode="r", shape=(rows, *row_shape))
+
+
+class JobRunner:
+    """Runs one job to a terminal state; safe to run again (after a crash) or twice at once."""
+
+    def __init__(self, storage: Storage, work_dir: Path, intra_op_threads: int = 0):
+        self.storage = storage
+        self.work_dir = Path(work_dir)
+        self.intra_op_threads = intra_op_threads
+
+    def run(self, job_id: str) -> None:
+        jobs = self.storage.jobs
+        job = jobs.get(job_id)
+        if job is None or job.state.terminal:
+            return
+        if job.state == JobState.QUEUED:
+            job = jobs.transition(job_id, {JobState.QUEUED}, JobState.RUNNING) or jobs.get(job_id)
+        if job.state != JobState.RUNNING:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=self.work_dir))
+        try:
+            self._run_batches(job, folder)
+        except _JobFailed as failure:
+            log.warning("job failed", extra={"job": job_id, "error": str(failure)})
+            jobs.transition(job_id, {JobState.RUNNING}, JobState.FAILED, error=str(failure))
+        except Unavailable:
+            raise  # a backend is down: the queue retries the job later, from where it got to
+        except Exception as error:
+            log.exception("job failed", extra={"job": job_id})
+            jobs.transition(job_id, {JobState.RUNNING}, JobState.FAILED, error=f"internal error: {error}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _run_batches(self, job: JobRecord, folder: Path) -> None:
+        record = self.storage.metadata.get(job.model, job.version)
+        if record is None:
+            raise _JobFailed(f"model {job.model!r} version {job.version} was deleted")
+        session = open_session(materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE,
+                               self.intra_op_threads)
+        columns = {}
+        for tensor in job.input.tensors:
+            path = folder / f"input-{tensor.name}"
+            if job.rows_total:
+                self.storage.blobs.fetch_to(tensor.sha256, path)
+            columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
+        uses_bf16 = any(column.dtype == dtypes.BY_NAME["BF16"].numpy for column in columns.values()) or any(
+            spec.dtype == "BF16" for spec in record.outputs if spec.name in job.output_names)
+        while job.rows_done < job.rows_total:
+            offset = job.rows_done
+            rows = min(job.batch_rows, job.rows_total - offset)
+            feeds = {name: np.ascontiguousarray(column[offset:offset + rows]) for name, column in columns.items()}
+            try:
+                outputs = run_session(session, list(job.output_names), feeds, None, uses_bf16)
+            except Exception as error:  # onnxruntime's own exception types
+                raise _JobFailed(f"onnxruntime failed on rows {offset}-{offset + rows - 1}: {error}") from None
+            result_path = folder / f"result-{offset}.npz"
+            np.savez(result_path, **dict(zip(job.output_names, outputs)))
+            sha256 = sha256_of(result_path)
+            self.storage.blobs.put_file(result_path, sha256)
+            self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256))
+            job = self.storage.jobs.get(job.id)  # another worker may have advanced it, or it was cancelled
+            if job.state != JobState.RUNNING:
+                return
+        self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)
+        log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total})
+
+
+class _JobFailed(Exception):
+    """The job cannot succeed; the message says why."""

@@ -1,0 +1,240 @@
+"""Bulk jobs: inputs stored as raw columns, jobs created at once and queued, progress and results."""
+
+import asyncio
+import dataclasses
+import math
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from mds_grpc.core import dtypes
+from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from mds_grpc.core.inference import check_inputs, select_outputs
+from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
+from mds_grpc.core.pages import decode_token, encode_token, page_limit
+from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.core.uploads import sha256_of
+from mds_grpc.storage import Storage
+
+BF16 = dtypes.BY_NAME["BF16"].numpy
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSpec:
+    """A job input as declared before its rows arrive: full shape, rows first."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _now() -> datetime:
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class _InputWriter:
+    """Appends the rows of every column to its own raw file, checking each chunk against the specs."""
+
+    def __init__(self, folder: Path, specs: Sequence[ColumnSpec], max_bytes: int):
+        if not specs:
+            raise InvalidArgument("a job input needs at least one tensor")
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"input names must be unique, got {names}")
+        for spec in specs:
+            if spec.dtype == "STRING":
+                raise InvalidArgument(f"input {spec.name!r} is STRING; jobs take numeric and boolean tensors only")
+            if not spec.shape or any(d < 0 for d in spec.shape):
+                raise InvalidArgument(f"input {spec.name!r} needs a full shape with rows first, got {list(spec.shape)}")
+        rows = {spec.shape[0] for spec in specs}
+        if len(rows) != 1:
+            raise InvalidArgument(f"every input needs the same number of rows, got {sorted(rows)}")
+        self.rows = rows.pop()
+        size = sum(math.prod(s.shape) * dtypes.BY_NAME[s.dtype].numpy.itemsize for s in specs)
+        if size > max_bytes:
+            raise ResourceExhausted(f"job input of {size} bytes exceeds the server's limit of {max_bytes} bytes")
+        self.specs = {spec.name: spec for spec in specs}
+        self.folder = folder
+        self.files = {name: open(folder / f"column-{i}", "wb") for i, name in enumerate(names)}
+        self.written = 0
+
+    def write(self, chunk: dict[str, np.ndarray]) -> None:
+        if set(chunk) != set(self.specs):
+            raise InvalidArgument(f"each chunk needs exactly the inputs {sorted(self.specs)}, got {sorted(chunk)}")
+        counts = {array.shape[0] if array.ndim else -1 for array in chunk.values()}
+        if len(counts) != 1 or -1 in counts:
+            raise InvalidArgument("every tensor of a chunk needs the same number of rows, along dimension 0")
+        count = counts.pop()
+        if self.written + count > self.rows:
+            raise InvalidArgument(f"more rows than the {self.rows} the header declared")
+        for name, array in chunk.items():
+            spec = self.specs[name]
+            dtype = dtypes.of_array(array)
+            if dtype is None or dtype.name != spec.dtype or array.shape[1:] != spec.shape[1:]:
+                raise InvalidArgument(
+                    f"chunk tensor {name!r} must be {spec.dtype} with rows of shape {list(spec.shape[1:])}, "
+                    f"got {dtype.name if dtype else array.dtype} {list(array.shape)}")
+            self.files[name].write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+        self.written += count
+
+    def finish(self) -> list[tuple[ColumnSpec, Path]]:
+        self.close()
+        if self.written != self.rows:
+            raise InvalidArgument(f"received {self.written} rows, the header declared {self.rows}")
+        return [(self.specs[name], Path(handle.name)) for name, handle in self.files.items()]
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
+def _as_rows(column: ColumnSpec) -> np.ndarray:
+    """A stand-in array of the column's dtype and a batch's shape, for signature checks (no allocation)."""
+    return np.broadcast_to(np.zeros((), dtypes.BY_NAME[column.dtype].numpy), (1, *column.shape[1:]))
+
+
+class JobManager:
+    def __init__(self, storage: Storage, registry: ModelRegistry, tmp_dir: Path, enqueue: Callable[[str], object],
+                 default_batch_rows: int, max_input_bytes: int, poll_seconds: float = 0.2):
+        self.storage = storage
+        self.registry = registry
+        self.tmp_dir = Path(tmp_dir)
+        self.enqueue = enqueue
+        self.default_batch_rows = default_batch_rows
+        self.max_input_bytes = max_input_bytes
+        self.poll_seconds = poll_seconds
+
+    async def upload_input(self, specs: Sequence[ColumnSpec],
+                           chunks: AsyncIterable[dict[str, np.ndarray]]) -> JobInputRecord:
+        """Store a job input streamed as chunks of rows; nothing stays behind on failure."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
+        writer = None
+        try:
+            writer = _InputWriter(folder, specs, self.max_input_bytes)
+            async for chunk in chunks:
+                await asyncio.to_thread(writer.write, chunk)
+            columns = await asyncio.to_thread(writer.finish)
+            tensors = []
+            for spec, path in columns:
+                sha256 = await asyncio.to_thread(sha256_of, path)
+                await asyncio.to_thread(self.storage.blobs.put_file, path, sha256)
+                tensors.append(JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256))
+            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(tensors), _now())
+            await asyncio.to_thread(self.storage.jobs.create_input, record)
+            return record
+        finally:
+            if writer is not None:
+                writer.close()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def create(self, model: str, version: int, inline: dict[str, np.ndarray] | None, input_id: str,
+                     output_names: Sequence[str], batch_rows: int) -> JobRecord:
+        """Validate, store and enqueue a job; returns it QUEUED without waiting for any work."""
+        if bool(inline) == bool(input_id):
+            raise InvalidArgument("give the job's rows either inline in `inputs` or as `input_id`, not both or neither")
+        if batch_rows < 0:
+            raise InvalidArgument(f"batch_rows must not be negative, got {batch_rows}")
+        record = await self.registry.get(model, version)
+        if inline:
+            specs = [ColumnSpec(name, getattr(dtypes.of_array(a), "name", str(a.dtype)), a.shape)
+                     for name, a in inline.items()]
+            self._check_fits(record, specs)
+
+            async def one_chunk():
+                yield inline
+
+            job_input = await self.upload_input(specs, one_chunk())
+        else:
+            job_input = await asyncio.to_thread(self.storage.jobs.get_input, input_id)
+            if job_input is None:
+                raise NotFound(f"job input {input_id!r} does not exist")
+            self._check_fits(record, [ColumnSpec(t.name, t.dtype, (job_input.rows, *t.row_shape))
+                                      for t in job_input.tensors])
+        names = select_outputs(record, output_names)
+        not_tensors = [s.name for s in record.outputs if s.name in names and s.dtype is None]
+        if not_tensors:
+            raise InvalidArgument(f"output {not_tensors[0]!r} is not a tensor; list the tensor outputs in output_names")
+        now = _now()
+        job = JobRecord(id=uuid.uuid4().hex, model=record.name, version=record.version, state=JobState.QUEUED,
+                        input=job_input, output_names=tuple(names), batch_rows=batch_rows or self.default_batch_rows,
+                        created_at=now, updated_at=now)
+        await asyncio.to_thread(self.storage.jobs.create, job)
+        try:
+            await asyncio.to_thread(self.enqueue, job.id)
+        except Exception as error:  # the broker is down: the job cannot run, say so on the job too
+            message = f"could not queue the job: {error}"
+            await asyncio.to_thread(self.storage.jobs.transition, job.id, {JobState.QUEUED}, JobState.FAILED, message)
+            raise Unavailable(message) from None
+        return job
+
+    @staticmethod
+    def _check_fits(record, columns: Sequence[ColumnSpec]) -> None:
+        for spec in record.inputs:
+            if not spec.shape or spec.shape[0] >= 0:
+                raise InvalidArgument(
+                    f"input {spec.name!r} of model {record.name!r} has no symbolic first dimension to batch rows along")
+        for column in columns:
+            if column.dtype == "STRING":
+                raise InvalidArgument(f"input {column.name!r} is STRING; jobs take numeric and boolean tensors only")
+        check_inputs(record, {c.name: _as_rows(c) for c in columns})
+
+    async def get(self, job_id: str) -> JobRecord:
+        job = await asyncio.to_thread(self.storage.jobs.get, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return job
+
+    async def list_page(self, state: JobState | None, model: str, page_size: int,
+                        page_token: str) -> tuple[list[JobRecord], str]:
+        limit = page_limit(page_size)
+        after = decode_token(page_token, (datetime.fromisoformat, str))
+        jobs = await asyncio.to_thread(self.storage.jobs.list_page, state, model or None, after, limit + 1)
+        if len(jobs) > limit:
+            last = jobs[limit - 1]
+            return jobs[:limit], encode_token([last.created_at.isoformat(), last.id])
+        return jobs, ""
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        job = await asyncio.to_thread(self.storage.jobs.transition, job_id,
+                                      {JobState.QUEUED, JobState.RUNNING}, JobState.CANCELLED)
+        if job is None:
+            current = await self.get(job_id)
+            raise FailedPrecondition(f"job {job_id!r} is {current.state.value}; only queued or running jobs can be cancelled")
+        return job
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        """The job, then each change of its state or progress, until it is terminal."""
+        seen = None
+        while True:
+            job = await self.get(job_id)
+            if (job.state, job.rows_done) != seen:
+                seen = (job.state, job.rows_done)
+                yield job
+            if job.state.terminal:
+                return
+            await asyncio.sleep(self.poll_seconds)
+
+    async def results(self, job_id: str) -> AsyncIterator[tuple[JobResult, dict[str, np.ndarray]]]:
+        job = await self.get(job_id)
+        if job.state != JobState.SUCCEEDED:
+            raise FailedPrecondition(f"job {job_id!r} is {job.state.value}; results are readable once it has SUCCEEDED")
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for result in job.results:
+            arrays = await asyncio.to_thread(self._read_result, result)
+            yield result, arrays
+
+    def _read_result(self, result: JobResult) -> dict[str, np.ndarray]:
+        with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:
+            path = Path(folder) / "result.npz"
+            self.storage.blobs.fetch_to(result.sha256, path)
+            with np.load(path, allow_pickle=False) as saved:
+                # .npz keeps bfloat16 as 2-byte voids: view them back.
+                return {name: saved[name].view(BF16) if saved[name].dtype.kind == "V" else saved[name]
+                        for name in saved.files}
