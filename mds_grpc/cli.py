@@ -146,6 +146,78 @@ def _models(args) -> None:
         _print_message(stub.DeleteModel(pb.DeleteModelRequest(name=args.name, version=args.version)))
 
 
+def _job_requests(arrays: dict[str, np.ndarray], chunk_rows: int):
+    """UploadJobInput messages: the header, then chunks of rows read from memory-mapped arrays."""
+    from mds.v1 import job_service_pb2 as jobs
+    from mds.v1 import tensor_pb2
+    from mds_grpc.api.tensors import PREFIX, DataType, from_array
+    from mds_grpc.core import dtypes
+
+    specs = [tensor_pb2.TensorSpec(name=name, dtype=DataType.Value(PREFIX + dtypes.of_array(a).name), shape=a.shape)
+             for name, a in arrays.items()]
+    yield jobs.UploadJobInputRequest(header=jobs.JobInputHeader(inputs=specs))
+    rows = next(iter(arrays.values())).shape[0]
+    for start in range(0, rows, chunk_rows):
+        chunk = [from_array(name, np.asarray(a[start:start + chunk_rows]), raw=True) for name, a in arrays.items()]
+        yield jobs.UploadJobInputRequest(chunk=jobs.JobInputChunk(inputs=chunk))
+
+
+def _jobs(args) -> None:
+    from tqdm import tqdm
+
+    from mds.v1 import job_service_pb2 as pb
+    from mds.v1 import job_service_pb2_grpc
+    from mds_grpc.api.tensors import to_array
+
+    stub = job_service_pb2_grpc.JobServiceStub(_channel(args))
+    if args.action == "create":
+        arrays = {}
+        for spec in args.input:
+            name, _, path = spec.partition("=")
+            if not path.endswith(".npy"):
+                raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
+            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+        job_input = stub.UploadJobInput(_job_requests(arrays, args.chunk_rows))
+        job = stub.CreateJob(pb.CreateJobRequest(model=args.target, version=args.version, input_id=job_input.id,
+                                                 output_names=args.output, batch_rows=args.batch_rows))
+        _print_message(job)
+    elif args.action == "list":
+        state = pb.JobState.Value("JOB_STATE_" + args.state.upper()) if args.state else 0
+        page = stub.ListJobs(pb.ListJobsRequest(state=state, model=args.target or ""))
+        for job in page.jobs:
+            print(f"{job.id}\t{job.model}\t{job.version}\t{pb.JobState.Name(job.state)[10:]}\t"
+                  f"{job.rows_done}/{job.rows_total}")
+    elif args.action == "get":
+        _print_message(stub.GetJob(pb.GetJobRequest(id=args.target)))
+    elif args.action == "cancel":
+        _print_message(stub.CancelJob(pb.CancelJobRequest(id=args.target)))
+    elif args.action == "watch":
+        progress = None
+        for job in stub.WatchJob(pb.WatchJobRequest(id=args.target)):
+            progress = progress or tqdm(total=job.rows_total, unit="rows", disable=args.quiet)
+            progress.update(job.rows_done - progress.n)
+            progress.set_postfix_str(pb.JobState.Name(job.state)[10:])
+        progress.close()
+        if job.state != pb.JOB_STATE_SUCCEEDED:
+            raise SystemExit(f"error: job {job.id} ended {pb.JobState.Name(job.state)[10:]}: {job.error}")
+        print(f"job {job.id} SUCCEEDED: {job.rows_done} rows")
+    else:  # results: one NAME.npy per output, filled batch by batch
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        total = stub.GetJob(pb.GetJobRequest(id=args.target)).rows_total
+        files = {}
+        for batch in stub.GetJobResults(pb.GetJobResultsRequest(id=args.target)):
+            for tensor in batch.outputs:
+                array = to_array(tensor)
+                if tensor.name not in files:
+                    files[tensor.name] = np.lib.format.open_memmap(
+                        out / f"{tensor.name}.npy", mode="w+", dtype=array.dtype, shape=(total, *array.shape[1:]))
+                files[tensor.name][batch.row_offset:batch.row_offset + batch.rows] = array
+        for name, array in files.items():
+            array.flush()
+            print(out / f"{name}.npy")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mds", description="MDS, the Model Deployment Service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,13 +257,28 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.add_argument("--version", type=int, default=0)
     models.set_defaults(run=_models)
+
+    jobs = sub.add_parser("jobs", parents=[client], help="bulk jobs: create, list, get, watch, cancel, results")
+    jobs.add_argument("action", choices=["create", "list", "get", "watch", "cancel", "results"])
+    jobs.add_argument("target", nargs="?", help="the model (create, list) or the job id")
+    jobs.add_argument("--version", type=int, default=0)
+    jobs.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    jobs.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")
+    jobs.add_argument("--batch-rows", type=int, default=0, help="rows per batch (default: the server's)")
+    jobs.add_argument("--chunk-rows", type=int, default=65536, help="rows per uploaded message")
+    jobs.add_argument("--state", help="list only jobs in this state")
+    jobs.add_argument("--out", default=".", help="folder for the results' NAME.npy files")
+    jobs.add_argument("--quiet", action="store_true", help="no progress bar")
+    jobs.set_defaults(run=_jobs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if getattr(args, "action", "list") != "list" and not args.name:
+    if args.command == "models" and args.action != "list" and not args.name:
         raise SystemExit(f"error: mds models {args.action} needs a model name")
+    if args.command == "jobs" and args.action != "list" and not args.target:
+        raise SystemExit(f"error: mds jobs {args.action} needs a {'model' if args.action == 'create' else 'job id'}")
     try:
         args.run(args)
     except grpc.RpcError as error:

@@ -38,6 +38,7 @@ class Settings:
     s3_region: str = ""
     # Bulk jobs: Redis for the Dramatiq queue (empty: the server runs jobs itself, in-process).
     redis_url: str = ""
+    redis_namespace: str = "mds"
     job_batch_rows: int = 4096
     job_workers: int = 1
     job_heartbeat_ms: int = 15000

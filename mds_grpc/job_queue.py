@@ -21,7 +21,8 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
 
         # Messages of a worker that died are handed to others once its heartbeat is
         # job_heartbeat_ms old; maintenance runs on 10% of broker calls to notice soon.
-        return RedisBroker(url=settings.redis_url, heartbeat_timeout=settings.job_heartbeat_ms,
+        return RedisBroker(url=settings.redis_url, namespace=settings.redis_namespace,
+                           heartbeat_timeout=settings.job_heartbeat_ms,
                            maintenance_chance=100_000, socket_timeout=5, socket_connect_timeout=3)
     return StubBroker()
 

@@ -96,6 +96,10 @@ def start_embedded_worker(core: Core, settings: Settings) -> dramatiq.Worker:
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     core = build_core(settings)
     core.registry.sweep_local_copies()
     worker = None if settings.redis_url else start_embedded_worker(core, settings)
@@ -124,10 +128,6 @@ async def serve(settings: Settings) -> None:
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
     log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     watcher.cancel()
@@ -140,20 +140,13 @@ async def serve(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    """`mds worker`: consume jobs from Redis until SIGTERM or SIGINT."""
+    """`mds worker`: consume jobs from Redis until SIGTERM or SIGINT (even one sent while starting)."""
     if not settings.redis_url:
         raise SystemExit("error: mds worker needs MDS_REDIS_URL; without Redis, `mds serve` runs jobs itself")
-    core = build_core(settings)
-    worker = job_queue.start_worker(core.broker, settings.job_workers)
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # held for sigwait; worker threads inherit the mask
+    worker = job_queue.start_worker(build_core(settings).broker, settings.job_workers)
     log.info("worker started", extra={"threads": settings.job_workers})
-    stopped = asyncio.Event()
-
-    async def wait_for_signal():
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopped.set)
-        await stopped.wait()
-
-    asyncio.run(wait_for_signal())
+    signal.sigwait(stop_signals)
     worker.stop()
     log.info("worker stopped")

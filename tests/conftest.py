@@ -31,16 +31,17 @@ def services() -> dict[str, str]:
 
 
 def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
-    """Settings for a server on MongoDB + S3, in a database and bucket of its own."""
-    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY")
-    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace}
+    """Settings for a server on MongoDB, S3 and Redis, in a database, bucket and queue of its own."""
+    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY", "MDS_REDIS_URL")
+    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace,
+            "MDS_REDIS_NAMESPACE": namespace}
 
 
-@pytest.fixture(scope="session", params=["embedded", "mongo-s3"])
+@pytest.fixture(scope="session", params=["embedded", "mongo-s3-redis"])
 def server(request, tmp_path_factory):
-    """One real server per storage configuration; every test using it runs against both."""
+    """One real server per configuration (with a job worker when on Redis); tests using it run on both."""
     env = {}
-    if request.param == "mongo-s3":
+    if request.param == "mongo-s3-redis":
         env = backend_env(request.getfixturevalue("services"), f"mds-test-{os.getpid()}-{time.time_ns()}")
     process = ServerProcess(tmp_path_factory.mktemp(request.param), **env).start()
     yield process

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
 
-from mds.v1 import inference_service_pb2_grpc, model_service_pb2
+from mds.v1 import inference_service_pb2_grpc, job_service_pb2_grpc, model_service_pb2
 from mds.v1 import model_service_pb2_grpc
 
 
@@ -20,6 +20,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class WorkerProcess:
+    """`python -m mds_grpc worker`: runs jobs from Redis, with the same settings as a server."""
+
+    def __init__(self, server: "ServerProcess", name: str = "worker"):
+        self.root = server.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stdout = open(self.root / "stdout.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mds_grpc", "worker", "--data-dir", str(self.root / "data"),
+             "--log-dir", str(self.root / "logs")],
+            env={**os.environ, **server.env}, cwd=self.root, stdout=self.stdout, stderr=subprocess.STDOUT,
+        )
+        log = self.root / "logs" / "mds.log"
+        wait_until(lambda: log.exists() and "worker started" in log.read_text(), what="the worker to start")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        self.stdout.close()
+        return code
 
 
 class ServerProcess:
@@ -49,9 +71,13 @@ class ServerProcess:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channel)
+        self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
+        self.workers = [WorkerProcess(self)] if "MDS_REDIS_URL" in self.env else []
         return self
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
+        for worker in self.workers:
+            assert worker.stop() == 0
         self.channel.close()
         self.process.send_signal(signum)
         code = self.process.wait(timeout)

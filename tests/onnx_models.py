@@ -108,3 +108,24 @@ def sklearn_classifier() -> bytes:
     labels = (features[:, 0] + features[:, 1] > 0).astype(np.int64) + (features[:, 2] > 1)
     classifier = LogisticRegression(max_iter=500).fit(features, labels)
     return to_onnx(classifier, features[:1], target_opset={"": 17, "ai.onnx.ml": 3}).SerializeToString()
+
+
+def dense(features: int = 8, classes: int = 3, seed: int = 0) -> bytes:
+    """A small classifier over rows: scores = x @ w + b [N, classes] and their argmax [N]."""
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "b")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", features])]
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", classes]),
+               helper.make_tensor_value_info("label", TensorProto.INT64, ["rows"])]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0)]
+    return _model(nodes, inputs, outputs, [weights, bias]).SerializeToString()
+
+
+def fails_unless_rows_divide_by_four() -> bytes:
+    """Reshapes x [N, 2] to [4, -1]: onnxruntime fails at run time when 2N is not a multiple of 4."""
+    shape = numpy_helper.from_array(np.array([4, -1], dtype=np.int64), "shape")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 2])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, None])]
+    return _model([helper.make_node("Reshape", ["x", "shape"], ["y"])], inputs, outputs, [shape]).SerializeToString()

@@ -6,14 +6,16 @@ import grpc
 import numpy as np
 import onnx_models
 import pytest
-from backends import ferretdb, minio, server_env
+from backends import ferretdb, minio, redis, server_env
 from conftest import backend_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import ServerProcess, upload_requests
 from test_predict import ONE, outputs_of, request
 from test_upload import assert_status
 
+from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb
+from mds_grpc.api.tensors import from_array
 
 
 def test_two_servers_share_models_and_versions(services, tmp_path):
@@ -43,18 +45,19 @@ def wait_for_health(server: ServerProcess, status) -> None:
 
 @pytest.fixture
 def fragile(tmp_path):
-    """A server on private FerretDB and MinIO instances that the test may stop and restart."""
-    mongo, s3 = ferretdb(tmp_path / "ferretdb").start(), minio(tmp_path / "minio").start()
-    server = ServerProcess(tmp_path / "server", **server_env(mongo, s3)).start()
+    """A server and worker on private FerretDB, MinIO and Redis instances that a test may stop and restart."""
+    mongo, s3, queue = ferretdb(tmp_path / "ferretdb").start(), minio(tmp_path / "minio").start(), \
+        redis(tmp_path / "redis").start()
+    server = ServerProcess(tmp_path / "server", **server_env(mongo, s3, queue)).start()
     server.models.UploadModel(upload_requests("adder", onnx_models.add_two()))
-    yield server, mongo, s3
+    yield server, mongo, s3, queue
     assert server.stop() == 0
-    mongo.stop()
-    s3.stop()
+    for backend in (mongo, s3, queue):
+        backend.stop()
 
 
 def test_mongodb_down_is_unavailable_then_recovers(fragile):
-    server, mongo, _ = fragile
+    server, mongo, _, _ = fragile
     mongo.stop()
     wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name="adder")), grpc.StatusCode.UNAVAILABLE,
@@ -68,7 +71,7 @@ def test_mongodb_down_is_unavailable_then_recovers(fragile):
 
 
 def test_object_store_down_is_unavailable_then_recovers(fragile):
-    server, _, s3 = fragile
+    server, _, s3, _ = fragile
     s3.stop()
     wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert_status(lambda: server.models.UploadModel(upload_requests("other", onnx_models.add_two(5.0))),
@@ -81,3 +84,20 @@ def test_object_store_down_is_unavailable_then_recovers(fragile):
     assert len(server.blobs()) == 2  # the failed upload left no object behind
     np.testing.assert_array_equal(
         outputs_of(server.inference.Predict(request("other", {"a": ONE, "b": ONE})))["z"], [10.0])
+
+
+def test_redis_down_is_unavailable_then_recovers(fragile):
+    server, _, _, queue = fragile
+    inputs = [from_array("a", ONE.reshape(1, 1).ravel(), True), from_array("b", ONE, True)]
+    create = jobs_pb.CreateJobRequest(model="adder", inputs=inputs)
+    queue.stop()
+    wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    details = assert_status(lambda: server.jobs.CreateJob(create), grpc.StatusCode.UNAVAILABLE, "could not queue the job")
+    assert "Redis" in details or "Connection" in details
+    queue.start()
+    wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
+    job = server.jobs.CreateJob(create)
+    final = list(server.jobs.WatchJob(jobs_pb.WatchJobRequest(id=job.id), timeout=60))[-1]
+    assert final.state == jobs_pb.JOB_STATE_SUCCEEDED
+    (failed,) = server.jobs.ListJobs(jobs_pb.ListJobsRequest(state=jobs_pb.JOB_STATE_FAILED)).jobs
+    assert "could not queue the job" in failed.error  # the job that could not be queued says so

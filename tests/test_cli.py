@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnx_models
+import onnxruntime as ort
 
 
 def mds(server, *args, check=True):
@@ -42,3 +43,27 @@ def test_errors_print_one_line_and_exit_non_zero(server, unique):
     assert bad_input.returncode == 1 and bad_input.stderr.count("\n") == 1
     no_file = mds(server, "upload", "/nonexistent.onnx", "--name", unique, check=False)
     assert no_file.returncode == 1 and no_file.stderr.startswith("error: ") and no_file.stderr.count("\n") == 1
+
+
+def test_million_row_job_through_the_cli(server, unique, tmp_path):
+    model = onnx_models.dense()
+    (tmp_path / "dense.onnx").write_bytes(model)
+    mds(server, "upload", str(tmp_path / "dense.onnx"), "--name", unique, "--quiet")
+    x = np.random.default_rng(9).standard_normal((1_000_000, 8)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", x)
+    created = json.loads(mds(server, "jobs", "create", unique, "--input", f"x={tmp_path / 'rows.npy'}",
+                             "--batch-rows", "65536").stdout)
+    assert created["state"] == "JOB_STATE_QUEUED" and created["rowsTotal"] == "1000000"
+    watched = mds(server, "jobs", "watch", created["id"])
+    assert watched.stdout.strip() == f"job {created['id']} SUCCEEDED: 1000000 rows"
+    assert "rows/s" in watched.stderr  # the live progress bar
+    mds(server, "jobs", "results", created["id"], "--out", str(tmp_path / "out"))
+    session = ort.InferenceSession(model)
+    for offset in range(0, len(x), 65536):
+        want_scores, want_label = session.run(None, {"x": x[offset:offset + 65536]})
+        got_scores = np.load(tmp_path / "out" / "scores.npy", mmap_mode="r")[offset:offset + 65536]
+        np.testing.assert_array_equal(got_scores, want_scores)
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "label.npy", mmap_mode="r")[offset:offset + 65536],
+                                      want_label)
+    listed = mds(server, "jobs", "list", unique).stdout
+    assert f"{created['id']}\t{unique}\t1\tSUCCEEDED\t1000000/1000000" in listed

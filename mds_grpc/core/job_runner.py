@@ -37,28 +37,29 @@ class JobRunner:
         self.intra_op_threads = intra_op_threads
 
     def run(self, job_id: str) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=self.work_dir))
+        try:
+            self._run(job_id, folder)
+        except Unavailable:
+            raise  # a backend is down: the queue retries the job later, from where it got to
+        except Exception as error:
+            if not isinstance(error, _JobFailed):
+                log.exception("job failed", extra={"job": job_id})
+                error = f"internal error: {error}"
+            self.storage.jobs.transition(job_id, {JobState.QUEUED, JobState.RUNNING}, JobState.FAILED, str(error))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _run(self, job_id: str, folder: Path) -> None:
         jobs = self.storage.jobs
         job = jobs.get(job_id)
         if job is None or job.state.terminal:
             return
         if job.state == JobState.QUEUED:
             job = jobs.transition(job_id, {JobState.QUEUED}, JobState.RUNNING) or jobs.get(job_id)
-        if job.state != JobState.RUNNING:
-            return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=self.work_dir))
-        try:
+        if job.state == JobState.RUNNING:
             self._run_batches(job, folder)
-        except _JobFailed as failure:
-            log.warning("job failed", extra={"job": job_id, "error": str(failure)})
-            jobs.transition(job_id, {JobState.RUNNING}, JobState.FAILED, error=str(failure))
-        except Unavailable:
-            raise  # a backend is down: the queue retries the job later, from where it got to
-        except Exception as error:
-            log.exception("job failed", extra={"job": job_id})
-            jobs.transition(job_id, {JobState.RUNNING}, JobState.FAILED, error=f"internal error: {error}")
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def _run_batches(self, job: JobRecord, folder: Path) -> None:
         record = self.storage.metadata.get(job.model, job.version)
@@ -86,8 +87,8 @@ class JobRunner:
             np.savez(result_path, **dict(zip(job.output_names, outputs)))
             sha256 = sha256_of(result_path)
             self.storage.blobs.put_file(result_path, sha256)
-            self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256))
-            job = self.storage.jobs.get(job.id)  # another worker may have advanced it, or it was cancelled
+            # None: another worker recorded this batch first, or the job was cancelled; look again.
+            job = self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256)) or self.storage.jobs.get(job.id)
             if job.state != JobState.RUNNING:
                 return
         self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)

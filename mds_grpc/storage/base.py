@@ -72,8 +72,11 @@ class JobStore(Protocol):
                    error: str = "") -> JobRecord | None:
         """Move the job to `target` if it is in one of `sources`; None (and no change) otherwise."""
 
-    def record_batch(self, job_id: str, result: JobResult) -> bool:
-        """Append `result` if the job is RUNNING with rows_done == result.offset; exactly once."""
+    def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
+        """Append `result` if the job is RUNNING with rows_done == result.offset (exactly once).
+
+        Returns the updated job, or None when the condition did not hold.
+        """
 
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""

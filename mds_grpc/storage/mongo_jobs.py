@@ -13,6 +13,10 @@ from mds_grpc.storage.mongo_metadata import MongoConnection
 NO_ID = {"_id": 0}
 
 
+def _job(doc: dict) -> JobRecord:
+    return job_from_dict({k: v for k, v in doc.items() if k != "_id"})
+
+
 class MongoJobStore:
     def __init__(self, connection: MongoConnection):
         self.connection = connection
@@ -38,7 +42,7 @@ class MongoJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         with self.connection.reachable():
             doc = self.jobs.find_one({"id": job_id}, NO_ID)
-        return job_from_dict(doc) if doc else None
+        return _job(doc) if doc else None
 
     def list_page(self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None,
                   limit: int) -> list[JobRecord]:
@@ -52,23 +56,24 @@ class MongoJobStore:
                                               {"created_at": after[0], "id": {"$lt": after[1]}}]}]}
         with self.connection.reachable():
             cursor = self.jobs.find(query, NO_ID).sort([("created_at", -1), ("id", -1)]).limit(limit)
-            return [job_from_dict(doc) for doc in cursor]
+            return [_job(doc) for doc in cursor]
 
     def _update(self, query: dict, update: dict) -> JobRecord | None:
         update.setdefault("$set", {})["updated_at"] = datetime.now(timezone.utc)
         with self.connection.reachable():
-            doc = self.jobs.find_one_and_update(query, update, NO_ID, return_document=ReturnDocument.AFTER)
-        return job_from_dict(doc) if doc else None
+            # No projection: FerretDB does not implement one for findAndModify.
+            doc = self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+        return _job(doc) if doc else None
 
     def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
                    error: str = "") -> JobRecord | None:
         return self._update({"id": job_id, "state": {"$in": [s.value for s in sources]}},
                             {"$set": {"state": target.value, "error": error}})
 
-    def record_batch(self, job_id: str, result: JobResult) -> bool:
+    def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         query = {"id": job_id, "state": JobState.RUNNING.value, "rows_done": result.offset}
         update = {"$inc": {"rows_done": result.rows}, "$push": {"results": dataclasses.asdict(result)}}
-        return self._update(query, update) is not None
+        return self._update(query, update)
 
     def ping(self) -> None:
         self.connection.ping()

@@ -91,13 +91,13 @@ class SqliteJobStore:
         return self._update(job_id, lambda job: dataclasses.replace(job, state=target, error=error)
                             if job.state in sources else None)
 
-    def record_batch(self, job_id: str, result: JobResult) -> bool:
+    def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         def append(job: JobRecord) -> JobRecord | None:
             if job.state != JobState.RUNNING or job.rows_done != result.offset:
                 return None
             return dataclasses.replace(job, rows_done=job.rows_done + result.rows, results=(*job.results, result))
 
-        return self._update(job_id, append) is not None
+        return self._update(job_id, append)
 
     def ping(self) -> None:
         self.db.query("SELECT 1")

@@ -1,0 +1,165 @@
+"""Bulk jobs against a real server: embedded (in-process worker) and MongoDB + S3 + Redis (mds worker)."""
+
+import grpc
+import numpy as np
+import onnx_models
+import onnxruntime as ort
+import pytest
+from harness import upload_requests
+from test_upload import assert_status
+
+from mds.v1 import job_service_pb2 as pb
+from mds.v1 import tensor_pb2
+from mds_grpc.api.tensors import from_array, to_array
+
+RNG = np.random.default_rng(3)
+DENSE = onnx_models.dense()
+
+
+@pytest.fixture(scope="module")
+def dense(server):
+    server.models.UploadModel(upload_requests("dense-for-jobs", DENSE))
+    return "dense-for-jobs"
+
+
+def watch(server, job_id) -> list[pb.Job]:
+    return list(server.jobs.WatchJob(pb.WatchJobRequest(id=job_id), timeout=120))
+
+
+def results(server, job_id) -> tuple[list[pb.JobResultBatch], dict[str, np.ndarray]]:
+    batches = list(server.jobs.GetJobResults(pb.GetJobResultsRequest(id=job_id), timeout=120))
+    names = [t.name for t in batches[0].outputs]
+    return batches, {n: np.concatenate([to_array(t) for b in batches for t in b.outputs if t.name == n]) for n in names}
+
+
+def in_process(model: bytes, x: np.ndarray, batch_rows: int) -> dict[str, np.ndarray]:
+    """onnxruntime in this process, at the job's batch size."""
+    session = ort.InferenceSession(model)
+    runs = [session.run(None, {"x": x[i:i + batch_rows]}) for i in range(0, len(x), batch_rows)]
+    return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(session.get_outputs())}
+
+
+def chunked_input(x: np.ndarray, chunk_rows: int, name: str = "x"):
+    header = pb.JobInputHeader(inputs=[tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape)])
+    yield pb.UploadJobInputRequest(header=header)
+    for start in range(0, len(x), chunk_rows):
+        chunk = pb.JobInputChunk(inputs=[from_array(name, x[start:start + chunk_rows], raw=True)])
+        yield pb.UploadJobInputRequest(chunk=chunk)
+
+
+def test_inline_job_is_queued_then_succeeds_with_onnxruntime_outputs(server, dense):
+    x = RNG.standard_normal((1000, 8)).astype(np.float32)
+    job = server.jobs.CreateJob(pb.CreateJobRequest(model=dense, inputs=[from_array("x", x, raw=True)], batch_rows=128))
+    assert (job.state, job.rows_total, job.rows_done, job.batch_rows) == (pb.JOB_STATE_QUEUED, 1000, 0, 128)
+    assert list(job.output_names) == ["scores", "label"] and job.version == 1
+    updates = watch(server, job.id)
+    assert updates[-1].state == pb.JOB_STATE_SUCCEEDED and updates[-1].rows_done == 1000
+    done = [u.rows_done for u in updates]
+    assert done == sorted(done) and all(d % 128 == 0 or d == 1000 for d in done)
+    batches, got = results(server, job.id)
+    assert [(b.row_offset, b.rows) for b in batches] == [(o, min(128, 1000 - o)) for o in range(0, 1000, 128)]
+    want = in_process(DENSE, x, 128)
+    np.testing.assert_array_equal(got["scores"], want["scores"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+    fetched = server.jobs.GetJob(pb.GetJobRequest(id=job.id))
+    assert fetched.state == pb.JOB_STATE_SUCCEEDED and fetched.updated_at.ToDatetime() >= fetched.created_at.ToDatetime()
+
+
+def test_uploaded_input_in_chunks(server, dense):
+    x = RNG.standard_normal((5000, 8)).astype(np.float32)
+    job_input = server.jobs.UploadJobInput(chunked_input(x, chunk_rows=700))
+    assert job_input.rows == 5000 and list(job_input.inputs[0].shape) == [5000, 8]
+    job = server.jobs.CreateJob(pb.CreateJobRequest(model=dense, input_id=job_input.id, output_names=["label"],
+                                                    batch_rows=1024))
+    assert watch(server, job.id)[-1].state == pb.JOB_STATE_SUCCEEDED
+    _, got = results(server, job.id)
+    assert list(got) == ["label"]
+    np.testing.assert_array_equal(got["label"], in_process(DENSE, x, 1024)["label"])
+
+
+def test_a_job_failing_at_run_time_says_why(server):
+    server.models.UploadModel(upload_requests("reshape-by-four", onnx_models.fails_unless_rows_divide_by_four()))
+    x = np.ones((7, 2), np.float32)
+    job = server.jobs.CreateJob(pb.CreateJobRequest(model="reshape-by-four", inputs=[from_array("x", x, raw=True)],
+                                                    batch_rows=4))
+    final = watch(server, job.id)[-1]
+    assert final.state == pb.JOB_STATE_FAILED and final.rows_done == 4
+    assert "onnxruntime failed on rows 4-6" in final.error
+    assert_status(lambda: list(server.jobs.GetJobResults(pb.GetJobResultsRequest(id=job.id))),
+                  grpc.StatusCode.FAILED_PRECONDITION, "is FAILED")
+
+
+def test_cancel_stops_a_job(server, dense):
+    x = RNG.standard_normal((200_000, 8)).astype(np.float32)
+    job_input = server.jobs.UploadJobInput(chunked_input(x, chunk_rows=50_000))
+    job = server.jobs.CreateJob(pb.CreateJobRequest(model=dense, input_id=job_input.id, batch_rows=10))
+    cancelled = server.jobs.CancelJob(pb.CancelJobRequest(id=job.id))
+    assert cancelled.state == pb.JOB_STATE_CANCELLED
+    final = watch(server, job.id)[-1]
+    assert final.state == pb.JOB_STATE_CANCELLED and final.rows_done < 200_000
+    assert_status(lambda: server.jobs.CancelJob(pb.CancelJobRequest(id=job.id)), grpc.StatusCode.FAILED_PRECONDITION,
+                  "is CANCELLED; only queued or running jobs can be cancelled")
+
+
+def test_list_jobs_by_state_and_model(server, dense):
+    x = np.ones((3, 8), np.float32)
+    ids = [server.jobs.CreateJob(pb.CreateJobRequest(model=dense, inputs=[from_array("x", x, raw=True)])).id
+           for _ in range(3)]
+    for job_id in ids:
+        watch(server, job_id)
+    pages, token = [], ""
+    while True:
+        page = server.jobs.ListJobs(pb.ListJobsRequest(model=dense, state=pb.JOB_STATE_SUCCEEDED, page_size=2,
+                                                       page_token=token))
+        pages.extend(job.id for job in page.jobs)
+        if not (token := page.next_page_token):
+            break
+    assert pages[:3] == ids[::-1]  # newest first
+    assert not server.jobs.ListJobs(pb.ListJobsRequest(model="no-such-model")).jobs
+
+
+ONES = np.ones((2, 8), np.float32)
+
+
+@pytest.mark.parametrize("request_fields, code, fragment", [
+    ({"model": "no-such-model", "inputs": [from_array("x", ONES, True)]}, grpc.StatusCode.NOT_FOUND, "does not exist"),
+    ({"inputs": [from_array("x", ONES.astype(np.float64), True)]}, grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'x' must have dtype FP32, got FP64"),
+    ({"inputs": [from_array("x", np.ones((2, 5), np.float32), True)]}, grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'x' must have shape [?, 8]"),
+    ({"inputs": [from_array("y", ONES, True)]}, grpc.StatusCode.INVALID_ARGUMENT, "has no input 'y'"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "either inline in `inputs` or as `input_id`"),
+    ({"inputs": [from_array("x", ONES, True)], "input_id": "abc"}, grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    ({"input_id": "no-such-input"}, grpc.StatusCode.NOT_FOUND, "job input 'no-such-input' does not exist"),
+    ({"inputs": [from_array("x", ONES, True)], "output_names": ["nope"]}, grpc.StatusCode.INVALID_ARGUMENT,
+     "no output 'nope'"),
+    ({"inputs": [from_array("x", ONES, True)], "batch_rows": -1}, grpc.StatusCode.INVALID_ARGUMENT, "batch_rows"),
+])
+def test_create_job_errors(server, dense, request_fields, code, fragment):
+    request = pb.CreateJobRequest(model=request_fields.get("model", dense),
+                                  **{k: v for k, v in request_fields.items() if k != "model"})
+    assert_status(lambda: server.jobs.CreateJob(request), code, fragment)
+
+
+def test_upload_input_errors(server):
+    x = np.ones((10, 8), np.float32)
+    requests = list(chunked_input(x, chunk_rows=4))
+    assert_status(lambda: server.jobs.UploadJobInput(iter(requests[1:])), grpc.StatusCode.INVALID_ARGUMENT,
+                  "first UploadJobInputRequest must carry the header")
+    assert_status(lambda: server.jobs.UploadJobInput(iter(requests[:-1])), grpc.StatusCode.INVALID_ARGUMENT,
+                  "received 8 rows, the header declared 10")
+    assert_status(lambda: server.jobs.UploadJobInput(iter(requests + requests[-1:])), grpc.StatusCode.INVALID_ARGUMENT,
+                  "more rows than the 10 the header declared")
+    wrong = list(chunked_input(np.ones((10, 3), np.float32), chunk_rows=10))[1]
+    assert_status(lambda: server.jobs.UploadJobInput(iter([requests[0], wrong])), grpc.StatusCode.INVALID_ARGUMENT,
+                  "chunk tensor 'x' must be FP32 with rows of shape [8]")
+    strings = pb.JobInputHeader(inputs=[tensor_pb2.TensorSpec(name="s", dtype=tensor_pb2.DATA_TYPE_STRING, shape=[2])])
+    assert_status(lambda: server.jobs.UploadJobInput(iter([pb.UploadJobInputRequest(header=strings)])),
+                  grpc.StatusCode.INVALID_ARGUMENT, "jobs take numeric and boolean tensors only")
+
+
+def test_unknown_job(server):
+    for call, request in ((server.jobs.GetJob, pb.GetJobRequest(id="nope")),
+                          (server.jobs.CancelJob, pb.CancelJobRequest(id="nope"))):
+        assert_status(lambda: call(request), grpc.StatusCode.NOT_FOUND, "job 'nope' does not exist")
+    assert_status(lambda: watch(server, "nope"), grpc.StatusCode.NOT_FOUND)
