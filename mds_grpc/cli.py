@@ -7,7 +7,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import grpc

@@ -50,3 +50,27 @@ def test_local_blobs_are_read_only(tmp_path, staged):
     path, sha = staged
     LocalBlobStore(tmp_path / "blobs").put_file(path, sha)
     assert oct((tmp_path / "blobs" / "sha256" / sha[:2] / sha).stat().st_mode & 0o777) == "0o444"
+
+
+def test_s3_streaming_upload_commits_under_its_hash_or_leaves_nothing(services, tmp_path, staged):
+    store = S3BlobStore(services["MDS_S3_ENDPOINT"], services["MDS_S3_ACCESS_KEY"], services["MDS_S3_SECRET_KEY"],
+                        bucket="test-" + uuid.uuid4().hex[:12])
+    path, sha = staged
+    data = path.read_bytes()
+
+    def stream():
+        upload = store.open_upload()
+        for offset in range(0, len(data), 1000):
+            upload.write(data[offset:offset + 1000])
+        return upload
+
+    abandoned = stream()
+    abandoned.abort()
+    committed = stream()
+    assert committed.commit(sha) is True
+    committed.abort()  # harmless after commit
+    assert stream().commit(sha) is False  # already there: content-addressed
+    objects = [o.object_name for o in store.client.list_objects(store.bucket, recursive=True)]
+    assert objects == [f"sha256/{sha}"]
+    store.fetch_to(sha, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data

@@ -4,7 +4,6 @@ import signal
 import uuid
 
 import numpy as np
-import onnx_models
 from conftest import backend_env
 from harness import ServerProcess, WorkerProcess, upload_requests
 from test_jobs import DENSE, chunked_input, in_process, results, watch

@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import ServerProcess, upload_requests, wait_until
 from test_predict import ONE, deploy, outputs_of, request
 
-from mds.v1 import model_service_pb2
 
 
 def grpcurl(*args: str) -> str:

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, 
 from mds_grpc.core.inference import check_inputs, select_outputs
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
+from mds_grpc.core.records import utc_now
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.uploads import sha256_of
 from mds_grpc.storage import Storage
@@ -31,11 +32,6 @@ class ColumnSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-
-
-def _now() -> datetime:
-    now = datetime.now(timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class _InputWriter:
@@ -126,7 +122,7 @@ class JobManager:
                 sha256 = await asyncio.to_thread(sha256_of, path)
                 await asyncio.to_thread(self.storage.blobs.put_file, path, sha256)
                 tensors.append(JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256))
-            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(tensors), _now())
+            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(tensors), utc_now())
             await asyncio.to_thread(self.storage.jobs.create_input, record)
             return record
         finally:
@@ -161,7 +157,7 @@ class JobManager:
         not_tensors = [s.name for s in record.outputs if s.name in names and s.dtype is None]
         if not_tensors:
             raise InvalidArgument(f"output {not_tensors[0]!r} is not a tensor; list the tensor outputs in output_names")
-        now = _now()
+        now = utc_now()
         job = JobRecord(id=uuid.uuid4().hex, model=record.name, version=record.version, state=JobState.QUEUED,
                         input=job_input, output_names=tuple(names), batch_rows=batch_rows or self.default_batch_rows,
                         created_at=now, updated_at=now)

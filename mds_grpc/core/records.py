@@ -2,9 +2,15 @@
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 MAIN_FILE = "model.onnx"
+
+
+def utc_now() -> datetime:
+    """The current UTC time at the precision every store keeps (MongoDB: milliseconds)."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass(frozen=True)

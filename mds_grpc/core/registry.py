@@ -3,22 +3,15 @@
 import asyncio
 import shutil
 from collections.abc import AsyncIterable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from mds_grpc.core.errors import InvalidArgument, NotFound
 from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
-from mds_grpc.core.records import ModelRecord, StoredFile
+from mds_grpc.core.records import ModelRecord, StoredFile, utc_now
 from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
 from mds_grpc.storage.base import BlobStore, MetadataStore
-
-def _now_to_the_millisecond() -> datetime:
-    """The current UTC time at the precision every metadata store keeps (MongoDB: milliseconds)."""
-    now = datetime.now(timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
 
 class ModelRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
@@ -40,13 +33,13 @@ class ModelRegistry:
 
     async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes]]) -> ModelRecord:
         """Stage, validate, publish and warm a new version; nothing stays behind on failure."""
-        staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes)
+        staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload)
         try:
             files = await receive(staging, parts)
             side_files = {stored.path for stored in files[1:]}
             session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files)
             draft = ModelRecord(
-                name=header.name, version=0, created_at=_now_to_the_millisecond(), files=files,
+                name=header.name, version=0, created_at=utc_now(), files=files,
                 inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
                 producer_name=info.producer_name, producer_version=info.producer_version,
                 ir_version=info.ir_version, description=header.description,
@@ -64,7 +57,13 @@ class ModelRegistry:
         async with self._blob_lock:
             try:
                 for stored in draft.files:
-                    if await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256):
+                    upload = staging.remote.get(stored.path)
+                    if upload is not None:
+                        published = await asyncio.to_thread(upload.commit, stored.sha256)
+                    else:
+                        published = await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path,
+                                                            stored.sha256)
+                    if published:
                         created.append(stored.sha256)
                 record = await asyncio.to_thread(self.metadata.create, draft)
             except BaseException:

@@ -5,13 +5,14 @@ import hashlib
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 from mds_grpc.core.records import MAIN_FILE, StoredFile
+from mds_grpc.storage.base import BlobUpload
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 PATH_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -61,13 +62,15 @@ class _OpenFile:
     path: str
     handle: BinaryIO
     hasher: "hashlib._Hash"
+    remote: BlobUpload | None
     size: int = 0
 
 
 class StagedUpload:
     """One upload's files in `DIR/upload-<id>/`, each written in one contiguous run of chunks."""
 
-    def __init__(self, tmp_root: Path, header: UploadHeader, max_bytes: int):
+    def __init__(self, tmp_root: Path, header: UploadHeader, max_bytes: int,
+                 open_remote: Callable[[], BlobUpload | None] = lambda: None):
         check_name(header.name)
         _check_sha256(header.sha256, MAIN_FILE)
         declared = {MAIN_FILE: StoredFile(MAIN_FILE, header.sha256, header.size_bytes)}
@@ -82,6 +85,8 @@ class StagedUpload:
         self.dir = Path(tmp_root) / f"upload-{uuid.uuid4().hex}"
         self.dir.mkdir(parents=True)
         self.received: dict[str, StoredFile] = {}
+        self.open_remote = open_remote
+        self.remote: dict[str, BlobUpload] = {}  # files also streamed to the blob store as they arrive
         self.total = 0
         self._open: _OpenFile | None = None
 
@@ -98,12 +103,16 @@ class StagedUpload:
             self._close()
             target = self.dir / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._open = _OpenFile(path, open(target, "xb"), hashlib.sha256())
+            self._open = _OpenFile(path, open(target, "xb"), hashlib.sha256(), self.open_remote())
+            if self._open.remote is not None:
+                self.remote[path] = self._open.remote
         self.total += len(data)
         if self.total > self.max_bytes:
             raise ResourceExhausted(f"upload exceeds the server's model size limit of {self.max_bytes} bytes")
         self._open.handle.write(data)
         self._open.hasher.update(data)
+        if self._open.remote is not None:
+            self._open.remote.write(data)
         self._open.size += len(data)
 
     def _close(self) -> None:
@@ -135,6 +144,8 @@ class StagedUpload:
         if self._open is not None:
             self._open.handle.close()
             self._open = None
+        for upload in self.remote.values():
+            upload.abort()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -10,11 +10,26 @@ from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobS
 from mds_grpc.core.records import ModelRecord
 
 
+class BlobUpload(Protocol):
+    """A blob streamed to its store while it arrives; published under its hash once known."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, sha256: str) -> bool:
+        """Publish under `sha256`; False when that blob already existed."""
+
+    def abort(self) -> None:
+        """Leave nothing behind (safe after commit, too)."""
+
+
 class BlobStore(Protocol):
     """Immutable files addressed by their hex SHA-256."""
 
     def put_file(self, path: Path, sha256: str) -> bool:
         """Publish a fully written local file under `sha256`; False when it was already there."""
+
+    def open_upload(self) -> "BlobUpload | None":
+        """A blob written while it is received, or None when put_file costs no more (a local folder)."""
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         """Place the blob's bytes at `dest` (which must not exist yet)."""

@@ -40,6 +40,9 @@ class LocalBlobStore:
             return False  # content-addressed: the same bytes are already there
         return True
 
+    def open_upload(self) -> None:
+        return None  # staged files are published by a hard link: nothing to stream
+
     def fetch_to(self, sha256: str, dest: Path) -> None:
         _link_or_copy(self._path(sha256), dest)
 

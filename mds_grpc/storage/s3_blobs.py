@@ -1,19 +1,105 @@
 """Blob store on S3 or MinIO (the `minio` client): objects at BUCKET/sha256/<sha>.
 
-Uploads are multipart and streamed from the staged file (bounded memory); a failed
-multipart upload is aborted by the client, so no partial object is ever visible.
+A model upload streams to the bucket while it arrives (a multipart upload to
+`incoming/<id>`, at most a few parts in memory); once its hash is known and the model
+is valid it is copied to its content address. Other blobs are uploaded from a file,
+multipart too. A failed multipart upload is aborted, so no partial object is ever visible.
 """
 
+import queue
+import threading
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import S3Error
 
 from mds_grpc.core.errors import Unavailable
 
 PART_BYTES = 16 << 20
+PIPE_CHUNKS = 8  # chunks buffered between the upload stream and the multipart upload
+
+
+class _Pipe:
+    """A file-like reader fed by writes from another thread; closing with an error fails the reader."""
+
+    def __init__(self):
+        self._chunks: queue.Queue = queue.Queue(maxsize=PIPE_CHUNKS)
+        self._buffer = bytearray()
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        self._chunks.put(data)
+
+    def close(self, error: BaseException | None = None) -> None:
+        self._chunks.put(error or b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._done and (size < 0 or len(self._buffer) < size):
+            item = self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item == b"":
+                self._done = True
+            self._buffer.extend(item)
+        size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+class S3StreamingUpload:
+    """One file on its way to the bucket while it is still being received."""
+
+    def __init__(self, store: "S3BlobStore"):
+        self.store = store
+        self.key = f"incoming/{uuid.uuid4().hex}"
+        self.pipe = _Pipe()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._upload, daemon=True)
+        self.thread.start()
+
+    def _upload(self) -> None:
+        try:
+            with self.store._reachable():
+                self.store.client.put_object(self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES)
+        except BaseException as error:  # kept for commit(); the client has aborted the multipart upload
+            self.error = error
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.pipe.write(data)
+
+    def commit(self, sha256: str) -> bool:
+        """Finish the upload and publish it under `sha256`; False when that blob already existed."""
+        self.pipe.close()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        with self.store._reachable():
+            try:
+                if self.store._exists(sha256):
+                    return False
+                self.store.client.copy_object(self.store.bucket, self.store._key(sha256),
+                                              CopySource(self.store.bucket, self.key))
+                return True
+            finally:
+                self.store.client.remove_object(self.store.bucket, self.key)
+
+    def abort(self) -> None:
+        """Abandon the upload: no object remains (called after commit, it only tidies up)."""
+        if self.thread.is_alive():
+            self.pipe.close(ConnectionAbortedError("upload abandoned"))
+            self.thread.join()
+        try:
+            with self.store._reachable():
+                self.store.client.remove_object(self.store.bucket, self.key)
+        except Exception:  # best effort: `incoming/` holds nothing a completed upload needs
+            pass
 
 
 class S3BlobStore:
@@ -57,6 +143,9 @@ class S3BlobStore:
                 return False
             self.client.fput_object(self.bucket, self._key(sha256), str(path), part_size=PART_BYTES)
             return True
+
+    def open_upload(self) -> S3StreamingUpload:
+        return S3StreamingUpload(self)
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         with self._reachable():  # fget_object writes a temp file and renames it when complete
