@@ -23,8 +23,8 @@ install-test:
 
 ## Start real MinIO, FerretDB (MongoDB wire) and Redis on loopback (idempotent); print their settings.
 services:
-	scripts/services.sh start
-	scripts/services.sh env
+	@scripts/services.sh start
+	@scripts/services.sh env
 
 services-stop:
 	scripts/services.sh stop
