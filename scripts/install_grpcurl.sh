@@ -4,7 +4,7 @@ set -euo pipefail
 module=github.com/fullstorydev/grpcurl
 version=v1.9.4
 bin="$(go env GOPATH)/bin/grpcurl"
-if [ -x "$bin" ] && go version -m "$bin" | grep -q "mod[[:space:]]*$module[[:space:]]*$version"; then
+if [ -x "$bin" ] && [[ "$(go version -m "$bin")" =~ mod[[:space:]]+$module[[:space:]]+$version ]]; then
   exit 0
 fi
 go install "$module/cmd/grpcurl@$version"
