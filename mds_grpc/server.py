@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
                     model_service_pb2, model_service_pb2_grpc)
 from mds_grpc import job_queue
@@ -18,6 +19,7 @@ from mds_grpc.api.access_log import AccessLogInterceptor
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
+from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.config import Settings
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.inference import InferenceEngine
@@ -32,7 +34,7 @@ log = logging.getLogger("mds.server")
 SERVICES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
     for module, name in ((model_service_pb2, "ModelService"), (inference_service_pb2, "InferenceService"),
-                         (job_service_pb2, "JobService"))
+                         (job_service_pb2, "JobService"), (grpc_service_pb2, "GRPCInferenceService"))
 )
 
 
@@ -49,6 +51,13 @@ class Core:
     def ping(self) -> None:
         self.storage.ping()
         job_queue.ping_broker(self.broker)
+
+    async def is_ready(self) -> bool:
+        try:
+            await asyncio.to_thread(self.ping)
+        except Unavailable:
+            return False
+        return True
 
 
 def build_core(settings: Settings) -> Core:
@@ -105,16 +114,18 @@ async def serve(settings: Settings) -> None:
     worker = None if settings.redis_url else start_embedded_worker(core, settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     server = grpc.aio.server(
-        interceptors=[AccessLogInterceptor()],
+        interceptors=[AccessLogInterceptor(("/mds.", "/inference."))],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), server)
+    engine = InferenceEngine(core.registry, executor)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(InferenceEngine(core.registry, executor), settings.stream_max_in_flight), server
-    )
+        InferenceServicer(engine, settings.stream_max_in_flight), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OipServicer(engine, core.is_ready, settings.stream_max_in_flight), server)
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

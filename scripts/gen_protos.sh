@@ -8,7 +8,7 @@ out=${1:-$repo/gen}
 python=${PYTHON:-python}
 googleapis=$("$python" -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')
 cd "$repo/protos"
-protos=$(find mds -name '*.proto' | sort)
+protos=$(find mds -name "*.proto" | sort)
 mkdir -p "$out"
 rm -rf "$out/mds"
 "$python" -m grpc_tools.protoc -I. -I"$googleapis" \

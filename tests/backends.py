@@ -34,6 +34,8 @@ class Backend:
         return self
 
     def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
         self.process.terminate()
         self.process.wait(30)
         wait_until(lambda: not _accepts(self.port), what=f"{self.name} to close its port")

@@ -48,12 +48,14 @@ def fragile(tmp_path):
     """A server and worker on private FerretDB, MinIO and Redis instances that a test may stop and restart."""
     mongo, s3, queue = ferretdb(tmp_path / "ferretdb").start(), minio(tmp_path / "minio").start(), \
         redis(tmp_path / "redis").start()
-    server = ServerProcess(tmp_path / "server", **server_env(mongo, s3, queue)).start()
-    server.models.UploadModel(upload_requests("adder", onnx_models.add_two()))
-    yield server, mongo, s3, queue
-    assert server.stop() == 0
-    for backend in (mongo, s3, queue):
-        backend.stop()
+    try:
+        server = ServerProcess(tmp_path / "server", **server_env(mongo, s3, queue)).start()
+        server.models.UploadModel(upload_requests("adder", onnx_models.add_two()))
+        yield server, mongo, s3, queue
+        assert server.stop() == 0
+    finally:
+        for backend in (mongo, s3, queue):
+            backend.stop()
 
 
 def test_mongodb_down_is_unavailable_then_recovers(fragile):

@@ -79,15 +79,15 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the handlers of methods under `prefix`; health and reflection pass untouched."""
+    """Wraps the handlers of methods under `prefixes`; health and reflection pass untouched."""
 
-    def __init__(self, prefix: str = "/mds."):
-        self.prefix = prefix
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = prefixes
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefix):
+        if handler is None or not details.method.startswith(self.prefixes):
             return handler
         if details.method not in self._wrapped:
             self._wrapped[details.method] = _wrap(details.method, handler)

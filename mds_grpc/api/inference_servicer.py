@@ -1,6 +1,5 @@
 """mds.v1.InferenceService: converts and delegates to the inference engine."""
 
-import asyncio
 import time
 
 import grpc
@@ -11,6 +10,7 @@ from google.rpc import status_pb2
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import inference_service_pb2_grpc, tensor_pb2
 from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.streams import in_order
 from mds_grpc.api.tensors import from_array, to_arrays
 from mds_grpc.core.inference import InferenceEngine, Prediction
 
@@ -44,7 +44,7 @@ def _jsonable(value):
     return value
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -61,7 +61,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return encode_prediction(prediction, request)
 
     async def Predict(self, request, context):
-        response = await self._predict(request, _deadline(context))
+        response = await self._predict(request, deadline_of(context))
         annotate(version=response.version)
         return response
 
@@ -75,29 +75,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return pb.PredictStreamResponse(request_id=request.request_id, response=response)
 
     async def PredictStream(self, request_iterator, context):
-        """Up to `stream_max_in_flight` requests run at once; responses leave in request order."""
-        deadline = _deadline(context)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.stream_max_in_flight)
+        deadline = deadline_of(context)
         count = errors = 0
-
-        async def read():
-            try:
-                async for request in request_iterator:
-                    await queue.put(asyncio.ensure_future(self._stream_item(request, deadline)))
-            finally:
-                await queue.put(None)
-
-        reader = asyncio.ensure_future(read())
         try:
-            while (item := await queue.get()) is not None:
-                response = await item
+            async for reply in in_order(request_iterator, lambda r: self._stream_item(r, deadline),
+                                        self.stream_max_in_flight):
                 count += 1
-                errors += response.HasField("error")
-                yield response
-            await reader  # surfaces a broken request stream
+                errors += reply.HasField("error")
+                yield reply
         finally:
-            reader.cancel()
-            while not queue.empty():
-                if (item := queue.get_nowait()) is not None:
-                    item.cancel()
             annotate(messages=count, errors=errors)

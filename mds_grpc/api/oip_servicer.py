@@ -1,0 +1,74 @@
+"""inference.GRPCInferenceService (Open Inference Protocol, V2): converts and delegates to the core."""
+
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version as package_version
+
+import numpy as np
+
+from mds.oip import grpc_service_pb2 as pb
+from mds.oip import grpc_service_pb2_grpc
+from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.inference_servicer import deadline_of
+from mds_grpc.api.oip import infer_response, input_arrays, model_metadata, parse_version
+from mds_grpc.api.streams import in_order
+from mds_grpc.core.errors import InvalidArgument, NotFound
+from mds_grpc.core.inference import InferenceEngine
+
+
+class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: InferenceEngine, is_ready: Callable[[], Awaitable[bool]], stream_max_in_flight: int):
+        self.engine = engine
+        self.registry = engine.registry
+        self.is_ready = is_ready
+        self.stream_max_in_flight = stream_max_in_flight
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await self.is_ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            await self.registry.load(request.name, parse_version(request.version))
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="mds", version=package_version("mds"), extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        record = await self.registry.get(request.name, parse_version(request.version))
+        versions, _ = await self.registry.list_page(record.name, page_size=1000)
+        return model_metadata(record, [r.version for r in versions])
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        prediction = await self.engine.predict(request.model_name, parse_version(request.model_version),
+                                               input_arrays(request), [o.name for o in request.outputs], deadline)
+        structured = [name for name, value in prediction.outputs if not isinstance(value, np.ndarray)]
+        if structured and request.outputs:
+            raise InvalidArgument(f"output {structured[0]!r} is not a tensor, which V2 cannot carry; "
+                                  "use mds.v1 Predict for it")
+        tensors = [(name, value) for name, value in prediction.outputs if isinstance(value, np.ndarray)]
+        return infer_response(request, prediction.model, prediction.version, tensors)
+
+    async def ModelInfer(self, request, context):
+        annotate(model=request.model_name, request_id=request.id)
+        response = await self._infer(request, deadline_of(context))
+        annotate(version=int(response.model_version))
+        return response
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        deadline = deadline_of(context)
+
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+            except Exception as error:
+                code, message = status_of(error)
+                return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
+                                                   infer_response=pb.ModelInferResponse(id=request.id))
+
+        async for reply in in_order(request_iterator, handle, self.stream_max_in_flight):
+            yield reply

@@ -1,0 +1,35 @@
+"""Bidirectional streams of independent requests: bounded concurrency, replies in request order."""
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+
+async def in_order(requests: AsyncIterable[Request], handle: Callable[[Request], Awaitable[Reply]],
+                   max_in_flight: int) -> AsyncIterator[Reply]:
+    """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
+
+    `handle` must turn its own failures into replies; an error reading the requests ends the stream.
+    """
+    pending: asyncio.Queue = asyncio.Queue(maxsize=max_in_flight)
+
+    async def read():
+        try:
+            async for request in requests:
+                await pending.put(asyncio.ensure_future(handle(request)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (reply := await pending.get()) is not None:
+            yield await reply
+        await reader  # surfaces a broken request stream
+    finally:
+        reader.cancel()
+        while not pending.empty():
+            if (reply := pending.get_nowait()) is not None:
+                reply.cancel()

@@ -1,0 +1,106 @@
+"""A Triton/KServe client program: drives MDS's V2 endpoint with the `tritonclient` package.
+
+Run in its own process (tritonclient registers the same protobuf message names as MDS),
+it prints one JSON document: metadata, readiness, and outputs as nested lists.
+
+    python triton_client.py ADDRESS MODEL INPUTS.npz [--stream N] [--typed]
+"""
+
+import argparse
+import json
+import queue
+import sys
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+
+def inputs_of(arrays: dict) -> list:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def as_json(result) -> dict:
+    response = result.get_response()
+    return {o.name: {"datatype": o.datatype, "shape": list(o.shape), "data": result.as_numpy(o.name).tolist()}
+            for o in response.outputs}
+
+
+def typed_infer(address: str, model: str, arrays: dict) -> dict:
+    """ModelInfer with typed `contents`, through tritonclient's generated stubs."""
+    import grpc
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in arrays.items():
+        tensor = request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=array.shape)
+        field = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents",
+                 "BYTES": "bytes_contents"}[tensor.datatype]
+        values = array.ravel().tolist()
+        if tensor.datatype == "BYTES":
+            values = [v.encode() for v in values]
+        getattr(tensor.contents, field).extend(values)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+    response = stub.ModelInfer(request)
+    outputs = {}
+    for output in response.outputs:
+        values = next(list(v) for _, v in output.contents.ListFields())
+        outputs[output.name] = {"datatype": output.datatype, "shape": list(output.shape),
+                                "data": np.array(values).reshape(list(output.shape)).tolist()}
+    return outputs
+
+
+def stream(client, model: str, arrays: dict, count: int, bad_index: int) -> list:
+    """ModelStreamInfer: `count` requests on one stream, the one at `bad_index` naming a missing model."""
+    replies: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    for i in range(count):
+        client.async_stream_infer(model if i != bad_index else model + "-missing", inputs_of(arrays),
+                                  request_id=str(i))
+    out = []
+    for _ in range(count):
+        result, error = replies.get(timeout=60)
+        if error is not None:
+            out.append({"error": str(error)})
+        else:
+            out.append({"id": result.get_response().id, "outputs": as_json(result)})
+    client.stop_stream()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("address")
+    parser.add_argument("model")
+    parser.add_argument("inputs")
+    parser.add_argument("--stream", type=int, default=0)
+    args = parser.parse_args()
+    arrays = dict(np.load(args.inputs, allow_pickle=True))
+    arrays = {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in arrays.items()}
+    client = triton.InferenceServerClient(args.address)
+    report = {
+        "live": client.is_server_live(),
+        "ready": client.is_server_ready(),
+        "server": client.get_server_metadata(as_json=True),
+        "model_ready": client.is_model_ready(args.model),
+        "unknown_model_ready": client.is_model_ready(args.model + "-missing"),
+        "metadata": client.get_model_metadata(args.model, as_json=True),
+        "raw": as_json(client.infer(args.model, inputs_of(arrays))),
+        "typed": typed_infer(args.address, args.model, arrays),
+    }
+    try:
+        client.infer(args.model + "-missing", inputs_of(arrays))
+    except InferenceServerException as error:
+        report["missing_model_error"] = {"status": error.status(), "message": error.message()}
+    if args.stream:
+        report["stream"] = stream(client, args.model, arrays, args.stream, bad_index=args.stream // 2)
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The V2 (Open Inference Protocol) endpoint, driven by tritonclient in its own process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_models
+import onnxruntime as ort
+import pytest
+from harness import upload_requests
+from test_upload import assert_status
+
+import grpc
+from mds.oip import grpc_service_pb2 as pb
+from mds.oip import grpc_service_pb2_grpc
+
+CLIENT = Path(__file__).parent / "clients" / "triton_client.py"
+RNG = np.random.default_rng(11)
+
+
+def run_client(server, model: str, arrays: dict, tmp_path: Path, stream: int = 0) -> dict:
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    result = subprocess.run([sys.executable, str(CLIENT), server.address, model, str(tmp_path / "inputs.npz"),
+                             "--stream", str(stream)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_outputs(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, array in want.items():
+        assert got[name]["shape"] == list(array.shape)
+        np.testing.assert_array_equal(np.array(got[name]["data"], dtype=array.dtype).reshape(array.shape), array)
+
+
+CASES = {
+    "magika": (lambda models: (models / "magika.onnx").read_bytes(),
+               lambda: {"bytes": RNG.integers(0, 257, (2, 2048)).astype(np.int32)}),
+    "strings": (lambda models: onnx_models.string_labels(),
+                lambda: {"text": np.array(["dog", "émeu", "yak"], dtype=object)}),
+    "scalar": (lambda models: onnx_models.add_scalar(),
+               lambda: {"x": np.array([1.5, -2.0], np.float32), "s": np.array(0.25, np.float32)}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, tmp_path, case):
+    model_bytes, make_inputs = CASES[case]
+    data = model_bytes(pretrained)
+    server.models.UploadModel(upload_requests(unique, data))
+    arrays = make_inputs()
+    session = ort.InferenceSession(data)
+    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, arrays)))
+
+    report = run_client(server, unique, arrays, tmp_path, stream=5)
+    assert (report["live"], report["ready"], report["model_ready"], report["unknown_model_ready"]) == (
+        True, True, True, False)
+    assert report["server"]["name"] == "mds"
+    metadata = report["metadata"]
+    assert (metadata["name"], metadata["versions"], metadata["platform"]) == (unique, ["1"], "onnxruntime_onnx")
+    assert [i["name"] for i in metadata["inputs"]] == [i.name for i in session.get_inputs()]
+    assert_outputs(report["raw"], want)
+    assert_outputs(report["typed"], want)
+    assert report["missing_model_error"]["status"] == "StatusCode.NOT_FOUND"
+    assert "does not exist" in report["missing_model_error"]["message"]
+    stream = report["stream"]
+    assert "NOT_FOUND" in stream[2]["error"] and "does not exist" in stream[2]["error"]
+    for i in (0, 1, 3, 4):
+        assert stream[i]["id"] == str(i)
+        assert_outputs(stream[i]["outputs"], want)
+
+
+def test_magika_metadata_shapes(server, pretrained, unique):
+    server.models.UploadModel(upload_requests(unique, (pretrained / "magika.onnx").read_bytes()))
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
+    metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=unique))
+    (tensor,) = metadata.inputs
+    assert (tensor.datatype, list(tensor.shape)) == ("INT32", [-1, 2048])
+    assert [(o.name, o.datatype, list(o.shape)) for o in metadata.outputs] == [("target_label", "FP32", [-1, 214])]
+
+
+@pytest.mark.parametrize("request_fields, code, fragment", [
+    ({"model_version": "latest"}, grpc.StatusCode.INVALID_ARGUMENT, "model_version must be a version number"),
+    ({"raw_input_contents": [b"", b""]}, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries"),
+    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="a", datatype="COMPLEX", shape=[1])]},
+     grpc.StatusCode.INVALID_ARGUMENT, "unknown datatype 'COMPLEX'"),
+    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
+      "raw_input_contents": [b"\x09\x00\x00\x00abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "longer than the data left"),
+    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[2])],
+      "raw_input_contents": [b"\x03\x00\x00\x00abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "needs 2 values"),
+])
+def test_infer_errors(server, unique, request_fields, code, fragment):
+    server.models.UploadModel(upload_requests(unique, onnx_models.string_labels()))
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
+    request = pb.ModelInferRequest(model_name=unique, **request_fields)
+    assert_status(lambda: stub.ModelInfer(request), code, fragment)
