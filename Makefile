@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen services services-stop clean
+.PHONY: run test install install-test gen services services-stop envoy clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -29,8 +29,14 @@ services:
 services-stop:
 	scripts/services.sh stop
 
-## Regenerate gen/ from protos/ (Python stubs and gen/mds.protoset).
+## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, API docs at /docs/.
+envoy: install
+	$(BIN)/pip install --quiet -e '.[rest]'
+	$(BIN)/python scripts/run_envoy.py
+
+## Regenerate gen/ from protos/ (Python stubs, gen/mds.protoset, gen/openapi/mds.swagger.json).
 gen: install
+	scripts/install_go_tools.sh
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
 
 clean:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv outside the repo with the pinned Python
 # packages, this checkout installed into it (editable), and with `--test`
-# the test tools (grpcurl; MinIO, FerretDB and Redis) and the real ONNX models the tests use.
+# the test tools (grpcurl, protoc-gen-openapiv2, Chromium; MinIO, FerretDB and Redis) and
+# the real ONNX models the tests use.
 # Everything built or downloaded is cached under $MDS_CACHE, so a second run
 # takes seconds.
 set -euo pipefail
@@ -29,7 +30,10 @@ if ! "$venv/bin/python" -c "import mds_grpc, sys; sys.exit(not mds_grpc.__file__
 fi
 
 if [ "$extras" = test ]; then
-  "$repo/scripts/install_grpcurl.sh"
+  "$repo/scripts/install_go_tools.sh"
+  if ! command -v chromium >/dev/null; then  # the browser test of the API docs page
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
   "$repo/scripts/services.sh" install
   "$venv/bin/python" "$repo/scripts/fetch_test_models.py" >/dev/null
 fi

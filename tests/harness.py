@@ -9,11 +9,15 @@ import time
 from pathlib import Path
 
 import grpc
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
 
 from mds.v1 import inference_service_pb2_grpc, job_service_pb2_grpc, model_service_pb2
 from mds.v1 import model_service_pb2_grpc
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -42,6 +46,32 @@ class WorkerProcess:
         code = self.process.wait(timeout)
         self.stdout.close()
         return code
+
+
+class EnvoyProcess:
+    """scripts/run_envoy.py in front of a server: REST/JSON, gRPC passthrough and /docs/ on one port."""
+
+    def __init__(self, server: "ServerProcess"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(server.root / f"envoy-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "run_envoy.py"), "--listen-port", str(self.port),
+             "--grpc-port", str(server.port), "--config-out", str(server.root / "envoy.yaml")],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: _answers(self.url + "/v1/models"), what="Envoy to proxy to the server")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 class ServerProcess:

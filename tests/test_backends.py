@@ -3,13 +3,14 @@
 import uuid
 
 import grpc
+import requests
 import numpy as np
 import onnx_models
 import pytest
 from backends import ferretdb, minio, redis, server_env
 from conftest import backend_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import ServerProcess, upload_requests
+from harness import EnvoyProcess, ServerProcess, upload_requests
 from test_predict import ONE, outputs_of, request
 from test_upload import assert_status
 
@@ -60,10 +61,14 @@ def fragile(tmp_path):
 
 def test_mongodb_down_is_unavailable_then_recovers(fragile):
     server, mongo, _, _ = fragile
+    envoy = EnvoyProcess(server)
     mongo.stop()
     wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name="adder")), grpc.StatusCode.UNAVAILABLE,
                   f"MongoDB at 127.0.0.1:{mongo.port} is unreachable")
+    over_rest = requests.get(f"{envoy.url}/v1/models/adder")
+    envoy.stop()
+    assert over_rest.status_code == 503 and "MongoDB" in over_rest.json()["message"]
     assert_status(lambda: server.models.UploadModel(upload_requests("other", onnx_models.add_two())),
                   grpc.StatusCode.UNAVAILABLE, "MongoDB")
     mongo.start()

@@ -17,9 +17,8 @@ from test_predict import ONE, deploy, outputs_of, request
 
 
 def grpcurl(*args: str) -> str:
-    gopath = subprocess.run(["go", "env", "GOPATH"], capture_output=True, text=True, check=True).stdout.strip()
-    binary = os.environ.get("GRPCURL", str(Path(gopath) / "bin" / "grpcurl"))
-    result = subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    binary = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin" / "grpcurl"
+    result = subprocess.run([str(binary), "-plaintext", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
