@@ -33,9 +33,10 @@ services-stop:
 envoy: install
 	$(BIN)/python scripts/run_envoy.py
 
-## Regenerate gen/ from protos/ (Python stubs, gen/mds.protoset, gen/openapi/mds.swagger.json).
+## Regenerate gen/ from protos/: Python, Go and Node stubs, gen/mds.protoset, gen/openapi/mds.swagger.json.
 gen: install
 	scripts/install_go_tools.sh
+	npm ci --no-audit --no-fund --silent
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
 
 clean:

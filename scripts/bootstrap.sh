@@ -31,6 +31,7 @@ fi
 
 if [ "$extras" = test ]; then
   "$repo/scripts/install_go_tools.sh"
+  (cd "$repo" && npm ci --no-audit --no-fund --silent)  # protoc-gen-es and the Node client test; ~/.npm caches it
   if ! command -v chromium >/dev/null; then  # the browser test of the API docs page
     apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
   fi

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Go tools from the Go module proxy, built once and cached in $MDS_CACHE/bin:
-# grpcurl (tests, README) and protoc-gen-openapiv2 (`make gen`: the OpenAPI document).
+# Go tools from the Go module proxy, built once and cached in $MDS_CACHE/bin: grpcurl
+# (tests, README), the protoc plugins of `make gen` (OpenAPI, Go stubs) and buf (proto lint
+# and breaking-change checks).
 set -euo pipefail
 bin=${MDS_CACHE:-$HOME/.cache/mds}/bin
 tools=(
   "github.com/fullstorydev/grpcurl v1.9.4 cmd/grpcurl"
   "github.com/grpc-ecosystem/grpc-gateway/v2 v2.33.0 protoc-gen-openapiv2"
+  "google.golang.org/protobuf v1.36.12 cmd/protoc-gen-go"
+  "google.golang.org/grpc/cmd/protoc-gen-go-grpc v1.6.2 ."
+  "github.com/bufbuild/buf v1.75.0 cmd/buf"
 )
 mkdir -p "$bin"
 for tool in "${tools[@]}"; do
   read -r module version package <<<"$tool"
-  name=$(basename "$package")
+  target=$module
+  [ "$package" = . ] || target=$module/$package
+  name=$(basename "$target")
   if [ -x "$bin/$name" ] && [[ "$(go version -m "$bin/$name")" =~ mod[[:space:]]+$module[[:space:]]+$version ]]; then
     continue
   fi
-  GOBIN=$bin go install "$module/$package@$version"
+  GOBIN=$bin go install "$target@$version"
 done

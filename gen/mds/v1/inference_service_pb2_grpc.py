@@ -72,6 +72,7 @@ class InferenceServiceServicer:
         back in request order, each with the request's `request_id`. A failing
         request yields an `error` response and the stream goes on. The server
         works on a bounded number of requests of one stream at once.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
