@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
                     model_service_pb2, model_service_pb2_grpc)
-from mds_grpc import job_queue
+from mds_grpc import job_queue, metrics
 from mds_grpc.api.access_log import AccessLogInterceptor
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
@@ -135,6 +135,7 @@ async def serve(settings: Settings) -> None:
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     port = server.add_insecure_port(address)
     await check_backends(core, health_servicer)
+    metrics.serve_metrics(settings.grpc_host, settings.metrics_port)
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
     log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})

@@ -10,8 +10,9 @@ import grpc
 import numpy as np
 import onnx_models
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import ServerProcess, upload_requests, wait_until
+from harness import ServerProcess, free_port, upload_requests, wait_until
 from test_predict import ONE, deploy, outputs_of, request
 
 
@@ -106,3 +107,26 @@ def test_restart_serves_stored_models(tmp_path):
         assert second.models.UploadModel(upload_requests("kept", onnx_models.add_two())).version == 2
     finally:
         assert second.stop() == 0
+
+
+def test_prometheus_metrics(tmp_path):
+    metrics_port = free_port()
+    server = ServerProcess(tmp_path, mds_metrics_port=metrics_port).start()
+    try:
+        deploy(server, "adder", onnx_models.add_two())
+        for _ in range(3):
+            server.inference.Predict(request("adder", {"a": ONE, "b": ONE}))
+        with pytest.raises(grpc.RpcError):
+            server.inference.Predict(request("missing", {"a": ONE}))
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        assert server.stop() == 0
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    predict = 'method="/mds.v1.InferenceService/Predict"'
+    assert samples[f'mds_requests_total{{code="OK",{predict},model="adder"}}'] == 3
+    assert samples[f'mds_requests_total{{code="NOT_FOUND",{predict},model="missing"}}'] == 1
+    assert samples[f'mds_request_seconds_count{{{predict},model="adder"}}'] == 3
+    assert samples['mds_inference_compute_seconds_count{model="adder"}'] == 3
+    assert samples['mds_inference_queue_seconds_count{model="adder"}'] == 3
+    assert samples['mds_model_cache_events_total{event="hit"}'] == 3

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
+from mds_grpc import metrics
 from mds_grpc.core.errors import MdsError
 
 log = logging.getLogger("mds.access")
@@ -51,9 +52,10 @@ async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext):
         code, message = status_of(error)
         await context.abort(code, message)
     finally:
-        code = code or context.code() or grpc.StatusCode.OK
-        log.info("rpc", extra={"method": method, **fields, "code": code.name,
-                               "duration_ms": round((time.perf_counter() - start) * 1000, 3)})
+        code = (code or context.code() or grpc.StatusCode.OK).name
+        seconds = time.perf_counter() - start
+        metrics.observe_rpc(method, str(fields.get("model", "")), code, seconds)
+        log.info("rpc", extra={"method": method, **fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
 
 
 def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from mds_grpc import metrics
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unimplemented
 from mds_grpc.core.records import ModelRecord, TensorSpec
@@ -106,14 +107,16 @@ class InferenceEngine:
             spec.dtype == BF16.name for spec in record.outputs if spec.name in names
         )
         options = ort.RunOptions()
+        submitted = time.perf_counter()
 
         def run() -> list:
             if options.terminate:
                 raise Cancelled("the request was cancelled before the model ran")
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
+            started = time.perf_counter()
             try:
-                return run_session(loaded.session, names, inputs, options, uses_bf16)
+                values = run_session(loaded.session, names, inputs, options, uses_bf16)
             except Unimplemented:
                 raise
             except Exception as error:  # onnxruntime raises its own exception types for bad inputs
@@ -122,6 +125,9 @@ class InferenceEngine:
                 raise InvalidArgument(
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
                 ) from None
+            rows = next((a.shape[0] for a in inputs.values() if a.ndim), 1)
+            metrics.observe_run(record.name, started - submitted, time.perf_counter() - started, rows)
+            return values
 
         future = asyncio.get_running_loop().run_in_executor(self.executor, run)
         try:

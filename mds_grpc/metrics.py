@@ -1,0 +1,32 @@
+"""Prometheus metrics, served over HTTP on MDS_METRICS_PORT (0: off). Cheap enough to stay on."""
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter("mds_requests", "RPCs handled, by method, model and status code", ["method", "model", "code"])
+REQUEST_SECONDS = Histogram("mds_request_seconds", "RPC duration", ["method", "model"], buckets=LATENCY_BUCKETS)
+QUEUE_SECONDS = Histogram("mds_inference_queue_seconds", "Time a request waited for an inference thread",
+                          ["model"], buckets=LATENCY_BUCKETS)
+COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run time", ["model"],
+                            buckets=LATENCY_BUCKETS)
+BATCH_ROWS = Histogram("mds_inference_batch_rows", "Rows along the first dimension per onnxruntime run",
+                       ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384))
+MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
+
+
+def observe_rpc(method: str, model: str, code: str, seconds: float) -> None:
+    REQUESTS.labels(method, model, code).inc()
+    REQUEST_SECONDS.labels(method, model).observe(seconds)
+
+
+def observe_run(model: str, queued: float, computed: float, rows: int) -> None:
+    QUEUE_SECONDS.labels(model).observe(queued)
+    COMPUTE_SECONDS.labels(model).observe(computed)
+    BATCH_ROWS.labels(model).observe(rows)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Expose /metrics on host:port in a background thread (nothing when port is 0)."""
+    if port:
+        start_http_server(port, addr=host)
