@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen services services-stop envoy clean
+.PHONY: run test install install-test gen services services-stop envoy bench clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -32,6 +32,10 @@ services-stop:
 ## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, API docs at /docs/.
 envoy: install
 	$(BIN)/python scripts/run_envoy.py
+
+## The benchmark suite (bench/): writes bench/results/results.{json,md,png}.
+bench: install-test
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 ## Regenerate gen/ from protos/: Python, Go and Node stubs, gen/mds.protoset, gen/openapi/mds.swagger.json.
 gen: install

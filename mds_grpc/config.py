@@ -27,6 +27,7 @@ class Settings:
     ort_intra_op_threads: int = 0
     shutdown_grace_seconds: float = 10.0
     backend_check_seconds: float = 2.0
+    resolve_ttl_seconds: float = 1.0  # how long a (model, version) lookup is reused by Predict
     metrics_port: int = 0  # Prometheus /metrics on grpc_host:metrics_port; 0 turns it off
     # Production backends; empty means the embedded default (SQLite, local folder).
     mongo_uri: str = ""

@@ -65,7 +65,8 @@ def build_core(settings: Settings) -> Core:
     data = settings.data_dir
     storage = open_storage(settings)
     cache = ModelCache(storage.blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
-    registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes)
+    registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes,
+                             settings.resolve_ttl_seconds)
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(broker, JobRunner(storage, data / "jobs", settings.ort_intra_op_threads))
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, settings.job_batch_rows,

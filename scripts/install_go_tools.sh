@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Go tools from the Go module proxy, built once and cached in $MDS_CACHE/bin: grpcurl
-# (tests, README), the protoc plugins of `make gen` (OpenAPI, Go stubs) and buf (proto lint
-# and breaking-change checks).
+# (tests, README), the protoc plugins of `make gen` (OpenAPI, Go stubs), buf (proto lint
+# and breaking-change checks) and ghz (the load generator of `make bench`).
 set -euo pipefail
 bin=${MDS_CACHE:-$HOME/.cache/mds}/bin
 tools=(
@@ -10,6 +10,7 @@ tools=(
   "google.golang.org/protobuf v1.36.12 cmd/protoc-gen-go"
   "google.golang.org/grpc/cmd/protoc-gen-go-grpc v1.6.2 ."
   "github.com/bufbuild/buf v1.75.0 cmd/buf"
+  "github.com/bojand/ghz v0.93.0 cmd/ghz"
 )
 mkdir -p "$bin"
 for tool in "${tools[@]}"; do

@@ -2,6 +2,7 @@
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterable
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from mds_grpc.storage.base import BlobStore, MetadataStore
 
 class ModelRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
-                 max_model_bytes: int):
+                 max_model_bytes: int, resolve_ttl: float = 1.0):
         self.metadata = metadata
         self.blobs = blobs
         self.cache = cache
         self.tmp_dir = Path(tmp_dir)
         self.max_model_bytes = max_model_bytes
+        self.resolve_ttl = resolve_ttl
+        self._resolved: dict[tuple[str, int], tuple[float, ModelRecord]] = {}  # (name, version) -> (expiry, record)
         # Serialises publishing against deleting, so a blob shared by two versions is never
         # removed while a new version that references it is being recorded (one process).
         self._blob_lock = asyncio.Lock()
@@ -47,6 +50,7 @@ class ModelRegistry:
             )
             # Once the client has sent everything and the model is valid, finish even if it leaves.
             record = await asyncio.shield(self._publish(staging, draft))
+            self._forget_resolved(record.name)  # "latest" moves on now, not after the TTL
             self.cache.put(record, session)
             return record
         finally:
@@ -88,7 +92,23 @@ class ModelRegistry:
         return record
 
     async def load(self, name: str, version: int = 0) -> LoadedModel:
-        return await self.cache.get(await self.get(name, version))
+        """The loaded model for (name, version), resolved from metadata at most every `resolve_ttl` seconds.
+
+        Uploads and deletes through this process take effect at once; those made through
+        another process sharing the storage, within `resolve_ttl`.
+        """
+        key = (name, version)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            record = cached[1]
+        else:
+            record = await self.get(name, version)
+            self._resolved[key] = (time.monotonic() + self.resolve_ttl, record)
+        return await self.cache.get(record)
+
+    def _forget_resolved(self, name: str) -> None:
+        for key in [key for key in self._resolved if key[0] == name]:
+            del self._resolved[key]
 
     async def list_page(self, name: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[ModelRecord], str]:
         limit = page_limit(page_size)
@@ -110,5 +130,6 @@ class ModelRegistry:
             for record in deleted:
                 await asyncio.to_thread(self._delete_unreferenced, record.files)
         versions = [record.version for record in deleted]
+        self._forget_resolved(name)
         self.cache.forget(name, versions)
         return versions
