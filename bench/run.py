@@ -180,7 +180,7 @@ def main() -> None:
         for streams in ([1] if args.smoke else [1, 8]):
             for target in (floor, mds):
                 rows.append(ghz(target, "mds.v1.InferenceService/PredictStream", work / "predict.bin", streams,
-                                duration, stream_messages=1000))
+                                duration, stream_messages=200))
     finally:
         floor.stop()
         mds.stop()

@@ -58,3 +58,10 @@ def test_settings_come_from_dotenv_env_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("MDS_GRPC_PORT", "many")
     with pytest.raises(SystemExit, match="MDS_GRPC_PORT='many' is not a valid int"):
         load_settings()
+
+
+async def test_the_session_warmed_by_an_upload_uses_the_configured_threads(tmp_path):
+    registry = build_core(load_settings(data_dir=tmp_path, ort_intra_op_threads=1)).registry
+    await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
+    loaded = await registry.load("adder")
+    assert loaded.session.get_session_options().intra_op_num_threads == 1

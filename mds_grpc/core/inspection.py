@@ -66,15 +66,15 @@ def _check_external_data(graph: onnx.ModelProto, uploaded: set[str]) -> None:
             )
 
 
-def inspect_model(path: Path, side_files: set[str]) -> tuple[ort.InferenceSession, ModelInfo]:
-    """Load the model at `path` for validation; raise InvalidArgument naming the problem."""
+def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0) -> tuple[ort.InferenceSession, ModelInfo]:
+    """Load the model at `path` for validation (the session then serves); raise InvalidArgument naming the problem."""
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError, ValueError and more for garbage
         raise InvalidArgument(f"not an ONNX model: {error}") from None
     _check_external_data(graph, side_files)
     try:
-        session = open_session(path)
+        session = open_session(path, intra_op_threads)
     except Exception as error:  # onnxruntime's own exception types carry the reason
         raise InvalidArgument(f"onnxruntime cannot load the model: {error}") from None
     info = ModelInfo(

@@ -40,7 +40,8 @@ class ModelRegistry:
         try:
             files = await receive(staging, parts)
             side_files = {stored.path for stored in files[1:]}
-            session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files)
+            session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files,
+                                                    self.cache.intra_op_threads)
             draft = ModelRecord(
                 name=header.name, version=0, created_at=utc_now(), files=files,
                 inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
