@@ -25,6 +25,7 @@ class Settings:
     stream_max_in_flight: int = 8
     inference_threads: int = os.cpu_count() or 2
     ort_intra_op_threads: int = 0
+    inline_run_max_us: int = 250  # models whose runs average under this run on the event loop
     shutdown_grace_seconds: float = 10.0
     backend_check_seconds: float = 2.0
     resolve_ttl_seconds: float = 1.0  # how long a (model, version) lookup is reused by Predict

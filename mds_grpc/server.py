@@ -122,7 +122,7 @@ async def serve(settings: Settings) -> None:
         ],
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), server)
-    engine = InferenceEngine(core.registry, executor)
+    engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(engine, settings.stream_max_in_flight), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

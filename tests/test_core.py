@@ -65,3 +65,24 @@ async def test_the_session_warmed_by_an_upload_uses_the_configured_threads(tmp_p
     await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
     loaded = await registry.load("adder")
     assert loaded.session.get_session_options().intra_op_num_threads == 1
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    submitted = 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+@pytest.mark.parametrize("inline_max_seconds, submitted", [(1.0, 1), (0.0, 4)])
+async def test_short_runs_move_onto_the_event_loop(registry, inline_max_seconds, submitted):
+    """After one run on the executor shows the model is quick, the thread hop is skipped."""
+    await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
+    executor = CountingExecutor(1)
+    engine = InferenceEngine(registry, executor, inline_max_seconds)
+    inputs = {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}
+    for _ in range(4):
+        result = await engine.predict("adder", 0, inputs)
+        assert result.outputs[0][1].tolist() == [2.0]
+    assert executor.submitted == submitted
