@@ -23,6 +23,11 @@ class Settings:
     model_cache_bytes: int = 2 * GiB
     max_message_bytes: int = 64 * MiB
     stream_max_in_flight: int = 8
+    # Per request, checked before anything is allocated (RESOURCE_EXHAUSTED past them).
+    max_inputs: int = 64
+    max_rank: int = 16
+    max_elements: int = 1 << 28
+    max_string_bytes: int = 1 << 20
     inference_threads: int = os.cpu_count() or 2
     ort_intra_op_threads: int = 0
     inline_run_max_us: int = 250  # models whose runs average under this run on the event loop

@@ -25,6 +25,7 @@ from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
+from mds_grpc.core.limits import TensorLimits
 from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
@@ -123,11 +124,12 @@ async def serve(settings: Settings) -> None:
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), server)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
+    limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, settings.stream_max_in_flight), server)
+        InferenceServicer(engine, settings.stream_max_in_flight, limits), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OipServicer(engine, core.is_ready, settings.stream_max_in_flight), server)
-    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs), server)
+        OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), server)
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

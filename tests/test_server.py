@@ -130,3 +130,24 @@ def test_prometheus_metrics(tmp_path):
     assert samples['mds_inference_compute_seconds_count{model="adder"}'] == 3
     assert samples['mds_inference_queue_seconds_count{model="adder"}'] == 3
     assert samples['mds_model_cache_events_total{event="hit"}'] == 3
+
+
+def test_request_limits_are_configured_and_enforced_on_every_front_door(tmp_path):
+    from mds.oip import grpc_service_pb2 as oip
+    from mds.oip import grpc_service_pb2_grpc
+    from test_upload import assert_status
+
+    server = ServerProcess(tmp_path, mds_max_elements=4, mds_max_inputs=2).start()
+    try:
+        deploy(server, "adder", onnx_models.add_two())
+        three = np.ones(3, np.float32)
+        assert_status(lambda: server.inference.Predict(request("adder", {"a": three, "b": three})),
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 4 elements (MDS_MAX_ELEMENTS)")
+        v2 = oip.ModelInferRequest(model_name="adder", inputs=[
+            oip.ModelInferRequest.InferInputTensor(name=n, datatype="FP32", shape=[1]) for n in "abc"],
+            raw_input_contents=[ONE.tobytes()] * 3)
+        assert_status(lambda: grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(v2),
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, "3 input tensors exceed the limit of 2 (MDS_MAX_INPUTS)")
+        assert outputs_of(server.inference.Predict(request("adder", {"a": ONE, "b": ONE})))["z"].tolist() == [2.0]
+    finally:
+        assert server.stop() == 0

@@ -13,6 +13,7 @@ from mds_grpc.api.access_log import annotate, status_of
 from mds_grpc.api.streams import in_order
 from mds_grpc.api.tensors import from_array, to_arrays
 from mds_grpc.core.inference import InferenceEngine, Prediction
+from mds_grpc.core.limits import TensorLimits
 
 
 def wants_raw(request: pb.PredictRequest) -> bool:
@@ -50,13 +51,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: InferenceEngine, stream_max_in_flight: int):
+    def __init__(self, engine: InferenceEngine, stream_max_in_flight: int, limits: TensorLimits):
         self.engine = engine
         self.stream_max_in_flight = stream_max_in_flight
+        self.limits = limits
 
     async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         prediction = await self.engine.predict(
-            request.model, request.version, to_arrays(request.inputs), list(request.output_names), deadline
+            request.model, request.version, to_arrays(request.inputs, self.limits), list(request.output_names), deadline
         )
         return encode_prediction(prediction, request)
 

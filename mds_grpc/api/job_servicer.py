@@ -7,11 +7,13 @@ from mds_grpc.api.jobs import batch_to_wire, column_from_wire, input_to_wire, jo
 from mds_grpc.api.tensors import to_arrays
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.jobs import JobManager
+from mds_grpc.core.limits import TensorLimits
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager):
+    def __init__(self, manager: JobManager, limits: TensorLimits):
         self.manager = manager
+        self.limits = limits
 
     async def UploadJobInput(self, request_iterator, context):
         first = await anext(request_iterator, None)
@@ -23,12 +25,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             async for request in request_iterator:
                 if request.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("only the first UploadJobInputRequest may carry a header")
-                yield to_arrays(request.chunk.inputs)
+                yield to_arrays(request.chunk.inputs, self.limits)
 
         return input_to_wire(await self.manager.upload_input(specs, chunks()))
 
     async def CreateJob(self, request, context):
-        job = await self.manager.create(request.model, request.version, to_arrays(request.inputs), request.input_id,
+        job = await self.manager.create(request.model, request.version, to_arrays(request.inputs, self.limits), request.input_id,
                                         list(request.output_names), request.batch_rows)
         annotate(job=job.id, version=job.version)
         return job_to_wire(job)

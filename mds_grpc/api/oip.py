@@ -10,9 +10,10 @@ import numpy as np
 
 from mds.oip import grpc_service_pb2 as pb
 from mds.v1 import tensor_pb2
-from mds_grpc.api.tensors import CONTENTS_FIELD, from_array, to_array
+from mds_grpc.api.tensors import CONTENTS_FIELD, from_array, to_arrays
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import InvalidArgument
+from mds_grpc.core.limits import TensorLimits
 from mds_grpc.core.records import ModelRecord, TensorSpec
 
 V2_NAMES = {"STRING": "BYTES"}  # core dtype name -> V2 datatype, where they differ
@@ -68,16 +69,13 @@ def _as_mds_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     return converted
 
 
-def input_arrays(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def input_arrays(request: pb.ModelInferRequest, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    arrays = {}
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        arrays[tensor.name] = to_array(_as_mds_tensor(tensor, raw[i] if raw else None))
-    return arrays
+    limits.check_inputs(len(request.inputs))
+    return to_arrays([_as_mds_tensor(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)],
+                     limits)
 
 
 def infer_response(request: pb.ModelInferRequest, model: str, version: int,

@@ -13,14 +13,17 @@ from mds_grpc.api.oip import infer_response, input_arrays, model_metadata, parse
 from mds_grpc.api.streams import in_order
 from mds_grpc.core.errors import InvalidArgument, NotFound
 from mds_grpc.core.inference import InferenceEngine
+from mds_grpc.core.limits import TensorLimits
 
 
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: InferenceEngine, is_ready: Callable[[], Awaitable[bool]], stream_max_in_flight: int):
+    def __init__(self, engine: InferenceEngine, is_ready: Callable[[], Awaitable[bool]], stream_max_in_flight: int,
+                 limits: TensorLimits):
         self.engine = engine
         self.registry = engine.registry
         self.is_ready = is_ready
         self.stream_max_in_flight = stream_max_in_flight
+        self.limits = limits
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -45,7 +48,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         prediction = await self.engine.predict(request.model_name, parse_version(request.model_version),
-                                               input_arrays(request), [o.name for o in request.outputs], deadline)
+                                               input_arrays(request, self.limits), [o.name for o in request.outputs], deadline)
         structured = [name for name, value in prediction.outputs if not isinstance(value, np.ndarray)]
         if structured and request.outputs:
             raise InvalidArgument(f"output {structured[0]!r} is not a tensor, which V2 cannot carry; "

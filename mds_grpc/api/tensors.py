@@ -7,6 +7,7 @@ import numpy as np
 from mds.v1 import tensor_pb2
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import InvalidArgument
+from mds_grpc.core.limits import TensorLimits
 
 DataType = tensor_pb2.DataType
 PREFIX = "DATA_TYPE_"
@@ -34,58 +35,55 @@ def from_wire_dtype(value: int, tensor_name: str) -> dtypes.DType:
     return dtypes.BY_NAME[DataType.Name(value)[len(PREFIX):]]
 
 
-def to_array(tensor: tensor_pb2.Tensor) -> np.ndarray:
-    """Decode one tensor; raise InvalidArgument naming it when shape, dtype and data disagree."""
+def to_array(tensor: tensor_pb2.Tensor, limits: TensorLimits = TensorLimits(), elements_so_far: int = 0) -> np.ndarray:
+    """Decode one tensor; raise InvalidArgument naming it when shape, dtype and data disagree,
+    ResourceExhausted when it goes over `limits` (both before allocating anything)."""
     name = tensor.name
     dtype = from_wire_dtype(tensor.dtype, name)
+    limits.check_rank(name, tensor.shape)
     if any(d < 0 for d in tensor.shape):
         raise InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(tensor.shape)}")
     count = math.prod(tensor.shape)
     has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
     if tensor.raw_data and has_contents:
         raise InvalidArgument(f"tensor {name!r} sets both raw_data and contents; send exactly one")
-    if dtype.name == "STRING":
-        if tensor.raw_data:
-            raise InvalidArgument(f"tensor {name!r} is STRING: send its elements in contents.bytes_contents")
-        return _strings(tensor, count)
-    if dtype.name not in CONTENTS_FIELD and has_contents:
+    if dtype.name == "STRING" and tensor.raw_data:
+        raise InvalidArgument(f"tensor {name!r} is STRING: send its elements in contents.bytes_contents")
+    if dtype.name not in CONTENTS_FIELD and dtype.name != "STRING" and has_contents:
         raise InvalidArgument(f"tensor {name!r} is {dtype.name}, which travels only as raw_data")
-    if tensor.raw_data or dtype.name not in CONTENTS_FIELD:
-        return _from_raw(tensor, dtype, count)
-    return _from_contents(tensor, dtype, count)
+    raw = bool(tensor.raw_data) or dtype.name not in CONTENTS_FIELD
+    stray = [] if raw else [f.name for f, _ in tensor.contents.ListFields() if f.name != CONTENTS_FIELD[dtype.name]]
+    if stray:
+        raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in "
+                              f"contents.{CONTENTS_FIELD[dtype.name]}, not {stray[0]}")
+    received = len(tensor.raw_data) if raw else len(getattr(tensor.contents, CONTENTS_FIELD[dtype.name]))
+    expected = count * dtype.numpy.itemsize if raw else count
+    if received != expected:
+        where = "bytes of raw_data" if raw else f"values in contents.{CONTENTS_FIELD[dtype.name]}"
+        raise InvalidArgument(f"tensor {name!r} with shape {list(tensor.shape)} and dtype {dtype.name} needs "
+                              f"{expected} {where}, got {received}")
+    limits.check_elements(name, tensor.shape, count, elements_so_far)  # the data is here: judge its size
+    if dtype.name == "STRING":
+        return _strings(tensor, limits)
+    if raw:
+        return np.frombuffer(tensor.raw_data, dtype=dtype.numpy.newbyteorder("<")).reshape(tensor.shape)
+    return _from_contents(tensor, dtype)
 
 
-def to_arrays(tensors) -> dict[str, np.ndarray]:
-    """Decode tensors by name; a name given twice is INVALID_ARGUMENT."""
-    arrays = {}
+def to_arrays(tensors, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
+    """Decode tensors by name; a name given twice is INVALID_ARGUMENT; `limits` hold for them all."""
+    limits.check_inputs(len(tensors))
+    arrays, elements = {}, 0
     for tensor in tensors:
         if tensor.name in arrays:
             raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        arrays[tensor.name] = to_array(tensor)
+        arrays[tensor.name] = to_array(tensor, limits, elements)
+        elements += arrays[tensor.name].size
     return arrays
 
 
-def _from_raw(tensor: tensor_pb2.Tensor, dtype: dtypes.DType, count: int) -> np.ndarray:
-    expected = count * dtype.numpy.itemsize
-    if len(tensor.raw_data) != expected:
-        raise InvalidArgument(
-            f"tensor {tensor.name!r} with shape {list(tensor.shape)} and dtype {dtype.name} needs "
-            f"{expected} bytes of raw_data, got {len(tensor.raw_data)}"
-        )
-    return np.frombuffer(tensor.raw_data, dtype=dtype.numpy.newbyteorder("<")).reshape(tensor.shape)
-
-
-def _from_contents(tensor: tensor_pb2.Tensor, dtype: dtypes.DType, count: int) -> np.ndarray:
-    field = CONTENTS_FIELD[dtype.name]
-    stray = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
-    if stray:
-        raise InvalidArgument(f"tensor {tensor.name!r} is {dtype.name}: its values belong in contents.{field}, not {stray[0]}")
-    values = getattr(tensor.contents, field)
-    if len(values) != count:
-        raise InvalidArgument(
-            f"tensor {tensor.name!r} with shape {list(tensor.shape)} needs {count} values in contents.{field}, "
-            f"got {len(values)}"
-        )
+def _from_contents(tensor: tensor_pb2.Tensor, dtype: dtypes.DType) -> np.ndarray:
+    values = getattr(tensor.contents, CONTENTS_FIELD[dtype.name])
     kind = dtype.numpy.kind
     wide = np.array(values, dtype={"i": np.int64, "u": np.uint64}.get(kind, dtype.numpy))
     if kind in "iu" and wide.size:
@@ -95,13 +93,9 @@ def _from_contents(tensor: tensor_pb2.Tensor, dtype: dtypes.DType, count: int) -
     return wide.astype(dtype.numpy, copy=False).reshape(tensor.shape)
 
 
-def _strings(tensor: tensor_pb2.Tensor, count: int) -> np.ndarray:
+def _strings(tensor: tensor_pb2.Tensor, limits: TensorLimits) -> np.ndarray:
     values = tensor.contents.bytes_contents
-    if len(values) != count:
-        raise InvalidArgument(
-            f"tensor {tensor.name!r} with shape {list(tensor.shape)} needs {count} values in "
-            f"contents.bytes_contents, got {len(values)}"
-        )
+    limits.check_string(tensor.name, max(map(len, values), default=0))
     try:
         decoded = [v.decode("utf-8") for v in values]
     except UnicodeDecodeError:
