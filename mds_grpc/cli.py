@@ -39,8 +39,12 @@ def _worker(args) -> None:
 
 
 def _channel(args) -> grpc.Channel:
-    return grpc.insecure_channel(args.server, options=[("grpc.max_receive_message_length", -1),
-                                                       ("grpc.max_send_message_length", -1)])
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.server, options=options)
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    return grpc.secure_channel(args.server, credentials, options=options)
 
 
 def _print_message(message) -> None:
@@ -234,6 +238,12 @@ def _parser() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),
                         help="host:port of the server (default: $MDS_SERVER or localhost:50051)")
+    client.add_argument("--tls-ca", default=os.environ.get("MDS_TLS_CA"),
+                        help="connect over TLS, trusting this CA (PEM; default: $MDS_TLS_CA)")
+    client.add_argument("--tls-cert", default=os.environ.get("MDS_TLS_CERT"),
+                        help="client certificate for mutual TLS (PEM; default: $MDS_TLS_CERT)")
+    client.add_argument("--tls-key", default=os.environ.get("MDS_TLS_KEY"),
+                        help="its private key (PEM; default: $MDS_TLS_KEY)")
 
     upload = sub.add_parser("upload", parents=[client], help="upload an .onnx file (and its external data)")
     upload.add_argument("path")

@@ -19,6 +19,10 @@ class Settings:
     data_dir: Path = Path("data")
     log_dir: Path = Path("logs")
     log_level: str = "INFO"
+    # TLS: PEM files. With a client CA, clients must present a certificate it signed (mutual TLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     max_model_bytes: int = 4 * GiB
     model_cache_bytes: int = 2 * GiB
     max_message_bytes: int = 64 * MiB

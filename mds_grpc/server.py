@@ -5,6 +5,7 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import dramatiq
 import grpc
@@ -75,6 +76,22 @@ def build_core(settings: Settings) -> Core:
     return Core(storage, registry, broker, run_job, jobs)
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files; None serves plaintext."""
+    if not (settings.tls_cert_file or settings.tls_key_file):
+        if settings.tls_client_ca_file:
+            raise SystemExit("error: MDS_TLS_CLIENT_CA_FILE needs MDS_TLS_CERT_FILE and MDS_TLS_KEY_FILE too")
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise SystemExit("error: TLS needs both MDS_TLS_CERT_FILE and MDS_TLS_KEY_FILE")
+    try:
+        pair = (Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    except OSError as error:
+        raise SystemExit(f"error: cannot read a TLS file: {error}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
 async def check_backends(core: Core, health_servicer) -> None:
     """Health is SERVING while every backend answers, NOT_SERVING while one does not."""
     try:
@@ -136,12 +153,14 @@ async def serve(settings: Settings) -> None:
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await check_backends(core, health_servicer)
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port)
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
-    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir)})
+    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir),
+                               "tls": bool(credentials), "client_certificates": bool(settings.tls_client_ca_file)})
 
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})

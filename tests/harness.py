@@ -77,8 +77,9 @@ def _answers(url: str) -> bool:
 class ServerProcess:
     """`python -m mds_grpc serve` on a free port with its own data and log folders."""
 
-    def __init__(self, root: Path, **env):
+    def __init__(self, root: Path, credentials: grpc.ChannelCredentials | None = None, **env):
         self.root = Path(root)
+        self.credentials = credentials
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
         self.env = {k.upper(): str(v) for k, v in env.items()}
@@ -95,7 +96,8 @@ class ServerProcess:
              "--data-dir", str(self.data_dir), "--log-dir", str(self.log_dir)],
             env=env, cwd=self.root, stdout=self.stdout, stderr=subprocess.STDOUT,
         )
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
+                        else grpc.insecure_channel(self.address))
         health = health_pb2_grpc.HealthStub(self.channel)
         reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
