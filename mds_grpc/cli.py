@@ -32,6 +32,13 @@ def _serve(args) -> None:
     asyncio.run(serve(_settings(args)))
 
 
+def _gc(args) -> None:
+    from mds_grpc.core.garbage import collect_garbage
+    from mds_grpc.storage import open_storage
+
+    print(json.dumps(collect_garbage(open_storage(_settings(args)), args.grace_seconds), indent=2))
+
+
 def _worker(args) -> None:
     from mds_grpc.server import run_worker
 
@@ -234,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
                    "these flags)").set_defaults(run=_serve)
     sub.add_parser("worker", parents=[settings], help="run bulk jobs from Redis (needs MDS_REDIS_URL)"
                    ).set_defaults(run=_worker)
+    gc = sub.add_parser("gc", parents=[settings], help="remove blobs no record references and interrupted "
+                        "writes (same storage settings as the server)")
+    gc.add_argument("--grace-seconds", type=float, default=3600,
+                    help="only what is older than this (default: an hour; uploads in flight are younger)")
+    gc.set_defaults(run=_gc)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),

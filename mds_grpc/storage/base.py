@@ -39,6 +39,12 @@ class BlobStore(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
+    def list_blobs(self, older_than: datetime) -> list[str]:
+        """The blobs last written before `older_than`."""
+
+    def sweep_partial(self, older_than: datetime) -> list[str]:
+        """Remove what interrupted writes left before `older_than`; returns what was removed."""
+
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""
 
@@ -64,6 +70,9 @@ class MetadataStore(Protocol):
     def blob_in_use(self, sha256: str) -> bool:
         """Whether any stored record references the blob."""
 
+    def referenced_blobs(self) -> set[str]:
+        """Every blob a stored record references."""
+
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""
 
@@ -86,6 +95,9 @@ class JobStore(Protocol):
     def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
                    error: str = "") -> JobRecord | None:
         """Move the job to `target` if it is in one of `sources`; None (and no change) otherwise."""
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob a job input or job result references."""
 
     def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         """Append `result` if the job is RUNNING with rows_done == result.offset (exactly once).

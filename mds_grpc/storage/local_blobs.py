@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 from mds_grpc.core.errors import Unavailable
@@ -51,6 +52,19 @@ class LocalBlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).exists()
+
+    def _files(self, pattern: str, older_than: datetime) -> list[Path]:
+        cutoff = older_than.timestamp()
+        return [p for p in self.root.glob(f"*/{pattern}") if p.stat().st_mtime < cutoff]
+
+    def list_blobs(self, older_than: datetime) -> list[str]:
+        return [p.name for p in self._files("[0-9a-f]*", older_than)]
+
+    def sweep_partial(self, older_than: datetime) -> list[str]:
+        removed = self._files(".*.part", older_than)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return [p.name for p in removed]
 
     def ping(self) -> None:
         if not self.root.is_dir():

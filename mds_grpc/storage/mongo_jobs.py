@@ -75,5 +75,10 @@ class MongoJobStore:
         update = {"$inc": {"rows_done": result.rows}, "$push": {"results": dataclasses.asdict(result)}}
         return self._update(query, update)
 
+    def referenced_blobs(self) -> set[str]:
+        with self.connection.reachable():
+            return (set(self.inputs.distinct("tensors.sha256")) | set(self.jobs.distinct("input.tensors.sha256"))
+                    | set(self.jobs.distinct("results.sha256")))
+
     def ping(self) -> None:
         self.connection.ping()

@@ -109,5 +109,9 @@ class MongoMetadataStore:
         with self.connection.reachable():
             return self.models.find_one({"files.sha256": sha256}, {"_id": 1}) is not None
 
+    def referenced_blobs(self) -> set[str]:
+        with self.connection.reachable():
+            return set(self.models.distinct("files.sha256"))
+
     def ping(self) -> None:
         self.connection.ping()

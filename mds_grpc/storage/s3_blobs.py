@@ -10,6 +10,7 @@ import queue
 import threading
 import uuid
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import urllib3
@@ -172,6 +173,22 @@ class S3BlobStore:
     def exists(self, sha256: str) -> bool:
         with self._reachable():
             return self._exists(sha256)
+
+    def _objects(self, prefix: str, older_than: datetime) -> list[str]:
+        with self._reachable():
+            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                    if o.last_modified < older_than]
+
+    def list_blobs(self, older_than: datetime) -> list[str]:
+        return [name.removeprefix("sha256/") for name in self._objects("sha256/", older_than)]
+
+    def sweep_partial(self, older_than: datetime) -> list[str]:
+        """Objects of uploads that were complete but never published (their server died in between)."""
+        removed = self._objects("incoming/", older_than)
+        with self._reachable():
+            for name in removed:
+                self.client.remove_object(self.bucket, name)
+        return removed
 
     def ping(self) -> None:
         with self._reachable():

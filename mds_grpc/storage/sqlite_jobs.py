@@ -99,5 +99,11 @@ class SqliteJobStore:
 
         return self._update(job_id, append)
 
+    def referenced_blobs(self) -> set[str]:
+        inputs = [input_from_dict(_dates(json.loads(t))) for (t,) in self.db.query("SELECT record FROM job_inputs")]
+        jobs = [_job(text) for (text,) in self.db.query("SELECT record FROM jobs")]
+        return ({t.sha256 for i in inputs for t in i.tensors} | {r.sha256 for j in jobs for r in j.results}
+                | {t.sha256 for j in jobs for t in j.input.tensors})
+
     def ping(self) -> None:
         self.db.query("SELECT 1")

@@ -97,5 +97,8 @@ class SqliteMetadataStore:
     def blob_in_use(self, sha256: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
 
+    def referenced_blobs(self) -> set[str]:
+        return {sha for (sha,) in self.db.query("SELECT DISTINCT sha256 FROM model_blobs")}
+
     def ping(self) -> None:
         self.db.query("SELECT 1")
