@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen services services-stop envoy bench clean
+.PHONY: run test install install-test gen services services-stop envoy bench soak clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -36,6 +36,10 @@ envoy: install
 ## The benchmark suite (bench/): writes bench/results/results.{json,md,png}.
 bench: install-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## A bounded soak (3 minutes by default) of mixed load: writes bench/results/soak.json.
+soak: install-test
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 ## Regenerate gen/ from protos/: Python, Go and Node stubs, gen/mds.protoset, gen/openapi/mds.swagger.json.
 gen: install
