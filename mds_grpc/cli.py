@@ -47,10 +47,10 @@ def _worker(args) -> None:
 
 def _channel(args) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    if not args.tls_ca:
+    if not (args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.server, options=options)
     read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))  # no CA: system roots
     return grpc.secure_channel(args.server, credentials, options=options)
 
 
@@ -187,7 +187,9 @@ def _jobs(args) -> None:
             if not path.endswith(".npy"):
                 raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
             arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        job_input = stub.UploadJobInput(_job_requests(arrays, args.chunk_rows))
+        row_bytes = sum(a[:1].nbytes for a in arrays.values()) or 1
+        chunk_rows = args.chunk_rows or max(1, CHUNK_BYTES * 16 // row_bytes)  # ~16 MiB messages
+        job_input = stub.UploadJobInput(_job_requests(arrays, chunk_rows))
         job = stub.CreateJob(pb.CreateJobRequest(model=args.target, version=args.version, input_id=job_input.id,
                                                  output_names=args.output, batch_rows=args.batch_rows))
         _print_message(job)
@@ -219,6 +221,8 @@ def _jobs(args) -> None:
         for batch in stub.GetJobResults(pb.GetJobResultsRequest(id=args.target)):
             for tensor in batch.outputs:
                 array = to_array(tensor)
+                if Path(tensor.name).name != tensor.name or tensor.name in ("", ".", ".."):
+                    raise SystemExit(f"error: output name {tensor.name!r} cannot be a file name")
                 if tensor.name not in files:
                     files[tensor.name] = np.lib.format.open_memmap(
                         out / f"{tensor.name}.npy", mode="w+", dtype=array.dtype, shape=(total, *array.shape[1:]))
@@ -286,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     jobs.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")
     jobs.add_argument("--batch-rows", type=int, default=0, help="rows per batch (default: the server's)")
-    jobs.add_argument("--chunk-rows", type=int, default=65536, help="rows per uploaded message")
+    jobs.add_argument("--chunk-rows", type=int, default=0, help="rows per uploaded message (default: ~16 MiB)")
     jobs.add_argument("--state", help="list only jobs in this state")
     jobs.add_argument("--out", default=".", help="folder for the results' NAME.npy files")
     jobs.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -57,6 +57,11 @@ class Settings:
     max_job_input_bytes: int = 16 * GiB
 
 
+AT_LEAST_ONE = ("max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight", "max_inputs",
+                "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows", "job_workers",
+                "max_job_input_bytes")
+
+
 def parse(kind: type, raw: str):
     """A setting's value from its text; booleans accept 1/0, true/false, yes/no, on/off."""
     if kind is bool:
@@ -83,4 +88,8 @@ def load_settings(**overrides) -> Settings:
             except ValueError:
                 raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+    settings = Settings(**values)
+    for name in AT_LEAST_ONE:
+        if getattr(settings, name) < 1:
+            raise SystemExit(f"error: {env_name(name)} must be at least 1, got {getattr(settings, name)}")
+    return settings

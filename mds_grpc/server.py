@@ -2,6 +2,8 @@
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +24,6 @@ from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.config import Settings
-from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
@@ -55,11 +56,22 @@ class Core:
         job_queue.ping_broker(self.broker)
 
     async def is_ready(self) -> bool:
+        """Whether every backend answers; any failure (unreachable, refused, misconfigured) means no."""
         try:
             await asyncio.to_thread(self.ping)
-        except Unavailable:
+        except Exception as error:
+            log.warning("backend not ready", extra={"error": str(error)})
             return False
         return True
+
+
+def job_work_dir(root: Path) -> Path:
+    """This process's folder for job files; folders of processes that died are removed."""
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.isdigit() and not Path(f"/proc/{folder.name}").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+    return root / str(os.getpid())
 
 
 def build_core(settings: Settings) -> Core:
@@ -70,7 +82,8 @@ def build_core(settings: Settings) -> Core:
     registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes,
                              settings.resolve_ttl_seconds)
     broker = job_queue.make_broker(settings)
-    run_job = job_queue.declare_actor(broker, JobRunner(storage, data / "jobs", settings.ort_intra_op_threads))
+    run_job = job_queue.declare_actor(broker, JobRunner(storage, job_work_dir(data / "jobs"),
+                                                        settings.ort_intra_op_threads))
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, settings.job_batch_rows,
                       settings.max_job_input_bytes)
     return Core(storage, registry, broker, run_job, jobs)
@@ -94,12 +107,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def check_backends(core: Core, health_servicer) -> None:
     """Health is SERVING while every backend answers, NOT_SERVING while one does not."""
-    try:
-        await asyncio.to_thread(core.ping)
-        status = health_pb2.HealthCheckResponse.SERVING
-    except Unavailable as error:
-        log.warning("backend unavailable", extra={"error": str(error)})
-        status = health_pb2.HealthCheckResponse.NOT_SERVING
+    status = health_pb2.HealthCheckResponse.SERVING if await core.is_ready() else \
+        health_pb2.HealthCheckResponse.NOT_SERVING
     for service in ("", *SERVICES):
         await health_servicer.set(service, status)
 
@@ -167,8 +176,8 @@ async def serve(settings: Settings) -> None:
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
-    if worker is not None:
-        await asyncio.to_thread(worker.stop)
+    if worker is not None:  # a job interrupted here resumes from its last batch at the next start
+        await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))
     executor.shutdown(wait=True, cancel_futures=True)
     log.info("stopped")
 
@@ -182,5 +191,5 @@ def run_worker(settings: Settings) -> None:
     worker = job_queue.start_worker(build_core(settings).broker, settings.job_workers)
     log.info("worker started", extra={"threads": settings.job_workers})
     signal.sigwait(stop_signals)
-    worker.stop()
+    worker.stop(int(settings.shutdown_grace_seconds * 1000))  # unfinished jobs go back to the queue
     log.info("worker stopped")

@@ -110,15 +110,15 @@ def sklearn_classifier() -> bytes:
     return to_onnx(classifier, features[:1], target_opset={"": 17, "ai.onnx.ml": 3}).SerializeToString()
 
 
-def dense(features: int = 8, classes: int = 3, seed: int = 0) -> bytes:
+def dense(features: int = 8, classes: int = 3, seed: int = 0, input_name: str = "x") -> bytes:
     """A small classifier over rows: scores = x @ w + b [N, classes] and their argmax [N]."""
     rng = np.random.default_rng(seed)
     weights = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "b")
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", features])]
+    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["rows", features])]
     outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", classes]),
                helper.make_tensor_value_info("label", TensorProto.INT64, ["rows"])]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"]),
+    nodes = [helper.make_node("MatMul", [input_name, "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"]),
              helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0)]
     return _model(nodes, inputs, outputs, [weights, bias]).SerializeToString()
 

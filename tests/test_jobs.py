@@ -1,5 +1,7 @@
 """Bulk jobs against a real server: embedded (in-process worker) and MongoDB + S3 + Redis (mds worker)."""
 
+from pathlib import Path
+
 import grpc
 import numpy as np
 import onnx_models
@@ -163,3 +165,19 @@ def test_unknown_job(server):
                           (server.jobs.CancelJob, pb.CancelJobRequest(id="nope"))):
         assert_status(lambda: call(request), grpc.StatusCode.NOT_FOUND, "job 'nope' does not exist")
     assert_status(lambda: watch(server, "nope"), grpc.StatusCode.NOT_FOUND)
+
+
+def test_unknown_state_filter(server):
+    assert_status(lambda: server.jobs.ListJobs(pb.ListJobsRequest(state=42)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "unknown job state 42")
+
+
+def test_input_names_never_become_paths(server, tmp_path):
+    """An input named like a path must not steer where a worker writes the job's columns."""
+    escape = "../../../../../../../tmp/mds-escape-" + tmp_path.name
+    model = onnx_models.dense(input_name=escape)
+    server.models.UploadModel(upload_requests("path-named-input", model))
+    x = np.ones((5, 8), np.float32)
+    job = server.jobs.CreateJob(pb.CreateJobRequest(model="path-named-input", inputs=[from_array(escape, x, True)]))
+    assert watch(server, job.id)[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert not Path("/tmp/mds-escape-" + tmp_path.name).exists()

@@ -203,3 +203,20 @@ def test_size_limit_stops_the_upload(tmp_path, pretrained):
         assert list(small.models.ListModels(pb.ListModelsRequest()).models) == []
     finally:
         assert small.stop() == 0
+
+
+def test_empty_chunks_are_harmless(server, unique):
+    data = onnx_models.add_two(6.0)
+    requests = list(upload_requests(unique, data, chunk_size=40))
+    with_empties = [requests[0]] + [m for r in requests[1:] for m in (pb.UploadModelRequest(chunk=b""), r)]
+    model = server.models.UploadModel(iter(with_empties))
+    assert model.sha256 == hashlib.sha256(data).hexdigest() and model.size_bytes == len(data)
+    assert hashlib.sha256(data).hexdigest() in server.blobs()
+
+
+@pytest.mark.usefixtures("nothing_left")
+def test_side_files_cannot_nest_in_one_another(server, unique):
+    for paths in (["a", "a/b"], ["model.onnx/x"]):
+        files = [pb.ModelFile(path=p) for p in paths]
+        assert_status(lambda: upload(server, unique, onnx_models.add_two(), external_files=files),
+                      grpc.StatusCode.INVALID_ARGUMENT, "is also used as a folder")

@@ -54,7 +54,8 @@ async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext):
     finally:
         code = (code or context.code() or grpc.StatusCode.OK).name
         seconds = time.perf_counter() - start
-        metrics.observe_rpc(method, str(fields.get("model", "")), code, seconds)
+        # Only served models label metrics: names from failed requests are unbounded.
+        metrics.observe_rpc(method, str(fields.get("model", "")) if code == "OK" else "", code, seconds)
         log.info("rpc", extra={"method": method, **fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
 
 

@@ -3,6 +3,7 @@
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import from_array, from_wire_dtype, to_wire_dtype
+from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobState
 from mds_grpc.core.jobs import ColumnSpec
 
@@ -17,7 +18,11 @@ def job_to_wire(job: JobRecord) -> pb.Job:
 
 
 def state_from_wire(value: int) -> JobState | None:
-    return None if value == pb.JOB_STATE_UNSPECIFIED else JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))
+    if value == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    if value not in pb.JobState.values():
+        raise InvalidArgument(f"unknown job state {value}")
+    return JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))
 
 
 def input_to_wire(record: JobInputRecord) -> pb.JobInput:
@@ -30,6 +35,6 @@ def column_from_wire(spec: tensor_pb2.TensorSpec) -> ColumnSpec:
     return ColumnSpec(spec.name, from_wire_dtype(spec.dtype, spec.name).name, tuple(spec.shape))
 
 
-def batch_to_wire(offset: int, rows: int, arrays: dict, raw: bool = True) -> pb.JobResultBatch:
+def batch_to_wire(offset: int, rows: int, arrays: dict) -> pb.JobResultBatch:
     return pb.JobResultBatch(row_offset=offset, rows=rows,
-                             outputs=[from_array(name, array, raw) for name, array in arrays.items()])
+                             outputs=[from_array(name, array, raw=True) for name, array in arrays.items()])

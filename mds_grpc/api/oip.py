@@ -73,7 +73,6 @@ def input_arrays(request: pb.ModelInferRequest, limits: TensorLimits = TensorLim
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    limits.check_inputs(len(request.inputs))
     return to_arrays([_as_mds_tensor(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)],
                      limits)
 

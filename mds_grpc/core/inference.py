@@ -95,14 +95,16 @@ class InferenceEngine:
     """Runs models on an executor, or inline on the event loop when a model's runs are known to be short.
 
     A thread hop costs more than a tiny model's whole run; blocking the loop for at most
-    `inline_max_seconds` (judged by the model's recent run times) costs less.
+    `inline_max_seconds` (estimated from the model's recent runs and the request's size) costs less.
     """
 
     def __init__(self, registry: ModelRegistry, executor: Executor, inline_max_seconds: float = 0.0):
         self.registry = registry
         self.executor = executor
         self.inline_max_seconds = inline_max_seconds
-        self._run_seconds: dict[tuple[str, int], float] = {}  # moving average per (model, version)
+        # Moving average of run time per input element, per (model, version): the estimate of a
+        # request's run time that decides whether it runs inline.
+        self._seconds_per_element: dict[tuple[str, int], float] = {}
 
     async def predict(self, model: str, version: int, inputs: dict[str, np.ndarray],
                       output_names: Sequence[str] = (), deadline: float | None = None) -> Prediction:
@@ -135,12 +137,14 @@ class InferenceEngine:
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
                 ) from None
             computed = time.perf_counter() - started
-            self._run_seconds[key] = 0.8 * self._run_seconds.get(key, computed) + 0.2 * computed
+            per_element = computed / elements
+            self._seconds_per_element[key] = 0.8 * self._seconds_per_element.get(key, per_element) + 0.2 * per_element
             metrics.observe_run(record.name, started - submitted, computed, next(
                 (a.shape[0] for a in inputs.values() if a.ndim), 1))
             return values
 
-        if self._run_seconds.get(key, float("inf")) <= self.inline_max_seconds:
+        elements = max(1, sum(a.size for a in inputs.values()))
+        if self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds:
             return Prediction(record.name, record.version, list(zip(names, run())))
         future = asyncio.get_running_loop().run_in_executor(self.executor, run)
         try:

@@ -68,8 +68,8 @@ class JobRunner:
         session = open_session(materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE,
                                self.intra_op_threads)
         columns = {}
-        for tensor in job.input.tensors:
-            path = folder / f"input-{tensor.name}"
+        for i, tensor in enumerate(job.input.tensors):
+            path = folder / f"input-{i}"  # never a client-chosen name in a path
             if job.rows_total:
                 self.storage.blobs.fetch_to(tensor.sha256, path)
             columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
@@ -84,7 +84,7 @@ class JobRunner:
             except Exception as error:  # onnxruntime's own exception types
                 raise _JobFailed(f"onnxruntime failed on rows {offset}-{offset + rows - 1}: {error}") from None
             result_path = folder / f"result-{offset}.npz"
-            np.savez(result_path, **dict(zip(job.output_names, outputs)))
+            np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
             sha256 = sha256_of(result_path)
             self.storage.blobs.put_file(result_path, sha256)
             # None: another worker recorded this batch first, or the job was cancelled; look again.

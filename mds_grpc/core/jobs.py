@@ -128,7 +128,7 @@ class JobManager:
         finally:
             if writer is not None:
                 writer.close()
-            shutil.rmtree(folder, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def create(self, model: str, version: int, inline: dict[str, np.ndarray] | None, input_id: str,
                      output_names: Sequence[str], batch_rows: int) -> JobRecord:
@@ -223,14 +223,14 @@ class JobManager:
             raise FailedPrecondition(f"job {job_id!r} is {job.state.value}; results are readable once it has SUCCEEDED")
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for result in job.results:
-            arrays = await asyncio.to_thread(self._read_result, result)
+            arrays = await asyncio.to_thread(self._read_result, result, job.output_names)
             yield result, arrays
 
-    def _read_result(self, result: JobResult) -> dict[str, np.ndarray]:
+    def _read_result(self, result: JobResult, names: Sequence[str]) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:
             path = Path(folder) / "result.npz"
             self.storage.blobs.fetch_to(result.sha256, path)
             with np.load(path, allow_pickle=False) as saved:
-                # .npz keeps bfloat16 as 2-byte voids: view them back.
-                return {name: saved[name].view(BF16) if saved[name].dtype.kind == "V" else saved[name]
-                        for name in saved.files}
+                arrays = [saved[f"arr_{i}"] for i in range(len(names))]
+        # .npz keeps bfloat16 as 2-byte voids: view them back.
+        return {name: a.view(BF16) if a.dtype.kind == "V" else a for name, a in zip(names, arrays)}

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from mds_grpc import metrics
+from mds_grpc.core.errors import NotFound
 from mds_grpc.core.inspection import open_session
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
 from mds_grpc.storage.base import BlobStore
@@ -86,7 +87,10 @@ class ModelCache:
         return await asyncio.shield(task)
 
     async def _load(self, record: ModelRecord) -> LoadedModel:
-        folder = await asyncio.to_thread(self._materialize, record)
+        try:
+            folder = await asyncio.to_thread(self._materialize, record)
+        except FileNotFoundError:
+            raise NotFound(f"model {record.name!r} version {record.version} was deleted") from None
         session = await asyncio.to_thread(open_session, folder / MAIN_FILE, self.intra_op_threads)
         return self.put(record, session)
 
@@ -114,7 +118,16 @@ class ModelCache:
         Runs still using the session keep working: open files outlive their unlinking.
         """
         self._models.pop(key, None)
-        shutil.rmtree(self._folder(key), ignore_errors=True)
+        folder = self._folder(key)
+        trash = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.trash")
+        try:
+            folder.rename(trash)  # at once, so a new load materializes afresh
+        except FileNotFoundError:
+            return
+        try:
+            asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+        except RuntimeError:  # no event loop (a script or a test driving the cache directly)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def forget(self, name: str, versions: list[int]) -> None:
         """Drop the sessions and folders of deleted versions."""

@@ -37,6 +37,7 @@ class ModelRegistry:
     async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes]]) -> ModelRecord:
         """Stage, validate, publish and warm a new version; nothing stays behind on failure."""
         staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload)
+        handed_over = False
         try:
             files = await receive(staging, parts)
             side_files = {stored.path for stored in files[1:]}
@@ -49,13 +50,23 @@ class ModelRegistry:
                 ir_version=info.ir_version, description=header.description,
                 labels=dict(header.labels), metadata=dict(header.metadata),
             )
-            # Once the client has sent everything and the model is valid, finish even if it leaves.
-            record = await asyncio.shield(self._publish(staging, draft))
-            self._forget_resolved(record.name)  # "latest" moves on now, not after the TTL
-            self.cache.put(record, session)
-            return record
+            # Once the client has sent everything and the model is valid, finish even if it leaves:
+            # the publishing task owns the staging folder from here on, cleanup included.
+            publishing = asyncio.ensure_future(self._publish_and_warm(staging, draft, session))
+            handed_over = True
+            return await asyncio.shield(publishing)
         finally:
-            staging.cleanup()
+            if not handed_over:
+                await asyncio.to_thread(staging.cleanup)
+
+    async def _publish_and_warm(self, staging: StagedUpload, draft: ModelRecord, session) -> ModelRecord:
+        try:
+            record = await self._publish(staging, draft)
+        finally:
+            await asyncio.to_thread(staging.cleanup)
+        self._forget_resolved(record.name)  # "latest" moves on now, not after the TTL
+        self.cache.put(record, session)
+        return record
 
     async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
         created: list[str] = []  # blobs this upload added, removed again if it fails

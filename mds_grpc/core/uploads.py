@@ -80,6 +80,9 @@ class StagedUpload:
             if side.path in declared:
                 raise InvalidArgument(f"file {side.path!r} is declared twice in the header")
             declared[side.path] = side
+        for path in declared:
+            if any(other.startswith(path + "/") for other in declared):
+                raise InvalidArgument(f"file {path!r} is also used as a folder by another declared file")
         self.declared = declared
         self.max_bytes = max_bytes
         self.dir = Path(tmp_root) / f"upload-{uuid.uuid4().hex}"
@@ -95,6 +98,8 @@ class StagedUpload:
         return self.dir / MAIN_FILE
 
     def write(self, path: str, data: bytes) -> None:
+        if not data:
+            return  # an empty chunk carries nothing, and must not end a stream early
         if path not in self.declared:
             raise InvalidArgument(f"chunk for undeclared file {path!r}: list it in header.external_files")
         if self._open is None or self._open.path != path:

@@ -20,7 +20,10 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         shutil.copyfile(source, partial)
         os.chmod(partial, 0o444)
-        os.replace(partial, dest)
+        try:
+            os.link(partial, dest)  # like the fast path: FileExistsError when dest is already there
+        finally:
+            partial.unlink()
 
 
 class LocalBlobStore:

@@ -24,6 +24,9 @@ PART_BYTES = 16 << 20
 PIPE_CHUNKS = 8  # chunks buffered between the upload stream and the multipart upload
 
 
+_END = object()
+
+
 class _Pipe:
     """A file-like reader fed by writes from another thread; closing with an error fails the reader."""
 
@@ -31,21 +34,32 @@ class _Pipe:
         self._chunks: queue.Queue = queue.Queue(maxsize=PIPE_CHUNKS)
         self._buffer = bytearray()
         self._done = False
+        self.reader_gone = threading.Event()  # set when the reading thread stops, so writers never block forever
 
     def write(self, data: bytes) -> None:
-        self._chunks.put(data)
+        if data:
+            self._put(data)
 
     def close(self, error: BaseException | None = None) -> None:
-        self._chunks.put(error or b"")
+        self._put(error or _END)
+
+    def _put(self, item) -> None:
+        while not self.reader_gone.is_set():
+            try:
+                self._chunks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def read(self, size: int = -1) -> bytes:
         while not self._done and (size < 0 or len(self._buffer) < size):
             item = self._chunks.get()
             if isinstance(item, BaseException):
                 raise item
-            if item == b"":
+            if item is _END:
                 self._done = True
-            self._buffer.extend(item)
+            else:
+                self._buffer.extend(item)
         size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
@@ -69,6 +83,8 @@ class S3StreamingUpload:
                 self.store.client.put_object(self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES)
         except BaseException as error:  # kept for commit(); the client has aborted the multipart upload
             self.error = error
+        finally:
+            self.pipe.reader_gone.set()
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
