@@ -125,7 +125,7 @@ def test_prometheus_metrics(tmp_path):
                for line in text.splitlines() if line and not line.startswith("#")}
     predict = 'method="/mds.v1.InferenceService/Predict"'
     assert samples[f'mds_requests_total{{code="OK",{predict},model="adder"}}'] == 3
-    assert samples[f'mds_requests_total{{code="NOT_FOUND",{predict},model="missing"}}'] == 1
+    assert samples[f'mds_requests_total{{code="NOT_FOUND",{predict},model=""}}'] == 1  # failed names never label
     assert samples[f'mds_request_seconds_count{{{predict},model="adder"}}'] == 3
     assert samples['mds_inference_compute_seconds_count{model="adder"}'] == 3
     assert samples['mds_inference_queue_seconds_count{model="adder"}'] == 3
