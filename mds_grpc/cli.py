@@ -39,19 +39,57 @@ def _gc(args) -> None:
     print(json.dumps(collect_garbage(open_storage(_settings(args)), args.grace_seconds), indent=2))
 
 
+def _keys(args) -> None:
+    from mds_grpc.core.auth import new_key
+    from mds_grpc.storage import open_storage
+
+    store = open_storage(_settings(args)).metadata
+    if args.action == "create":
+        token, key = new_key(args.scope, args.prefix, args.description)
+        store.create_key(key)
+        print(json.dumps({"id": key.id, "key": token, "scopes": key.scopes, "prefixes": key.prefixes,
+                          "note": "the key is shown only now; MDS keeps only its hash"}, indent=2))
+    elif args.action == "list":
+        for key in store.list_keys():
+            print(f"{key.id}\t{','.join(key.scopes)}\t{','.join(key.prefixes) or '*'}\t"
+                  f"{'revoked' if key.revoked else 'active'}\t{key.created_at.isoformat()}\t{key.description}")
+    elif not args.id:
+        raise SystemExit("error: mds keys revoke needs a key id")
+    elif not store.revoke_key(args.id):
+        raise SystemExit(f"error: no API key {args.id!r}")
+    else:
+        print(f"revoked {args.id}")
+
+
 def _worker(args) -> None:
     from mds_grpc.server import run_worker
 
     run_worker(_settings(args))
 
 
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key: str):
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def _add(self, continuation, details, request):
+        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+        return continuation(details, request)
+
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _add
+
+
 def _channel(args) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    if not (args.tls_ca or args.tls_cert):
-        return grpc.insecure_channel(args.server, options=options)
-    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-    credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))  # no CA: system roots
-    return grpc.secure_channel(args.server, credentials, options=options)
+    if args.tls_ca or args.tls_cert:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+        channel = grpc.secure_channel(args.server, credentials, options=options)  # no CA given: system roots
+    else:
+        channel = grpc.insecure_channel(args.server, options=options)
+    return grpc.intercept_channel(channel, _ApiKey(args.api_key)) if args.api_key else channel
 
 
 def _print_message(message) -> None:
@@ -250,10 +288,21 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--grace-seconds", type=float, default=3600,
                     help="only what is older than this (default: an hour; uploads in flight are younger)")
     gc.set_defaults(run=_gc)
+    keys = sub.add_parser("keys", parents=[settings], help="API keys: create (shown once), list, revoke "
+                          "(same storage settings as the server)")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("id", nargs="?", help="the key to revoke")
+    keys.add_argument("--scope", action="append", default=[], choices=["admin", "predict"],
+                      help="admin: upload, delete and everything predict may do; predict: inference and jobs")
+    keys.add_argument("--prefix", action="append", default=[], help="limit the key to model names with this prefix")
+    keys.add_argument("--description", default="")
+    keys.set_defaults(run=_keys)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),
                         help="host:port of the server (default: $MDS_SERVER or localhost:50051)")
+    client.add_argument("--api-key", default=os.environ.get("MDS_API_KEY"),
+                        help="API key sent as 'authorization: Bearer <key>' (default: $MDS_API_KEY)")
     client.add_argument("--tls-ca", default=os.environ.get("MDS_TLS_CA"),
                         help="connect over TLS, trusting this CA (PEM; default: $MDS_TLS_CA)")
     client.add_argument("--tls-cert", default=os.environ.get("MDS_TLS_CERT"),

@@ -19,6 +19,9 @@ class Settings:
     data_dir: Path = Path("data")
     log_dir: Path = Path("logs")
     log_level: str = "INFO"
+    # API keys: "on", "off", or "auto" (on whenever MongoDB is configured, off for the embedded default).
+    auth: str = "auto"
+    auth_cache_seconds: float = 5.0  # a revoked key is refused within this long
     # TLS: PEM files. With a client CA, clients must present a certificate it signed (mutual TLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -89,6 +92,8 @@ def load_settings(**overrides) -> Settings:
                 raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
+    if settings.auth not in ("auto", "on", "off"):
+        raise SystemExit(f"error: MDS_AUTH must be on, off or auto, got {settings.auth!r}")
     for name in AT_LEAST_ONE:
         if getattr(settings, name) < 1:
             raise SystemExit(f"error: {env_name(name)} must be at least 1, got {getattr(settings, name)}")

@@ -19,11 +19,13 @@ from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_servi
                     model_service_pb2, model_service_pb2_grpc)
 from mds_grpc import job_queue, metrics
 from mds_grpc.api.access_log import AccessLogInterceptor
+from mds_grpc.api.auth import Guard
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.config import Settings
+from mds_grpc.core.auth import Authenticator
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
@@ -141,8 +143,13 @@ async def serve(settings: Settings) -> None:
     core.registry.sweep_local_copies()
     worker = None if settings.redis_url else start_embedded_worker(core, settings)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
+    auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
+    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds)) if auth_on else None
+    if not auth_on and settings.grpc_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("authentication is off on a non-loopback address: anyone who can reach "
+                    f"{settings.grpc_host}:{settings.grpc_port} can upload, delete and predict; set MDS_AUTH=on")
     server = grpc.aio.server(
-        interceptors=[AccessLogInterceptor(("/mds.", "/inference."))],
+        interceptors=[AccessLogInterceptor(("/mds.", "/inference."), guard)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -168,7 +175,7 @@ async def serve(settings: Settings) -> None:
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port)
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
-    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir),
+    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir), "auth": auth_on,
                                "tls": bool(credentials), "client_certificates": bool(settings.tls_client_ca_file)})
 
     await stop.wait()

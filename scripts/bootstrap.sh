@@ -24,8 +24,9 @@ if [ ! -f "$stamp" ]; then
   rm -f "$venv"/.mds-deps-*-"$extras"
   touch "$stamp"
 fi
-# The package itself: re-pointed at this checkout when another one installed it.
-if ! "$venv/bin/python" -c "import mds_grpc, sys; sys.exit(not mds_grpc.__file__.startswith('$repo/'))" 2>/dev/null; then
+# The package itself: re-pointed at this checkout when another one installed it. The check
+# runs from / so that a checkout in the working folder cannot answer for the installed one.
+if ! (cd / && "$venv/bin/python" -c "import mds_grpc.cli as m, sys; sys.exit(not m.__file__.startswith('$repo/'))") 2>/dev/null; then
   "$venv/bin/pip" install --quiet --no-deps -e "$repo"
 fi
 

@@ -64,4 +64,4 @@ def server_env(mongo: Backend, s3: Backend, queue: Backend) -> dict[str, str]:
     return {"MDS_MONGO_URI": f"mongodb://127.0.0.1:{mongo.port}/", "MDS_S3_ENDPOINT": f"127.0.0.1:{s3.port}",
             "MDS_REDIS_URL": f"redis://127.0.0.1:{queue.port}/0",
             "MDS_S3_ACCESS_KEY": S3_USER, "MDS_S3_SECRET_KEY": S3_PASSWORD, "MDS_S3_BUCKET": "models",
-            "MDS_BACKEND_CHECK_SECONDS": "0.2"}
+            "MDS_BACKEND_CHECK_SECONDS": "0.2", "MDS_AUTH": "off"}

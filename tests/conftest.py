@@ -34,7 +34,7 @@ def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
     """Settings for a server on MongoDB, S3 and Redis, in a database, bucket and queue of its own."""
     keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY", "MDS_REDIS_URL")
     return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace,
-            "MDS_REDIS_NAMESPACE": namespace}
+            "MDS_REDIS_NAMESPACE": namespace, "MDS_AUTH": "off"}  # test_auth covers keys
 
 
 @pytest.fixture(scope="session", params=["embedded", "mongo-s3-redis"])

@@ -36,12 +36,14 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 @asynccontextmanager
-async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext):
+async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext, guard):
     start = time.perf_counter()
     fields = {target: value for source, target in _REQUEST_FIELDS if (value := getattr(request, source, None))}
     _fields.set(fields)
     code = None
     try:
+        if guard is not None:
+            await guard(method, request, context)
         yield
     except grpc.aio.AbortError:
         raise
@@ -59,12 +61,12 @@ async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext):
         log.info("rpc", extra={"method": method, **fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(method: str, handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request, context):
-            async with _rpc_scope(method, request, context):
+            async with _rpc_scope(method, request, context, guard):
                 return await inner(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -73,7 +75,7 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     inner = handler.unary_stream or handler.stream_stream
 
     async def stream_response(request, context):
-        async with _rpc_scope(method, request, context):
+        async with _rpc_scope(method, request, context, guard):
             async for response in inner(request, context):
                 yield response
 
@@ -82,10 +84,14 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the handlers of methods under `prefixes`; health and reflection pass untouched."""
+    """Wraps the handlers of methods under `prefixes`; health and reflection pass untouched.
 
-    def __init__(self, prefixes: tuple[str, ...]):
+    `guard(method, request, context)`, when given, runs first (authentication and authorization).
+    """
+
+    def __init__(self, prefixes: tuple[str, ...], guard=None):
         self.prefixes = prefixes
+        self.guard = guard
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -93,5 +99,5 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefixes):
             return handler
         if details.method not in self._wrapped:
-            self._wrapped[details.method] = _wrap(details.method, handler)
+            self._wrapped[details.method] = _wrap(details.method, handler, self.guard)
         return self._wrapped[details.method]

@@ -10,6 +10,7 @@ from google.rpc import status_pb2
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import inference_service_pb2_grpc, tensor_pb2
 from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.auth import check_model
 from mds_grpc.api.streams import in_order
 from mds_grpc.api.tensors import from_array, to_arrays
 from mds_grpc.core.inference import InferenceEngine, Prediction
@@ -69,6 +70,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _stream_item(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictStreamResponse:
         try:
+            check_model(request.model)
             response = await self._predict(request, deadline)
         except Exception as error:
             code, message = status_of(error)

@@ -3,6 +3,8 @@
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import model_service_pb2_grpc
 from mds_grpc.api.access_log import annotate
+from mds_grpc.api.auth import check_model
+from mds_grpc.core.auth import ADMIN
 from mds_grpc.api.models import model_to_wire, split_upload
 from mds_grpc.core.registry import ModelRegistry
 
@@ -14,6 +16,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def UploadModel(self, request_iterator, context):
         header, parts = await split_upload(request_iterator)
         annotate(model=header.name)
+        check_model(header.name, ADMIN)
         record = await self.registry.upload(header, parts)
         annotate(version=record.version)
         return model_to_wire(record)

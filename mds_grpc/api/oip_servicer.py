@@ -8,6 +8,7 @@ import numpy as np
 from mds.oip import grpc_service_pb2 as pb
 from mds.oip import grpc_service_pb2_grpc
 from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.auth import check_model
 from mds_grpc.api.inference_servicer import deadline_of
 from mds_grpc.api.oip import infer_response, input_arrays, model_metadata, parse_version
 from mds_grpc.api.streams import in_order
@@ -67,6 +68,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
+                check_model(request.model_name)
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
             except Exception as error:
                 code, message = status_of(error)

@@ -39,3 +39,11 @@ class Unavailable(MdsError):
 
 class FailedPrecondition(MdsError):
     status = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(MdsError):
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MdsError):
+    status = "PERMISSION_DENIED"

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from datetime import datetime
 
+from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState
 from mds_grpc.core.records import ModelRecord
 
@@ -72,6 +73,15 @@ class MetadataStore(Protocol):
 
     def referenced_blobs(self) -> set[str]:
         """Every blob a stored record references."""
+
+    def create_key(self, key: ApiKey) -> None: ...
+
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    def list_keys(self) -> list[ApiKey]: ...
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Mark a key revoked; False when there is no such key."""
 
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""

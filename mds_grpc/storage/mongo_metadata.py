@@ -14,10 +14,15 @@ from pymongo import uri_parser
 from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
+from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
 
 MODEL_FIELDS = {"_id": 0}
+
+
+def _key(doc: dict) -> ApiKey:
+    return ApiKey(**{**doc, "scopes": tuple(doc["scopes"]), "prefixes": tuple(doc["prefixes"])})
 
 
 def _from_doc(doc: dict) -> ModelRecord:
@@ -67,6 +72,8 @@ class MongoMetadataStore:
         self.names = connection.db["model_names"]
         connection.index(self.models, [("name", 1), ("version", 1)], unique=True, name="name_version")
         connection.index(self.models, [("files.sha256", 1)], name="files_sha256")
+        self.keys = connection.db["api_keys"]
+        connection.index(self.keys, [("id", 1)], unique=True, name="api_keys_id")
 
     def create(self, record: ModelRecord) -> ModelRecord:
         """The unique (name, version) index is the guarantee: a collision takes the next number."""
@@ -108,6 +115,23 @@ class MongoMetadataStore:
     def blob_in_use(self, sha256: str) -> bool:
         with self.connection.reachable():
             return self.models.find_one({"files.sha256": sha256}, {"_id": 1}) is not None
+
+    def create_key(self, key: ApiKey) -> None:
+        with self.connection.reachable():
+            self.keys.insert_one(dataclasses.asdict(key))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self.connection.reachable():
+            doc = self.keys.find_one({"id": key_id}, {"_id": 0})
+        return _key(doc) if doc else None
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.connection.reachable():
+            return [_key(doc) for doc in self.keys.find({}, {"_id": 0}).sort("id", 1)]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.connection.reachable():
+            return self.keys.update_one({"id": key_id}, {"$set": {"revoked": True}}).matched_count == 1
 
     def referenced_blobs(self) -> set[str]:
         with self.connection.reachable():

@@ -5,6 +5,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
 from mds_grpc.storage.sqlite_db import SqliteDatabase
 
@@ -25,6 +26,7 @@ CREATE TABLE IF NOT EXISTS model_blobs (
     sha256 TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS model_blobs_sha256 ON model_blobs (sha256);
+CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 """
 
 
@@ -38,6 +40,16 @@ def _decode(text: str) -> ModelRecord:
     data = json.loads(text)
     data["created_at"] = datetime.fromisoformat(data["created_at"])
     return record_from_dict(data)
+
+
+def _encode_key(key: ApiKey) -> str:
+    return json.dumps({**dataclasses.asdict(key), "created_at": key.created_at.isoformat()})
+
+
+def _decode_key(text: str) -> ApiKey:
+    data = json.loads(text)
+    return ApiKey(**{**data, "scopes": tuple(data["scopes"]), "prefixes": tuple(data["prefixes"]),
+                     "created_at": datetime.fromisoformat(data["created_at"])})
 
 
 class SqliteMetadataStore:
@@ -96,6 +108,25 @@ class SqliteMetadataStore:
 
     def blob_in_use(self, sha256: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
+
+    def create_key(self, key: ApiKey) -> None:
+        with self.db.transaction() as db:
+            db.execute("INSERT INTO api_keys (id, record) VALUES (?, ?)", (key.id, _encode_key(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        rows = self.db.query("SELECT record FROM api_keys WHERE id = ?", (key_id,))
+        return _decode_key(rows[0][0]) if rows else None
+
+    def list_keys(self) -> list[ApiKey]:
+        return [_decode_key(text) for (text,) in self.db.query("SELECT record FROM api_keys ORDER BY id")]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.db.transaction() as db:
+            rows = db.execute("SELECT record FROM api_keys WHERE id = ?", (key_id,)).fetchall()
+            if rows:
+                revoked = dataclasses.replace(_decode_key(rows[0][0]), revoked=True)
+                db.execute("UPDATE api_keys SET record = ? WHERE id = ?", (_encode_key(revoked), key_id))
+        return bool(rows)
 
     def referenced_blobs(self) -> set[str]:
         return {sha for (sha,) in self.db.query("SELECT DISTINCT sha256 FROM model_blobs")}

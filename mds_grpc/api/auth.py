@@ -1,0 +1,36 @@
+"""Which RPC needs which scope, and the check the interceptor runs before every guarded RPC."""
+
+import asyncio
+import contextvars
+
+from mds_grpc.core.auth import ADMIN, PREDICT, ApiKey, Authenticator, authorize
+
+# Probes stay open, like health and reflection (which the interceptor does not wrap).
+PUBLIC = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                    "/inference.GRPCInferenceService/ServerMetadata"})
+ADMIN_METHODS = frozenset({"/mds.v1.ModelService/UploadModel", "/mds.v1.ModelService/DeleteModel"})
+_current_key: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("api_key", default=None)
+
+
+class Guard:
+    """Authenticates the caller and checks the method's scope (and the request's model, when it names one)."""
+
+    def __init__(self, authenticator: Authenticator):
+        self.authenticator = authenticator
+
+    async def __call__(self, method: str, request, context) -> None:
+        if method in PUBLIC:
+            return
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        key = await asyncio.to_thread(self.authenticator.authenticate, authorization)
+        _current_key.set(key)
+        model = next((v for f in ("model", "name", "model_name") if isinstance(v := getattr(request, f, ""), str)
+                      and v), "")
+        authorize(key, ADMIN if method in ADMIN_METHODS else PREDICT, model)
+
+
+def check_model(model: str, scope: str = PREDICT) -> None:
+    """Inside a streaming RPC: may the caller use `model`? (A no-op when auth is off.)"""
+    key = _current_key.get()
+    if key is not None:
+        authorize(key, scope, model)

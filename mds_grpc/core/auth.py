@@ -1,0 +1,76 @@
+"""API keys: random secrets shown once, stored hashed, with scopes and optional model-name prefixes."""
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from mds_grpc.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from mds_grpc.core.records import utc_now
+
+ADMIN, PREDICT = "admin", "predict"
+SCOPES = (ADMIN, PREDICT)  # admin: upload, delete, and everything predict may do; predict: inference and jobs
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    secret_sha256: str
+    scopes: tuple[str, ...]
+    prefixes: tuple[str, ...] = ()  # model names the key may use; empty: every model
+    description: str = ""
+    created_at: datetime = field(default_factory=utc_now)
+    revoked: bool = False
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(scopes: list[str], prefixes: list[str], description: str = "") -> tuple[str, ApiKey]:
+    """A new key and the token to give its holder (shown once: only its hash is kept)."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if not scopes or unknown:
+        raise InvalidArgument(f"scopes must be among {list(SCOPES)}, got {scopes}")
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    return f"mds_{key_id}_{secret}", ApiKey(key_id, _digest(secret), tuple(sorted(set(scopes))), tuple(prefixes),
+                                             description)
+
+
+class Authenticator:
+    """Checks `authorization: Bearer <token>` against the key store; keys are re-read every `cache_seconds`."""
+
+    def __init__(self, get_key, cache_seconds: float = 5.0):
+        self.get_key = get_key
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        if not authorization:
+            raise Unauthenticated("missing API key: send the metadata 'authorization: Bearer <key>'")
+        scheme, _, token = authorization.partition(" ")
+        parts = token.strip().split("_", 2)
+        if scheme.lower() != "bearer" or len(parts) != 3 or parts[0] != "mds":
+            raise Unauthenticated("malformed API key: send 'authorization: Bearer mds_<id>_<secret>'")
+        key = self._lookup(parts[1])
+        if key is None or key.revoked or not hmac.compare_digest(_digest(parts[2]), key.secret_sha256):
+            raise Unauthenticated("invalid or revoked API key")
+        return key
+
+    def _lookup(self, key_id: str) -> ApiKey | None:
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        key = self.get_key(key_id)
+        self._cache[key_id] = (time.monotonic() + self.cache_seconds, key)
+        return key
+
+
+def authorize(key: ApiKey, scope: str, model: str = "") -> None:
+    """PermissionDenied unless `key` may act with `scope` (on `model`, when one is named)."""
+    if scope not in key.scopes and ADMIN not in key.scopes:
+        raise PermissionDenied(f"API key {key.id} lacks the {scope!r} scope")
+    if model and key.prefixes and not model.startswith(key.prefixes):
+        raise PermissionDenied(f"API key {key.id} may not use model {model!r} (allowed prefixes: {list(key.prefixes)})")

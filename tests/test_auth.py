@@ -1,0 +1,135 @@
+"""API keys: every RPC of every service x {no key, wrong key, revoked key, wrong scope, right scope}."""
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+import onnx_models
+from google.protobuf import message_factory
+from harness import ServerProcess, upload_requests
+from test_grpcurl import every_rpc
+
+from mds.oip import grpc_service_pb2
+from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
+
+PUBLIC = {"inference.GRPCInferenceService/ServerLive", "inference.GRPCInferenceService/ServerReady",
+          "inference.GRPCInferenceService/ServerMetadata"}
+ADMIN = {"mds.v1.ModelService/UploadModel", "mds.v1.ModelService/DeleteModel"}
+MODULES = (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
+
+
+def mds_keys(server: ServerProcess, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", *args, "--data-dir", str(server.data_dir),
+                             "--log-dir", str(server.root / "keys-logs")],
+                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def create_key(server, *args) -> tuple[str, str]:
+    created = json.loads(mds_keys(server, "create", *args))
+    return created["id"], created["key"]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    server = ServerProcess(tmp_path_factory.mktemp("auth"), mds_auth="on").start()
+    keys = {"admin": create_key(server, "--scope", "admin")[1],
+            "predict": create_key(server, "--scope", "predict", "--prefix", "pub-")[1]}
+    revoked_id, keys["revoked"] = create_key(server, "--scope", "admin")
+    assert mds_keys(server, "revoke", revoked_id).strip() == f"revoked {revoked_id}"
+    keys["wrong"] = keys["admin"][:-4] + "AAAA"
+    admin = (("authorization", f"Bearer {keys['admin']}"),)
+    server.models.UploadModel(upload_requests("pub-model", onnx_models.add_two()), metadata=admin)
+    yield server, keys
+    assert server.stop() == 0
+
+
+def request_for(method: str, model: str):
+    """A request of the method's type that names `model` wherever the type has a model field."""
+    service, name = method.split("/")
+    for module in MODULES:
+        for descriptor in module.DESCRIPTOR.services_by_name.values():
+            if descriptor.full_name == service:
+                rpc = descriptor.methods_by_name[name]
+                message_class = _message_class(rpc.input_type)
+                message = message_class()
+                for field in ("model", "name", "model_name"):
+                    if field in message_class.DESCRIPTOR.fields_by_name:
+                        setattr(message, field, model)
+                if name == "UploadModel":
+                    message.header.name = model
+                return rpc, message
+    raise KeyError(method)
+
+
+def _message_class(descriptor):
+    return message_factory.GetMessageClass(descriptor)
+
+
+def call(server, method: str, model: str, key: str | None) -> grpc.StatusCode:
+    rpc, message = request_for(method, model)
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
+    path = f"/{method}"
+    serialize, parse = message.SerializeToString, _message_class(rpc.output_type).FromString
+    kind = (rpc.client_streaming, rpc.server_streaming)
+    try:
+        if kind == (False, False):
+            server.channel.unary_unary(path, serialize, parse)(message, metadata=metadata, timeout=30)
+        elif kind == (True, False):
+            server.channel.stream_unary(path, serialize, parse)(iter([message]), metadata=metadata, timeout=30)
+        else:
+            stub = (server.channel.unary_stream if not rpc.client_streaming else server.channel.stream_stream)(
+                path, serialize, parse)
+            replies = list(stub(message if not rpc.client_streaming else iter([message]), metadata=metadata,
+                                timeout=30))
+            errors = [getattr(r, "error", None) for r in replies]
+            stream_error = next((e for e in errors if e is not None and e.code), None)
+            if stream_error is not None:
+                return grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == stream_error.code))
+            v2_error = next((r.error_message for r in replies if getattr(r, "error_message", "")), "")
+            if v2_error:
+                return grpc.StatusCode[v2_error.split(":", 1)[0]]
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+@pytest.mark.parametrize("method", sorted(every_rpc()))
+def test_every_rpc_checks_its_caller(secured, method):
+    server, keys = secured
+    if method in PUBLIC:
+        assert call(server, method, "pub-model", None) == grpc.StatusCode.OK
+        return
+    for case in ("none", "wrong", "revoked"):
+        assert call(server, method, "pub-model", keys.get(case)) == grpc.StatusCode.UNAUTHENTICATED, case
+    if method in ADMIN:  # a predict key has the wrong scope
+        assert call(server, method, "pub-model", keys["predict"]) == grpc.StatusCode.PERMISSION_DENIED
+        assert call(server, method, "pub-other", keys["admin"]) not in DENIED
+    else:
+        right = call(server, method, "pub-model", keys["predict"])
+        assert right not in DENIED, right
+        rpc, message = request_for(method, "x")
+        if any(f in message.DESCRIPTOR.fields_by_name for f in ("model", "name", "model_name")):
+            # The predict key is limited to models named pub-*.
+            assert call(server, method, "private-model", keys["predict"]) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_health_and_reflection_need_no_key(secured):
+    server, _ = secured
+    reply = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_keys_list_shows_no_secret(secured):
+    server, keys = secured
+    listed = mds_keys(server, "list")
+    assert "revoked" in listed and "active" in listed and "pub-" in listed
+    assert all(key.split("_", 2)[2] not in listed for key in keys.values())
