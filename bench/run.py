@@ -1,6 +1,6 @@
 """The benchmark suite: the same model and load generator against in-process onnxruntime,
 the Python gRPC floor and MDS (mds.v1 Predict, PredictStream, V2 ModelInfer), side by side.
-MDS runs with its production features on: access log, Prometheus metrics.
+MDS runs with its production features on: access log, Prometheus metrics, API keys.
 
     python bench/run.py [--smoke] [--duration 10] [--out bench/results]
 
@@ -54,8 +54,9 @@ def cpu_seconds(pid: int) -> float:
 class Target:
     """A server under load: its process, and the gRPC call ghz makes to it."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None):
-        self.name, self.port = name, port
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None, api_key: str = ""):
+        self.name, self.port, self.api_key = name, port, api_key
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.address = f"127.0.0.1:{port}"
         self.process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -73,6 +74,8 @@ def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: fl
             "-z", f"{duration}s", "--duration-stop", "ignore", "-O", "json", "--count-errors"]
     if stream_messages:
         argv += ["--stream-call-count", str(stream_messages)]
+    if target.api_key:
+        argv += ["--metadata", json.dumps({"authorization": f"Bearer {target.api_key}"})]
     before = cpu_seconds(target.process.pid)
     report = json.loads(subprocess.run(argv + [target.address], capture_output=True, text=True, check=True).stdout)
     cpu = cpu_seconds(target.process.pid) - before
@@ -101,11 +104,12 @@ def in_process(model: bytes, x: np.ndarray, duration: float) -> dict:
             "cpu_us_per_request": 1e6 * seconds / count, "errors": 0}
 
 
-def check_outputs(address: str, request: pb.PredictRequest, want: np.ndarray) -> None:
+def check_outputs(target: Target, request: pb.PredictRequest, want: np.ndarray) -> None:
     """Every target must answer what in-process onnxruntime answers before its speed counts."""
-    channel = grpc.insecure_channel(address)
+    channel = grpc.insecure_channel(target.address)
     reply = channel.unary_unary("/mds.v1.InferenceService/Predict", request_serializer=pb.PredictRequest.SerializeToString,
-                                response_deserializer=pb.PredictResponse.FromString)(request, timeout=30)
+                                response_deserializer=pb.PredictResponse.FromString)(
+        request, timeout=30, metadata=target.metadata)
     np.testing.assert_array_equal(to_array(reply.outputs[0]), want)
 
 
@@ -161,17 +165,21 @@ def main() -> None:
     (work / "infer.bin").write_bytes(v2.SerializeToString())
 
     floor_port, mds_port, metrics_port = free_port(), free_port(), free_port()
+    mds_settings = ["--data-dir", str(work / "data"), "--log-dir", str(work / "logs")]
+    created = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin", *mds_settings],
+                             check=True, capture_output=True, text=True).stdout
+    api_key = json.loads(created)["key"]
     floor = Target("floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(floor_port),
                              str(work / "mlp.onnx")], floor_port)
-    mds = Target("MDS", [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(mds_port),
-                         "--data-dir", str(work / "data"), "--log-dir", str(work / "logs")], mds_port,
-                 env={"MDS_METRICS_PORT": str(metrics_port), "MDS_ORT_INTRA_OP_THREADS": "1"})
+    mds = Target("MDS", [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(mds_port), *mds_settings],
+                 mds_port, env={"MDS_METRICS_PORT": str(metrics_port), "MDS_ORT_INTRA_OP_THREADS": "1",
+                                "MDS_AUTH": "on"}, api_key=api_key)
     try:
         stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(mds.address))
         stub.UploadModel(iter([model_service_pb2.UploadModelRequest(header=model_service_pb2.ModelHeader(name="mlp")),
-                               model_service_pb2.UploadModelRequest(chunk=model)]))
+                               model_service_pb2.UploadModelRequest(chunk=model)]), metadata=mds.metadata)
         for target in (floor, mds):
-            check_outputs(target.address, request, want)
+            check_outputs(target, request, want)
         rows = [in_process(model, x, duration)]
         for c in concurrencies:
             rows.append(ghz(floor, "mds.v1.InferenceService/Predict", work / "predict.bin", c, duration))

@@ -21,8 +21,11 @@ class Guard:
     async def __call__(self, method: str, request, context) -> None:
         if method in PUBLIC:
             return
-        authorization = dict(context.invocation_metadata() or ()).get("authorization")
-        key = await asyncio.to_thread(self.authenticator.authenticate, authorization)
+        key_id, secret = self.authenticator.parse(dict(context.invocation_metadata() or ()).get("authorization"))
+        known, key = self.authenticator.cached(key_id)
+        if not known:  # only a key not seen lately costs a store read, off the event loop
+            key = await asyncio.to_thread(self.authenticator.load, key_id)
+        key = self.authenticator.verify(key, secret)
         _current_key.set(key)
         model = next((v for f in ("model", "name", "model_name") if isinstance(v := getattr(request, f, ""), str)
                       and v), "")

@@ -47,24 +47,32 @@ class Authenticator:
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
+    @staticmethod
+    def parse(authorization: str | None) -> tuple[str, str]:
+        """The key id and secret in the header value."""
         if not authorization:
             raise Unauthenticated("missing API key: send the metadata 'authorization: Bearer <key>'")
         scheme, _, token = authorization.partition(" ")
         parts = token.strip().split("_", 2)
         if scheme.lower() != "bearer" or len(parts) != 3 or parts[0] != "mds":
             raise Unauthenticated("malformed API key: send 'authorization: Bearer mds_<id>_<secret>'")
-        key = self._lookup(parts[1])
-        if key is None or key.revoked or not hmac.compare_digest(_digest(parts[2]), key.secret_sha256):
-            raise Unauthenticated("invalid or revoked API key")
-        return key
+        return parts[1], parts[2]
 
-    def _lookup(self, key_id: str) -> ApiKey | None:
-        cached = self._cache.get(key_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+    def cached(self, key_id: str) -> tuple[bool, ApiKey | None]:
+        """(True, key or None) when the store was read for `key_id` within `cache_seconds`."""
+        entry = self._cache.get(key_id)
+        return (True, entry[1]) if entry is not None and entry[0] > time.monotonic() else (False, None)
+
+    def load(self, key_id: str) -> ApiKey | None:
+        """Read the key from the store (blocking) and remember it."""
         key = self.get_key(key_id)
         self._cache[key_id] = (time.monotonic() + self.cache_seconds, key)
+        return key
+
+    @staticmethod
+    def verify(key: ApiKey | None, secret: str) -> ApiKey:
+        if key is None or key.revoked or not hmac.compare_digest(_digest(secret), key.secret_sha256):
+            raise Unauthenticated("invalid or revoked API key")
         return key
 
 
