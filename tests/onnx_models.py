@@ -129,3 +129,12 @@ def fails_unless_rows_divide_by_four() -> bytes:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 2])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, None])]
     return _model([helper.make_node("Reshape", ["x", "shape"], ["y"])], inputs, outputs, [shape]).SerializeToString()
+
+
+def custom_op() -> bytes:
+    """A node from a custom-op domain that no loaded library implements (MDS never loads any)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    opsets = [*OPSET, helper.make_opsetid("com.example.custom", 1)]
+    node = helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.example.custom")
+    return _model([node], inputs, outputs, opsets=opsets).SerializeToString()

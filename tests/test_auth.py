@@ -133,3 +133,14 @@ def test_keys_list_shows_no_secret(secured):
     listed = mds_keys(server, "list")
     assert "revoked" in listed and "active" in listed and "pub-" in listed
     assert all(key.split("_", 2)[2] not in listed for key in keys.values())
+
+
+def test_open_server_on_a_public_address_warns(tmp_path):
+    server = ServerProcess(tmp_path, mds_auth="off", mds_grpc_host="0.0.0.0")
+    server.address = f"127.0.0.1:{server.port}"
+    server.start()
+    try:
+        log = (server.log_dir / "mds.log").read_text()
+        assert "authentication is off on a non-loopback address" in log
+    finally:
+        assert server.stop() == 0

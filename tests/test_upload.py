@@ -220,3 +220,11 @@ def test_side_files_cannot_nest_in_one_another(server, unique):
         files = [pb.ModelFile(path=p) for p in paths]
         assert_status(lambda: upload(server, unique, onnx_models.add_two(), external_files=files),
                       grpc.StatusCode.INVALID_ARGUMENT, "is also used as a folder")
+
+
+@pytest.mark.usefixtures("nothing_left")
+def test_custom_op_domains_are_rejected(server, unique):
+    details = assert_status(lambda: upload(server, unique, onnx_models.custom_op()), grpc.StatusCode.INVALID_ARGUMENT,
+                            "onnxruntime cannot load the model")
+    assert "Exfiltrate" in details or "com.example.custom" in details
+    assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name=unique)), grpc.StatusCode.NOT_FOUND)
