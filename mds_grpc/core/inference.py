@@ -80,6 +80,12 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
     return value.numpy()
 
 
+def involves_bf16(record: ModelRecord, output_names, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether a run takes or gives BF16 tensors (and so needs run_session's OrtValue form)."""
+    return any(a.dtype == BF16.numpy for a in inputs.values()) or any(
+        spec.dtype == BF16.name for spec in record.outputs if spec.name in output_names)
+
+
 def run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
                 options: ort.RunOptions | None, uses_bf16: bool) -> list:
     """session.run, or its OrtValue form when BF16 tensors are involved."""
@@ -113,9 +119,7 @@ class InferenceEngine:
         record = loaded.record
         check_inputs(record, inputs)
         names = select_outputs(record, output_names)
-        uses_bf16 = any(a.dtype == BF16.numpy for a in inputs.values()) or any(
-            spec.dtype == BF16.name for spec in record.outputs if spec.name in names
-        )
+        uses_bf16 = involves_bf16(record, names, inputs)
         options = ort.RunOptions()
         submitted = time.perf_counter()
         key = (record.name, record.version)

@@ -9,7 +9,7 @@ import numpy as np
 
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import Unavailable
-from mds_grpc.core.inference import run_session
+from mds_grpc.core.inference import involves_bf16, run_session
 from mds_grpc.core.inspection import open_session
 from mds_grpc.core.job_records import JobRecord, JobResult, JobState
 from mds_grpc.core.model_cache import materialize
@@ -73,8 +73,7 @@ class JobRunner:
             if job.rows_total:
                 self.storage.blobs.fetch_to(tensor.sha256, path)
             columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
-        uses_bf16 = any(column.dtype == dtypes.BY_NAME["BF16"].numpy for column in columns.values()) or any(
-            spec.dtype == "BF16" for spec in record.outputs if spec.name in job.output_names)
+        uses_bf16 = involves_bf16(record, job.output_names, columns)
         while job.rows_done < job.rows_total:
             offset = job.rows_done
             rows = min(job.batch_rows, job.rows_total - offset)

@@ -176,9 +176,6 @@ class JobManager:
             if not spec.shape or spec.shape[0] >= 0:
                 raise InvalidArgument(
                     f"input {spec.name!r} of model {record.name!r} has no symbolic first dimension to batch rows along")
-        for column in columns:
-            if column.dtype == "STRING":
-                raise InvalidArgument(f"input {column.name!r} is STRING; jobs take numeric and boolean tensors only")
         check_inputs(record, {c.name: _as_rows(c) for c in columns})
 
     async def get(self, job_id: str) -> JobRecord:
