@@ -1,15 +1,28 @@
 """Structured JSON log lines to stdout and to a rotating file under the log folder."""
 
+import asyncio
+import json
 import logging
 import logging.handlers
 import sys
+import time
 from pathlib import Path
 
 from pythonjsonlogger.json import JsonFormatter
 
+ACCESS_FLUSH_SECONDS = 0.1
+ACCESS_BATCH_LINES = 512
+
+
+class _Formatter(JsonFormatter):
+    """JSON lines; a record marked `preformatted` already holds finished lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if getattr(record, "preformatted", False) else super().format(record)
+
 
 def configure_logging(log_dir: Path, level: str = "INFO") -> None:
-    formatter = JsonFormatter(
+    formatter = _Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
     )
@@ -25,3 +38,38 @@ def configure_logging(log_dir: Path, level: str = "INFO") -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def _log_time(seconds: float) -> str:
+    """The `time` field as logging's asctime writes it: 2026-11-27 11:03:00,321."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) + f",{int(seconds % 1 * 1000):03d}"
+
+
+class AccessLog:
+    """One JSON line per RPC, handed to `logging` in batches (at least every 0.1 s).
+
+    Formatting and writing each line through `logging` costs more than a small model's run; a
+    batch is one record, so one format and one write per handler. Call flush() before exiting.
+    """
+
+    def __init__(self, logger: logging.Logger = logging.getLogger("mds.access")):
+        self.logger = logger
+        self._pending: list[tuple[float, dict]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, fields: dict) -> None:
+        self._pending.append((time.time(), fields))
+        if len(self._pending) >= ACCESS_BATCH_LINES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACCESS_FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch and self.logger.isEnabledFor(logging.INFO):
+            lines = "\n".join(json.dumps({"time": _log_time(t), "level": "INFO", "logger": self.logger.name,
+                                          "message": "rpc", **fields}, default=str) for t, fields in batch)
+            self.logger.info(lines, extra={"preformatted": True})

@@ -1,5 +1,7 @@
 """Prometheus metrics, served over HTTP on MDS_METRICS_PORT (0: off). Cheap enough to stay on."""
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -15,15 +17,28 @@ BATCH_ROWS = Histogram("mds_inference_batch_rows", "Rows along the first dimensi
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
 
 
+# labels() takes a lock and builds a key on every call; the children it returns are kept here.
+@lru_cache(maxsize=4096)
+def _rpc_series(method: str, model: str, code: str):
+    return REQUESTS.labels(method, model, code), REQUEST_SECONDS.labels(method, model)
+
+
+@lru_cache(maxsize=1024)
+def _run_series(model: str):
+    return QUEUE_SECONDS.labels(model), COMPUTE_SECONDS.labels(model), BATCH_ROWS.labels(model)
+
+
 def observe_rpc(method: str, model: str, code: str, seconds: float) -> None:
-    REQUESTS.labels(method, model, code).inc()
-    REQUEST_SECONDS.labels(method, model).observe(seconds)
+    count, latency = _rpc_series(method, model, code)
+    count.inc()
+    latency.observe(seconds)
 
 
 def observe_run(model: str, queued: float, computed: float, rows: int) -> None:
-    QUEUE_SECONDS.labels(model).observe(queued)
-    COMPUTE_SECONDS.labels(model).observe(computed)
-    BATCH_ROWS.labels(model).observe(rows)
+    queue, compute, batch = _run_series(model)
+    queue.observe(queued)
+    compute.observe(computed)
+    batch.observe(rows)
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -18,13 +18,14 @@ from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
                     model_service_pb2, model_service_pb2_grpc)
 from mds_grpc import job_queue, metrics
-from mds_grpc.api.access_log import AccessLogInterceptor
+from mds_grpc.api.access_log import ServedServer
 from mds_grpc.api.auth import Guard
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.config import Settings
+from mds_grpc.logs import AccessLog
 from mds_grpc.core.auth import Authenticator
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
@@ -149,20 +150,21 @@ async def serve(settings: Settings) -> None:
         log.warning("authentication is off on a non-loopback address: anyone who can reach "
                     f"{settings.grpc_host}:{settings.grpc_port} can upload, delete and predict; set MDS_AUTH=on")
     server = grpc.aio.server(
-        interceptors=[AccessLogInterceptor(("/mds.", "/inference."), guard)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), server)
+    access_log = AccessLog()
+    served = ServedServer(server, guard, access_log)  # health and reflection are added unwrapped
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), served)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, settings.stream_max_in_flight, limits), server)
+        InferenceServicer(engine, settings.stream_max_in_flight, limits), served)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), server)
-    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), server)
+        OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served)
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -186,6 +188,7 @@ async def serve(settings: Settings) -> None:
     if worker is not None:  # a job interrupted here resumes from its last batch at the next start
         await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))
     executor.shutdown(wait=True, cancel_futures=True)
+    access_log.flush()
     log.info("stopped")
 
 

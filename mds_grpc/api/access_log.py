@@ -1,18 +1,17 @@
-"""One interceptor for every mds RPC: maps core errors to gRPC statuses and writes one access line."""
+"""Wraps every mds RPC handler: the guard first, core errors mapped to gRPC statuses, one access line."""
 
 import asyncio
 import contextvars
 import logging
 import time
 import uuid
-from contextlib import asynccontextmanager
 
 import grpc
 
 from mds_grpc import metrics
 from mds_grpc.core.errors import MdsError
+from mds_grpc.logs import AccessLog
 
-log = logging.getLogger("mds.access")
 errors_log = logging.getLogger("mds.errors")
 _fields: contextvars.ContextVar[dict] = contextvars.ContextVar("access_fields")
 _REQUEST_FIELDS = (("model", "model"), ("name", "model"), ("version", "version"), ("request_id", "request_id"),
@@ -35,38 +34,51 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"
 
 
-@asynccontextmanager
-async def _rpc_scope(method: str, request, context: grpc.aio.ServicerContext, guard):
-    start = time.perf_counter()
-    fields = {target: value for source, target in _REQUEST_FIELDS if (value := getattr(request, source, None))}
-    _fields.set(fields)
-    code = None
-    try:
-        if guard is not None:
-            await guard(method, request, context)
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception as error:
-        code, message = status_of(error)
-        await context.abort(code, message)
-    finally:
-        code = (code or context.code() or grpc.StatusCode.OK).name
-        seconds = time.perf_counter() - start
+class _RpcScope:
+    """One RPC: runs the guard on entry; on exit turns an error into its status and records the call."""
+
+    __slots__ = ("method", "request", "context", "guard", "access", "fields", "start")
+
+    def __init__(self, method: str, request, context: grpc.aio.ServicerContext, guard, access: AccessLog):
+        self.method, self.request, self.context, self.guard, self.access = method, request, context, guard, access
+
+    async def __aenter__(self) -> None:
+        self.start = time.perf_counter()
+        self.fields = {target: value for source, target in _REQUEST_FIELDS
+                       if (value := getattr(self.request, source, None))}
+        _fields.set(self.fields)
+        if self.guard is not None:
+            try:
+                await self.guard(self.method, self.request, self.context)
+            except BaseException as error:  # the with-block never starts, so __aexit__ would not run
+                await self.__aexit__(type(error), error, error.__traceback__)
+                raise
+
+    async def __aexit__(self, kind, error, traceback) -> None:
+        code = None
+        try:
+            if isinstance(error, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+                code, message = status_of(error)
+                await self.context.abort(code, message)
+        finally:
+            self._record((code or self.context.code() or grpc.StatusCode.OK).name)
+
+    def _record(self, code: str) -> None:
+        seconds = time.perf_counter() - self.start
         # Only served models label metrics: names from failed requests are unbounded.
-        metrics.observe_rpc(method, str(fields.get("model", "")) if code == "OK" else "", code, seconds)
-        log.info("rpc", extra={"method": method, **fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
+        metrics.observe_rpc(self.method, str(self.fields.get("model", "")) if code == "OK" else "", code, seconds)
+        self.access.write({"method": self.method, **self.fields, "code": code,
+                           "duration_ms": round(seconds * 1000, 3)})
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
+def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request, context):
-            async with _rpc_scope(method, request, context, guard):
+            async with _RpcScope(method, request, context, guard, access):
                 return await inner(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -75,7 +87,7 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodH
     inner = handler.unary_stream or handler.stream_stream
 
     async def stream_response(request, context):
-        async with _rpc_scope(method, request, context, guard):
+        async with _RpcScope(method, request, context, guard, access):
             async for response in inner(request, context):
                 yield response
 
@@ -83,21 +95,21 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodH
     return factory(stream_response, handler.request_deserializer, handler.response_serializer)
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the handlers of methods under `prefixes`; health and reflection pass untouched.
+class ServedServer:
+    """Stands in for the server while a generated `add_*Servicer_to_server` runs, wrapping each handler.
 
-    `guard(method, request, context)`, when given, runs first (authentication and authorization).
+    Wrapping at registration costs nothing per call, unlike a server interceptor. `guard(method,
+    request, context)`, when given, runs first (authentication and authorization).
     """
 
-    def __init__(self, prefixes: tuple[str, ...], guard=None):
-        self.prefixes = prefixes
-        self.guard = guard
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+    def __init__(self, server: grpc.aio.Server, guard, access: AccessLog):
+        self.server, self.guard, self.access = server, guard, access
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefixes):
-            return handler
-        if details.method not in self._wrapped:
-            self._wrapped[details.method] = _wrap(details.method, handler, self.guard)
-        return self._wrapped[details.method]
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        """Ignored: add_registered_method_handlers receives the same handlers and adds the wrapped ones."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: _wrap(f"/{service}/{name}", handler, self.guard, self.access)
+                   for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self.server.add_registered_method_handlers(service, wrapped)

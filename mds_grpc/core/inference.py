@@ -124,12 +124,13 @@ class InferenceEngine:
         submitted = time.perf_counter()
         key = (record.name, record.version)
 
-        def run() -> list:
+        def run(on_loop: bool) -> list:
             if options.terminate:
                 raise Cancelled("the request was cancelled before the model ran")
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
             started = time.perf_counter()
+            cpu_started = 0.0 if on_loop else time.thread_time()
             try:
                 values = run_session(loaded.session, names, inputs, options, uses_bf16)
             except Unimplemented:
@@ -141,7 +142,9 @@ class InferenceEngine:
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
                 ) from None
             computed = time.perf_counter() - started
-            per_element = computed / elements
+            # On a thread, CPU time rather than wall time: that run also waits for the GIL while the
+            # loop is busy, and counting the wait would keep a short model off the loop for good.
+            per_element = (computed if on_loop else time.thread_time() - cpu_started) / elements
             self._seconds_per_element[key] = 0.8 * self._seconds_per_element.get(key, per_element) + 0.2 * per_element
             metrics.observe_run(record.name, started - submitted, computed, next(
                 (a.shape[0] for a in inputs.values() if a.ndim), 1))
@@ -149,8 +152,8 @@ class InferenceEngine:
 
         elements = max(1, sum(a.size for a in inputs.values()))
         if self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds:
-            return Prediction(record.name, record.version, list(zip(names, run())))
-        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
+            return Prediction(record.name, record.version, list(zip(names, run(True))))
+        future = asyncio.get_running_loop().run_in_executor(self.executor, run, False)
         try:
             values = await future
         except asyncio.CancelledError:
