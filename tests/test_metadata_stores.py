@@ -3,7 +3,7 @@
 import dataclasses
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -82,3 +82,37 @@ def test_blob_references_follow_deletes(store):
     store.delete("two", 0)
     assert not store.blob_in_use("c" * 64) and not store.blob_in_use("b" * 64)
     assert store.delete("two", 0) == []
+
+
+SHA = "d" * 64
+HOUR = timedelta(hours=1)
+
+
+def ago(delta: timedelta = timedelta()) -> datetime:
+    return datetime.now(timezone.utc) - delta
+
+
+def test_claims_and_deletions_of_a_blob_exclude_each_other_across_clients(open_store):
+    publisher, deleter = open_store(), open_store()
+    assert publisher.claim_blob(SHA, ago(HOUR)) and publisher.claim_blob(SHA, ago(HOUR))  # two publishes
+    assert not deleter.begin_blob_deletion(SHA, "t1", ago(HOUR), ago(HOUR))
+    publisher.release_blob(SHA)
+    assert not deleter.begin_blob_deletion(SHA, "t1", ago(HOUR), ago(HOUR))  # one claim is still held
+    publisher.release_blob(SHA)
+    assert deleter.begin_blob_deletion(SHA, "t1", ago(HOUR), ago(HOUR))
+    assert not publisher.claim_blob(SHA, ago(HOUR))
+    assert not open_store().begin_blob_deletion(SHA, "t2", ago(HOUR), ago(HOUR))  # one deletion at a time
+    deleter.end_blob_deletion(SHA, "t1")
+    assert publisher.claim_blob(SHA, ago(HOUR))
+
+
+def test_guards_left_by_a_crashed_process_go_stale(store):
+    assert store.claim_blob(SHA, ago(HOUR))  # never released
+    assert not store.begin_blob_deletion(SHA, "t1", ago(HOUR), ago(HOUR))
+    assert store.begin_blob_deletion(SHA, "t1", ago(-HOUR), ago(HOUR))  # claims before the cutoff are abandoned
+    assert not store.claim_blob(SHA, ago(HOUR))  # never ended
+    assert store.claim_blob(SHA, ago(-HOUR))  # a stale deletion is taken over
+    store.end_blob_deletion(SHA, "t1")  # the late deleter's end changes nothing
+    assert not store.begin_blob_deletion(SHA, "t2", ago(HOUR), ago(HOUR))
+    store.release_blob(SHA)
+    assert store.begin_blob_deletion(SHA, "t2", ago(-HOUR), ago(HOUR))

@@ -1,8 +1,48 @@
-"""Collecting what failures leave behind: blobs no record references, and interrupted writes."""
+"""Deleting blobs safely across processes, and collecting what failures leave behind.
 
+Blobs are content-addressed and shared by every record with the same bytes, so a blob is
+deleted only under a deletion mark in the metadata store (see MetadataStore.claim_blob):
+while the mark is held no publish can claim the blob, and a publish that claimed it first
+keeps it. A publish waits for a deletion in progress, then stores the blob again.
+"""
+
+import logging
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from mds_grpc.storage import Storage
+from mds_grpc.storage.base import BlobStore, MetadataStore
+
+log = logging.getLogger("mds.gc")
+
+CLAIM_LEASE = timedelta(hours=1)  # longer than any publish: an older claim was left by a crashed process
+DELETION_LEASE = timedelta(minutes=2)  # longer than any blob deletion: an older mark was left by a crash
+
+
+def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
+                        claims_stale_before: datetime | None = None) -> bool:
+    """Delete the blob unless a record references it or a publish holds it; True when deleted."""
+    token = uuid.uuid4().hex
+    now = datetime.now(timezone.utc)
+    if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE,
+                                        now - DELETION_LEASE):
+        return False
+    try:
+        if metadata.blob_in_use(sha256):
+            return False
+        blobs.delete(sha256)
+        return True
+    finally:
+        metadata.end_blob_deletion(sha256, token)
+
+
+def delete_if_possible(metadata: MetadataStore, blobs: BlobStore, sha256s) -> None:
+    """delete_unreferenced for each blob, leaving any that cannot be reached now to `mds gc`."""
+    for sha256 in sha256s:
+        try:
+            delete_unreferenced(metadata, blobs, sha256)
+        except Exception as error:  # the record change is already made; the blob is only garbage now
+            log.warning("blob left for mds gc", extra={"sha256": sha256, "error": str(error)})
 
 
 def collect_garbage(storage: Storage, grace_seconds: float) -> dict[str, list[str]]:
@@ -10,11 +50,11 @@ def collect_garbage(storage: Storage, grace_seconds: float) -> dict[str, list[st
 
     Returns what was removed.
     """
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
+    started = datetime.now(timezone.utc)
+    cutoff = started - timedelta(seconds=grace_seconds)
     partial = storage.blobs.sweep_partial(cutoff)
     candidates = storage.blobs.list_blobs(cutoff)
     referenced = storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
-    orphans = [sha for sha in candidates if sha not in referenced]
-    for sha in orphans:
-        storage.blobs.delete(sha)
+    orphans = [sha for sha in candidates if sha not in referenced
+               and delete_unreferenced(storage.metadata, storage.blobs, sha, min(cutoff, started))]
     return {"orphan_blobs": orphans, "partial_writes": partial}

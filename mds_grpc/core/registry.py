@@ -1,18 +1,26 @@
 """Model versions: upload, look up, list and delete, over a blob store and a metadata store."""
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterable
+from datetime import datetime, timezone
 from pathlib import Path
 
+from mds_grpc.core.batching import check_policy
 from mds_grpc.core.errors import InvalidArgument, NotFound
+from mds_grpc.core.garbage import DELETION_LEASE, delete_if_possible
 from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
-from mds_grpc.core.records import ModelRecord, StoredFile, utc_now
+from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
 from mds_grpc.storage.base import BlobStore, MetadataStore
+
+log = logging.getLogger("mds.registry")
+CLAIM_RETRY_SECONDS = 0.05  # how often a publish retries a blob another process is deleting
+
 
 class ModelRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
@@ -24,9 +32,6 @@ class ModelRegistry:
         self.max_model_bytes = max_model_bytes
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[tuple[str, int], tuple[float, ModelRecord]] = {}  # (name, version) -> (expiry, record)
-        # Serialises publishing against deleting, so a blob shared by two versions is never
-        # removed while a new version that references it is being recorded (one process).
-        self._blob_lock = asyncio.Lock()
 
     def sweep_local_copies(self) -> None:
         """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
@@ -48,8 +53,9 @@ class ModelRegistry:
                 inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
                 producer_name=info.producer_name, producer_version=info.producer_version,
                 ir_version=info.ir_version, description=header.description,
-                labels=dict(header.labels), metadata=dict(header.metadata),
+                labels=dict(header.labels), metadata=dict(header.metadata), batching=header.batching,
             )
+            check_policy(draft.batching, draft.inputs, draft.outputs)
             # Once the client has sent everything and the model is valid, finish even if it leaves:
             # the publishing task owns the staging folder from here on, cleanup included.
             publishing = asyncio.ensure_future(self._publish_and_warm(staging, draft, session))
@@ -69,30 +75,43 @@ class ModelRegistry:
         return record
 
     async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
+        """Store the files and record the version, each blob claimed so no deletion races it."""
+        claimed: list[str] = []
         created: list[str] = []  # blobs this upload added, removed again if it fails
-        async with self._blob_lock:
-            try:
-                for stored in draft.files:
-                    upload = staging.remote.get(stored.path)
-                    if upload is not None:
-                        published = await asyncio.to_thread(upload.commit, stored.sha256)
-                    else:
-                        published = await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path,
-                                                            stored.sha256)
-                    if published:
-                        created.append(stored.sha256)
-                record = await asyncio.to_thread(self.metadata.create, draft)
-            except BaseException:
-                for sha256 in created:
-                    await asyncio.to_thread(self.blobs.delete, sha256)
-                raise
+        try:
+            for sha256 in dict.fromkeys(stored.sha256 for stored in draft.files):
+                await self._claim(sha256)
+                claimed.append(sha256)
+            for stored in draft.files:
+                upload = staging.remote.get(stored.path)
+                if upload is not None:
+                    published = await asyncio.to_thread(upload.commit, stored.sha256)
+                else:
+                    published = await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256)
+                if published:
+                    created.append(stored.sha256)
+            record = await asyncio.to_thread(self.metadata.create, draft)
+        except BaseException:
+            await asyncio.to_thread(self._release, claimed)
+            await asyncio.to_thread(delete_if_possible, self.metadata, self.blobs, created)
+            raise
+        await asyncio.to_thread(self._release, claimed)
         await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
         return record
 
-    def _delete_unreferenced(self, files: tuple[StoredFile, ...]) -> None:
-        for stored in files:
-            if not self.metadata.blob_in_use(stored.sha256):
-                self.blobs.delete(stored.sha256)
+    async def _claim(self, sha256: str) -> None:
+        """Claim the blob, waiting while another process deletes it."""
+        while not await asyncio.to_thread(self.metadata.claim_blob, sha256,
+                                          datetime.now(timezone.utc) - DELETION_LEASE):
+            await asyncio.sleep(CLAIM_RETRY_SECONDS)
+
+    def _release(self, sha256s: list[str]) -> None:
+        """Release claims; one that cannot be released now only delays deleting its blob (see CLAIM_LEASE)."""
+        for sha256 in sha256s:
+            try:
+                self.metadata.release_blob(sha256)
+            except Exception as error:
+                log.warning("blob claim left to expire", extra={"sha256": sha256, "error": str(error)})
 
     async def get(self, name: str, version: int = 0) -> ModelRecord:
         if version < 0:
@@ -134,13 +153,12 @@ class ModelRegistry:
     async def delete(self, name: str, version: int = 0) -> list[int]:
         if version < 0:
             raise InvalidArgument(f"version must be positive, or 0 for every version; got {version}")
-        async with self._blob_lock:
-            deleted = await asyncio.to_thread(self.metadata.delete, name, version)
-            if not deleted:
-                what = f"model {name!r} version {version}" if version else f"model {name!r}"
-                raise NotFound(f"{what} does not exist")
-            for record in deleted:
-                await asyncio.to_thread(self._delete_unreferenced, record.files)
+        deleted = await asyncio.to_thread(self.metadata.delete, name, version)
+        if not deleted:
+            what = f"model {name!r} version {version}" if version else f"model {name!r}"
+            raise NotFound(f"{what} does not exist")
+        files = dict.fromkeys(stored.sha256 for record in deleted for stored in record.files)
+        await asyncio.to_thread(delete_if_possible, self.metadata, self.blobs, files)
         versions = [record.version for record in deleted]
         self._forget_resolved(name)
         self.cache.forget(name, versions)

@@ -74,6 +74,26 @@ class MetadataStore(Protocol):
     def referenced_blobs(self) -> set[str]:
         """Every blob a stored record references."""
 
+    # Blob guards: one atomic record per blob orders publishes and deletions across processes.
+    # A publish claims each blob before storing it and releases it once its record exists; a
+    # deletion starts only while no claim holds the blob, and no claim is taken while it runs.
+
+    def claim_blob(self, sha256: str, deletions_stale_before: datetime) -> bool:
+        """Pin the blob for a publish in flight; False while a deletion started after the cutoff holds it."""
+
+    def release_blob(self, sha256: str) -> None:
+        """Drop one claim."""
+
+    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
+                            deletions_stale_before: datetime) -> bool:
+        """Mark the blob as being deleted under `token`; False while a claim or another deletion holds it.
+
+        Claims and deletions taken before their cutoff count as abandoned by a crashed process.
+        """
+
+    def end_blob_deletion(self, sha256: str, token: str) -> None:
+        """Drop the deletion mark `token` set (a no-op when a claim took over a stale mark)."""
+
     def create_key(self, key: ApiKey) -> None: ...
 
     def get_key(self, key_id: str) -> ApiKey | None: ...

@@ -3,11 +3,15 @@
 Documents: `models` holds one record per (name, version) under a unique index;
 `model_names` holds each name's last allocated version, bumped atomically with
 find_one_and_update, so several server processes never allocate the same version.
+`blob_guards` holds one document per blob being published or deleted (see MetadataStore):
+each claim or deletion mark is one conditional upsert, refused by the unique `_id` when its
+condition does not hold.
 """
 
 import dataclasses
 import threading
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 import pymongo
 from pymongo import uri_parser
@@ -23,6 +27,10 @@ MODEL_FIELDS = {"_id": 0}
 
 def _key(doc: dict) -> ApiKey:
     return ApiKey(**{**doc, "scopes": tuple(doc["scopes"]), "prefixes": tuple(doc["prefixes"])})
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _from_doc(doc: dict) -> ModelRecord:
@@ -72,6 +80,7 @@ class MongoMetadataStore:
         self.names = connection.db["model_names"]
         connection.index(self.models, [("name", 1), ("version", 1)], unique=True, name="name_version")
         connection.index(self.models, [("files.sha256", 1)], name="files_sha256")
+        self.guards = connection.db["blob_guards"]
         self.keys = connection.db["api_keys"]
         connection.index(self.keys, [("id", 1)], unique=True, name="api_keys_id")
 
@@ -115,6 +124,35 @@ class MongoMetadataStore:
     def blob_in_use(self, sha256: str) -> bool:
         with self.connection.reachable():
             return self.models.find_one({"files.sha256": sha256}, {"_id": 1}) is not None
+
+    def _guard(self, sha256: str, condition: dict, update: dict) -> bool:
+        """Apply `update` to the blob's guard (created if absent) when `condition` holds."""
+        with self.connection.reachable():
+            try:
+                self.guards.update_one({"_id": sha256, **condition}, update, upsert=True)
+                return True
+            except DuplicateKeyError:  # the guard exists and the condition does not hold
+                return False
+
+    def claim_blob(self, sha256: str, deletions_stale_before: datetime) -> bool:
+        no_deletion = {"$or": [{"deleting": None}, {"deleting_at": {"$lt": deletions_stale_before}}]}
+        return self._guard(sha256, no_deletion, {"$inc": {"claims": 1}, "$max": {"claimed_at": _now()},
+                                                 "$unset": {"deleting": "", "deleting_at": ""}})
+
+    def release_blob(self, sha256: str) -> None:
+        with self.connection.reachable():
+            self.guards.update_one({"_id": sha256}, {"$inc": {"claims": -1}})
+            self.guards.delete_one({"_id": sha256, "claims": {"$lte": 0}, "deleting": None})
+
+    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
+                            deletions_stale_before: datetime) -> bool:
+        free = {"$and": [{"$or": [{"claims": {"$not": {"$gt": 0}}}, {"claimed_at": {"$lt": claims_stale_before}}]},
+                         {"$or": [{"deleting": None}, {"deleting_at": {"$lt": deletions_stale_before}}]}]}
+        return self._guard(sha256, free, {"$set": {"deleting": token, "deleting_at": _now()}})
+
+    def end_blob_deletion(self, sha256: str, token: str) -> None:
+        with self.connection.reachable():
+            self.guards.delete_one({"_id": sha256, "deleting": token})
 
     def create_key(self, key: ApiKey) -> None:
         with self.connection.reachable():

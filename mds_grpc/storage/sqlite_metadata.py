@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +28,13 @@ CREATE TABLE IF NOT EXISTS model_blobs (
 );
 CREATE INDEX IF NOT EXISTS model_blobs_sha256 ON model_blobs (sha256);
 CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_guards (
+    sha256 TEXT PRIMARY KEY,
+    claims INTEGER NOT NULL DEFAULT 0,
+    claimed_at REAL,
+    deleting TEXT,
+    deleting_at REAL
+);
 """
 
 
@@ -108,6 +116,44 @@ class SqliteMetadataStore:
 
     def blob_in_use(self, sha256: str) -> bool:
         return bool(self.db.query("SELECT 1 FROM model_blobs WHERE sha256 = ? LIMIT 1", (sha256,)))
+
+    @staticmethod
+    def _guard(db, sha256: str) -> tuple:
+        """(claims, claimed_at, deleting, deleting_at) of the blob, zeros when it has no guard row."""
+        rows = db.execute("SELECT claims, claimed_at, deleting, deleting_at FROM blob_guards WHERE sha256 = ?",
+                          (sha256,)).fetchall()
+        return rows[0] if rows else (0, 0.0, None, 0.0)
+
+    def claim_blob(self, sha256: str, deletions_stale_before: datetime) -> bool:
+        with self.db.transaction() as db:
+            _, _, deleting, deleting_at = self._guard(db, sha256)
+            if deleting is not None and deleting_at >= deletions_stale_before.timestamp():
+                return False
+            db.execute("INSERT INTO blob_guards (sha256, claims, claimed_at) VALUES (?, 1, ?) "
+                       "ON CONFLICT (sha256) DO UPDATE SET claims = claims + 1, claimed_at = excluded.claimed_at, "
+                       "deleting = NULL, deleting_at = NULL", (sha256, time.time()))
+        return True
+
+    def release_blob(self, sha256: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("UPDATE blob_guards SET claims = claims - 1 WHERE sha256 = ?", (sha256,))
+            db.execute("DELETE FROM blob_guards WHERE sha256 = ? AND claims <= 0 AND deleting IS NULL", (sha256,))
+
+    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
+                            deletions_stale_before: datetime) -> bool:
+        with self.db.transaction() as db:
+            claims, claimed_at, deleting, deleting_at = self._guard(db, sha256)
+            if (claims > 0 and claimed_at >= claims_stale_before.timestamp()) or \
+                    (deleting is not None and deleting_at >= deletions_stale_before.timestamp()):
+                return False
+            db.execute("INSERT INTO blob_guards (sha256, deleting, deleting_at) VALUES (?, ?, ?) "
+                       "ON CONFLICT (sha256) DO UPDATE SET deleting = excluded.deleting, "
+                       "deleting_at = excluded.deleting_at", (sha256, token, time.time()))
+        return True
+
+    def end_blob_deletion(self, sha256: str, token: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM blob_guards WHERE sha256 = ? AND deleting = ?", (sha256, token))
 
     def create_key(self, key: ApiKey) -> None:
         with self.db.transaction() as db:
