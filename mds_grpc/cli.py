@@ -117,6 +117,7 @@ def _upload(args) -> None:
         name=args.name, description=args.description, labels=dict(kv.split("=", 1) for kv in args.label),
         size_bytes=path.stat().st_size,
         external_files=[pb.ModelFile(path=name, size_bytes=file.stat().st_size) for name, file in side],
+        batching=pb.Batching(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us),
     )
     if args.metadata:
         header.metadata.update(json.loads(args.metadata))
@@ -316,6 +317,10 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--description", default="")
     upload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     upload.add_argument("--metadata", help="free-form JSON object")
+    upload.add_argument("--max-batch-size", type=int, default=0,
+                        help="dynamic batching: most rows per run (default 0: off)")
+    upload.add_argument("--max-queue-delay-us", type=int, default=0,
+                        help="dynamic batching: how long a batch waits for more requests, in µs")
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
     upload.set_defaults(run=_upload)
 

@@ -8,7 +8,7 @@ from mds.v1 import model_service_pb2 as pb
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import to_wire_dtype
 from mds_grpc.core.errors import InvalidArgument
-from mds_grpc.core.records import MAIN_FILE, ModelRecord, StoredFile, TensorSpec
+from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, ModelRecord, StoredFile, TensorSpec
 from mds_grpc.core.uploads import UploadHeader
 
 
@@ -29,6 +29,9 @@ def model_to_wire(record: ModelRecord) -> pb.Model:
         ir_version=record.ir_version, description=record.description, labels=record.labels,
         files=[pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in record.files],
     )
+    if record.batching.enabled:
+        model.batching.max_batch_size = record.batching.max_batch_size
+        model.batching.max_queue_delay_us = record.batching.max_queue_delay_us
     model.created_at.FromDatetime(record.created_at)
     model.metadata.update(record.metadata)
     return model
@@ -40,6 +43,7 @@ def header_from_wire(header: pb.ModelHeader) -> UploadHeader:
         metadata=json_format.MessageToDict(header.metadata),
         sha256=header.sha256.lower(), size_bytes=header.size_bytes,
         external_files=tuple(StoredFile(f.path, f.sha256.lower(), f.size_bytes) for f in header.external_files),
+        batching=BatchingPolicy(header.batching.max_batch_size, header.batching.max_queue_delay_us),
     )
 
 

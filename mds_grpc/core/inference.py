@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,10 @@ import onnxruntime as ort
 
 from mds_grpc import metrics
 from mds_grpc.core import dtypes
+from mds_grpc.core.batching import Batcher
 from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unimplemented
 from mds_grpc.core.records import ModelRecord, TensorSpec
+from mds_grpc.core.model_cache import LoadedModel
 from mds_grpc.core.registry import ModelRegistry
 
 BF16 = dtypes.BY_NAME["BF16"]
@@ -102,6 +105,7 @@ class InferenceEngine:
 
     A thread hop costs more than a tiny model's whole run; blocking the loop for at most
     `inline_max_seconds` (estimated from the model's recent runs and the request's size) costs less.
+    Models uploaded with a batching policy run their concurrent requests together.
     """
 
     def __init__(self, registry: ModelRegistry, executor: Executor, inline_max_seconds: float = 0.0):
@@ -111,6 +115,7 @@ class InferenceEngine:
         # Moving average of run time per input element, per (model, version): the estimate of a
         # request's run time that decides whether it runs inline.
         self._seconds_per_element: dict[tuple[str, int], float] = {}
+        self._batchers: dict[tuple[str, int], Batcher] = {}
 
     async def predict(self, model: str, version: int, inputs: dict[str, np.ndarray],
                       output_names: Sequence[str] = (), deadline: float | None = None) -> Prediction:
@@ -119,6 +124,19 @@ class InferenceEngine:
         record = loaded.record
         check_inputs(record, inputs)
         names = select_outputs(record, output_names)
+        if record.batching.enabled:
+            key = (record.name, record.version)
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = self._batchers[key] = Batcher(record.batching, partial(self._run, loaded, deadline=None))
+            values = await batcher.submit(inputs, names, deadline)
+        else:
+            values = await self._run(loaded, inputs, names, deadline)
+        return Prediction(record.name, record.version, list(zip(names, values)))
+
+    async def _run(self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str],
+                   deadline: float | None) -> list:
+        record = loaded.record
         uses_bf16 = involves_bf16(record, names, inputs)
         options = ort.RunOptions()
         submitted = time.perf_counter()
@@ -152,11 +170,10 @@ class InferenceEngine:
 
         elements = max(1, sum(a.size for a in inputs.values()))
         if self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds:
-            return Prediction(record.name, record.version, list(zip(names, run(True))))
+            return run(True)
         future = asyncio.get_running_loop().run_in_executor(self.executor, run, False)
         try:
-            values = await future
+            return await future
         except asyncio.CancelledError:
             options.terminate = True  # stops a run in progress; the client is gone
             raise
-        return Prediction(record.name, record.version, list(zip(names, values)))

@@ -30,6 +30,18 @@ class StoredFile:
 
 
 @dataclass(frozen=True)
+class BatchingPolicy:
+    """Dynamic batching of one model version; off unless max_batch_size is at least 2."""
+
+    max_batch_size: int = 0  # rows along the first dimension per onnxruntime run
+    max_queue_delay_us: int = 0  # how long a batch's first request waits for others
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     name: str
     version: int  # 0 until the metadata store allocates one
@@ -44,6 +56,7 @@ class ModelRecord:
     description: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    batching: BatchingPolicy = BatchingPolicy()
 
     @property
     def sha256(self) -> str:
@@ -76,5 +89,6 @@ def record_from_dict(data: dict) -> ModelRecord:
             "inputs": tuple(spec(s) for s in data["inputs"]),
             "outputs": tuple(spec(s) for s in data["outputs"]),
             "opsets": tuple((o["domain"], o["version"]) for o in data["opsets"]),
+            "batching": BatchingPolicy(**data.get("batching", {})),  # absent from records stored before it
         }
     )

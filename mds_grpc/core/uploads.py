@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
-from mds_grpc.core.records import MAIN_FILE, StoredFile
+from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, StoredFile
 from mds_grpc.storage.base import BlobUpload
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -27,6 +27,7 @@ class UploadHeader:
     sha256: str = ""  # of the main file; "" = not verified
     size_bytes: int = 0  # of the main file; 0 = not verified
     external_files: tuple[StoredFile, ...] = ()  # side files, sha256/size optional as above
+    batching: BatchingPolicy = BatchingPolicy()
 
 
 def sha256_of(path: Path) -> str:

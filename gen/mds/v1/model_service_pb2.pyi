@@ -23,7 +23,7 @@ class UploadModelRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("name", "description", "labels", "metadata", "sha256", "size_bytes", "external_files")
+    __slots__ = ("name", "description", "labels", "metadata", "sha256", "size_bytes", "external_files", "batching")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ModelHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_FILES_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     labels: _containers.ScalarMap[str, str]
@@ -45,7 +46,16 @@ class ModelHeader(_message.Message):
     sha256: str
     size_bytes: int
     external_files: _containers.RepeatedCompositeFieldContainer[ModelFile]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., external_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., external_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+
+class Batching(_message.Message):
+    __slots__ = ("max_batch_size", "max_queue_delay_us")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_queue_delay_us: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
@@ -74,7 +84,7 @@ class OperatorSet(_message.Message):
     def __init__(self, domain: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size_bytes", "created_at", "inputs", "outputs", "opsets", "producer_name", "producer_version", "ir_version", "description", "labels", "metadata", "files")
+    __slots__ = ("name", "version", "sha256", "size_bytes", "created_at", "inputs", "outputs", "opsets", "producer_name", "producer_version", "ir_version", "description", "labels", "metadata", "files", "batching")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +107,7 @@ class Model(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -112,7 +123,8 @@ class Model(_message.Message):
     labels: _containers.ScalarMap[str, str]
     metadata: _struct_pb2.Struct
     files: _containers.RepeatedCompositeFieldContainer[ModelFile]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., opsets: _Optional[_Iterable[_Union[OperatorSet, _Mapping]]] = ..., producer_name: _Optional[str] = ..., producer_version: _Optional[str] = ..., ir_version: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., opsets: _Optional[_Iterable[_Union[OperatorSet, _Mapping]]] = ..., producer_name: _Optional[str] = ..., producer_version: _Optional[str] = ..., ir_version: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name", "version")

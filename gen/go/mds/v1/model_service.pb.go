@@ -140,6 +140,10 @@ type ModelHeader struct {
 	// Side files holding external data, each referenced by the model with a
 	// location relative to the model's folder (e.g. "model.onnx.data").
 	ExternalFiles []*ModelFile `protobuf:"bytes,7,rep,name=external_files,json=externalFiles,proto3" json:"external_files,omitempty"`
+	// Dynamic batching for this version; off when unset. INVALID_ARGUMENT when
+	// it is on and the model has an input or output whose first dimension is
+	// not dynamic.
+	Batching      *Batching `protobuf:"bytes,8,opt,name=batching,proto3" json:"batching,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -223,6 +227,75 @@ func (x *ModelHeader) GetExternalFiles() []*ModelFile {
 	return nil
 }
 
+func (x *ModelHeader) GetBatching() *Batching {
+	if x != nil {
+		return x.Batching
+	}
+	return nil
+}
+
+// Dynamic batching: concurrent Predict and PredictStream requests (and V2
+// ModelInfer) for one model version run together in one onnxruntime call,
+// concatenated along the first dimension and split again for the replies.
+// Only requests with the same output names, dtypes and other dimensions share
+// a run. A request's deadline still holds: it never waits for company longer
+// than half of its remaining time.
+type Batching struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Most rows (first-dimension entries) in one run; 0 or 1 turns batching off.
+	// A single request with more rows runs alone.
+	MaxBatchSize uint32 `protobuf:"varint,1,opt,name=max_batch_size,json=maxBatchSize,proto3" json:"max_batch_size,omitempty"`
+	// How long the first request of a batch waits for others, in microseconds;
+	// at most 1000000. 0 runs whatever arrived in the same event-loop turn.
+	MaxQueueDelayUs uint32 `protobuf:"varint,2,opt,name=max_queue_delay_us,json=maxQueueDelayUs,proto3" json:"max_queue_delay_us,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Batching) Reset() {
+	*x = Batching{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Batching) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Batching) ProtoMessage() {}
+
+func (x *Batching) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Batching.ProtoReflect.Descriptor instead.
+func (*Batching) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Batching) GetMaxBatchSize() uint32 {
+	if x != nil {
+		return x.MaxBatchSize
+	}
+	return 0
+}
+
+func (x *Batching) GetMaxQueueDelayUs() uint32 {
+	if x != nil {
+		return x.MaxQueueDelayUs
+	}
+	return 0
+}
+
 // One stored file of a model.
 type ModelFile struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -239,7 +312,7 @@ type ModelFile struct {
 
 func (x *ModelFile) Reset() {
 	*x = ModelFile{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	mi := &file_mds_v1_model_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -251,7 +324,7 @@ func (x *ModelFile) String() string {
 func (*ModelFile) ProtoMessage() {}
 
 func (x *ModelFile) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	mi := &file_mds_v1_model_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -264,7 +337,7 @@ func (x *ModelFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelFile.ProtoReflect.Descriptor instead.
 func (*ModelFile) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{2}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ModelFile) GetPath() string {
@@ -299,7 +372,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[3]
+	mi := &file_mds_v1_model_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -311,7 +384,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[3]
+	mi := &file_mds_v1_model_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -324,7 +397,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{3}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *FileChunk) GetPath() string {
@@ -353,7 +426,7 @@ type OperatorSet struct {
 
 func (x *OperatorSet) Reset() {
 	*x = OperatorSet{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[4]
+	mi := &file_mds_v1_model_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -365,7 +438,7 @@ func (x *OperatorSet) String() string {
 func (*OperatorSet) ProtoMessage() {}
 
 func (x *OperatorSet) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[4]
+	mi := &file_mds_v1_model_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -378,7 +451,7 @@ func (x *OperatorSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorSet.ProtoReflect.Descriptor instead.
 func (*OperatorSet) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{4}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *OperatorSet) GetDomain() string {
@@ -413,14 +486,16 @@ type Model struct {
 	Labels          map[string]string      `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Metadata        *structpb.Struct       `protobuf:"bytes,14,opt,name=metadata,proto3" json:"metadata,omitempty"`
 	// Every stored file, the main .onnx file first.
-	Files         []*ModelFile `protobuf:"bytes,15,rep,name=files,proto3" json:"files,omitempty"`
+	Files []*ModelFile `protobuf:"bytes,15,rep,name=files,proto3" json:"files,omitempty"`
+	// Unset when the version does not batch.
+	Batching      *Batching `protobuf:"bytes,16,opt,name=batching,proto3" json:"batching,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
 	*x = Model{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[5]
+	mi := &file_mds_v1_model_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -432,7 +507,7 @@ func (x *Model) String() string {
 func (*Model) ProtoMessage() {}
 
 func (x *Model) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[5]
+	mi := &file_mds_v1_model_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -445,7 +520,7 @@ func (x *Model) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Model.ProtoReflect.Descriptor instead.
 func (*Model) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{5}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Model) GetName() string {
@@ -553,6 +628,13 @@ func (x *Model) GetFiles() []*ModelFile {
 	return nil
 }
 
+func (x *Model) GetBatching() *Batching {
+	if x != nil {
+		return x.Batching
+	}
+	return nil
+}
+
 type GetModelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -564,7 +646,7 @@ type GetModelRequest struct {
 
 func (x *GetModelRequest) Reset() {
 	*x = GetModelRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[6]
+	mi := &file_mds_v1_model_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -576,7 +658,7 @@ func (x *GetModelRequest) String() string {
 func (*GetModelRequest) ProtoMessage() {}
 
 func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[6]
+	mi := &file_mds_v1_model_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -589,7 +671,7 @@ func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelRequest.ProtoReflect.Descriptor instead.
 func (*GetModelRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{6}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetModelRequest) GetName() string {
@@ -621,7 +703,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[7]
+	mi := &file_mds_v1_model_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -633,7 +715,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[7]
+	mi := &file_mds_v1_model_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -646,7 +728,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{7}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListModelsRequest) GetPageSize() int32 {
@@ -681,7 +763,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[8]
+	mi := &file_mds_v1_model_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +775,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[8]
+	mi := &file_mds_v1_model_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +788,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{8}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListModelsResponse) GetModels() []*Model {
@@ -734,7 +816,7 @@ type DeleteModelRequest struct {
 
 func (x *DeleteModelRequest) Reset() {
 	*x = DeleteModelRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[9]
+	mi := &file_mds_v1_model_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -746,7 +828,7 @@ func (x *DeleteModelRequest) String() string {
 func (*DeleteModelRequest) ProtoMessage() {}
 
 func (x *DeleteModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[9]
+	mi := &file_mds_v1_model_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -759,7 +841,7 @@ func (x *DeleteModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{9}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteModelRequest) GetName() string {
@@ -786,7 +868,7 @@ type DeleteModelResponse struct {
 
 func (x *DeleteModelResponse) Reset() {
 	*x = DeleteModelResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[10]
+	mi := &file_mds_v1_model_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +880,7 @@ func (x *DeleteModelResponse) String() string {
 func (*DeleteModelResponse) ProtoMessage() {}
 
 func (x *DeleteModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[10]
+	mi := &file_mds_v1_model_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +893,7 @@ func (x *DeleteModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{10}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DeleteModelResponse) GetName() string {
@@ -838,7 +920,7 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x122\n" +
 	"\n" +
 	"file_chunk\x18\x03 \x01(\v2\x11.mds.v1.FileChunkH\x00R\tfileChunkB\t\n" +
-	"\apayload\"\xdd\x02\n" +
+	"\apayload\"\x8b\x03\n" +
 	"\vModelHeader\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
@@ -847,10 +929,14 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x06sha256\x18\x05 \x01(\tR\x06sha256\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x06 \x01(\x03R\tsizeBytes\x128\n" +
-	"\x0eexternal_files\x18\a \x03(\v2\x11.mds.v1.ModelFileR\rexternalFiles\x1a9\n" +
+	"\x0eexternal_files\x18\a \x03(\v2\x11.mds.v1.ModelFileR\rexternalFiles\x12,\n" +
+	"\bbatching\x18\b \x01(\v2\x10.mds.v1.BatchingR\bbatching\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"V\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"]\n" +
+	"\bBatching\x12$\n" +
+	"\x0emax_batch_size\x18\x01 \x01(\rR\fmaxBatchSize\x12+\n" +
+	"\x12max_queue_delay_us\x18\x02 \x01(\rR\x0fmaxQueueDelayUs\"V\n" +
 	"\tModelFile\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n" +
 	"\n" +
@@ -861,7 +947,7 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"?\n" +
 	"\vOperatorSet\x12\x16\n" +
 	"\x06domain\x18\x01 \x01(\tR\x06domain\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"\x8b\x05\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\"\xb9\x05\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12\x16\n" +
@@ -881,7 +967,8 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\vdescription\x18\f \x01(\tR\vdescription\x121\n" +
 	"\x06labels\x18\r \x03(\v2\x19.mds.v1.Model.LabelsEntryR\x06labels\x123\n" +
 	"\bmetadata\x18\x0e \x01(\v2\x17.google.protobuf.StructR\bmetadata\x12'\n" +
-	"\x05files\x18\x0f \x03(\v2\x11.mds.v1.ModelFileR\x05files\x1a9\n" +
+	"\x05files\x18\x0f \x03(\v2\x11.mds.v1.ModelFileR\x05files\x12,\n" +
+	"\bbatching\x18\x10 \x01(\v2\x10.mds.v1.BatchingR\bbatching\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"?\n" +
@@ -923,52 +1010,55 @@ func file_mds_v1_model_service_proto_rawDescGZIP() []byte {
 	return file_mds_v1_model_service_proto_rawDescData
 }
 
-var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_mds_v1_model_service_proto_goTypes = []any{
 	(*UploadModelRequest)(nil),    // 0: mds.v1.UploadModelRequest
 	(*ModelHeader)(nil),           // 1: mds.v1.ModelHeader
-	(*ModelFile)(nil),             // 2: mds.v1.ModelFile
-	(*FileChunk)(nil),             // 3: mds.v1.FileChunk
-	(*OperatorSet)(nil),           // 4: mds.v1.OperatorSet
-	(*Model)(nil),                 // 5: mds.v1.Model
-	(*GetModelRequest)(nil),       // 6: mds.v1.GetModelRequest
-	(*ListModelsRequest)(nil),     // 7: mds.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 8: mds.v1.ListModelsResponse
-	(*DeleteModelRequest)(nil),    // 9: mds.v1.DeleteModelRequest
-	(*DeleteModelResponse)(nil),   // 10: mds.v1.DeleteModelResponse
-	nil,                           // 11: mds.v1.ModelHeader.LabelsEntry
-	nil,                           // 12: mds.v1.Model.LabelsEntry
-	(*structpb.Struct)(nil),       // 13: google.protobuf.Struct
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
-	(*TensorSpec)(nil),            // 15: mds.v1.TensorSpec
+	(*Batching)(nil),              // 2: mds.v1.Batching
+	(*ModelFile)(nil),             // 3: mds.v1.ModelFile
+	(*FileChunk)(nil),             // 4: mds.v1.FileChunk
+	(*OperatorSet)(nil),           // 5: mds.v1.OperatorSet
+	(*Model)(nil),                 // 6: mds.v1.Model
+	(*GetModelRequest)(nil),       // 7: mds.v1.GetModelRequest
+	(*ListModelsRequest)(nil),     // 8: mds.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 9: mds.v1.ListModelsResponse
+	(*DeleteModelRequest)(nil),    // 10: mds.v1.DeleteModelRequest
+	(*DeleteModelResponse)(nil),   // 11: mds.v1.DeleteModelResponse
+	nil,                           // 12: mds.v1.ModelHeader.LabelsEntry
+	nil,                           // 13: mds.v1.Model.LabelsEntry
+	(*structpb.Struct)(nil),       // 14: google.protobuf.Struct
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(*TensorSpec)(nil),            // 16: mds.v1.TensorSpec
 }
 var file_mds_v1_model_service_proto_depIdxs = []int32{
 	1,  // 0: mds.v1.UploadModelRequest.header:type_name -> mds.v1.ModelHeader
-	3,  // 1: mds.v1.UploadModelRequest.file_chunk:type_name -> mds.v1.FileChunk
-	11, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
-	13, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
-	2,  // 4: mds.v1.ModelHeader.external_files:type_name -> mds.v1.ModelFile
-	14, // 5: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
-	15, // 6: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
-	15, // 7: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
-	4,  // 8: mds.v1.Model.opsets:type_name -> mds.v1.OperatorSet
-	12, // 9: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
-	13, // 10: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
-	2,  // 11: mds.v1.Model.files:type_name -> mds.v1.ModelFile
-	5,  // 12: mds.v1.ListModelsResponse.models:type_name -> mds.v1.Model
-	0,  // 13: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
-	6,  // 14: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
-	7,  // 15: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
-	9,  // 16: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
-	5,  // 17: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
-	5,  // 18: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
-	8,  // 19: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
-	10, // 20: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	4,  // 1: mds.v1.UploadModelRequest.file_chunk:type_name -> mds.v1.FileChunk
+	12, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
+	14, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
+	3,  // 4: mds.v1.ModelHeader.external_files:type_name -> mds.v1.ModelFile
+	2,  // 5: mds.v1.ModelHeader.batching:type_name -> mds.v1.Batching
+	15, // 6: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
+	16, // 7: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
+	16, // 8: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
+	5,  // 9: mds.v1.Model.opsets:type_name -> mds.v1.OperatorSet
+	13, // 10: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
+	14, // 11: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
+	3,  // 12: mds.v1.Model.files:type_name -> mds.v1.ModelFile
+	2,  // 13: mds.v1.Model.batching:type_name -> mds.v1.Batching
+	6,  // 14: mds.v1.ListModelsResponse.models:type_name -> mds.v1.Model
+	0,  // 15: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
+	7,  // 16: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
+	8,  // 17: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
+	10, // 18: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
+	6,  // 19: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
+	6,  // 20: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
+	9,  // 21: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
+	11, // 22: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
+	19, // [19:23] is the sub-list for method output_type
+	15, // [15:19] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_mds_v1_model_service_proto_init() }
@@ -988,7 +1078,7 @@ func file_mds_v1_model_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mds_v1_model_service_proto_rawDesc), len(file_mds_v1_model_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -101,6 +101,15 @@ export declare type ModelHeader = Message<"mds.v1.ModelHeader"> & {
    * @generated from field: repeated mds.v1.ModelFile external_files = 7;
    */
   externalFiles: ModelFile[];
+
+  /**
+   * Dynamic batching for this version; off when unset. INVALID_ARGUMENT when
+   * it is on and the model has an input or output whose first dimension is
+   * not dynamic.
+   *
+   * @generated from field: mds.v1.Batching batching = 8;
+   */
+  batching?: Batching | undefined;
 };
 
 /**
@@ -108,6 +117,40 @@ export declare type ModelHeader = Message<"mds.v1.ModelHeader"> & {
  * Use `create(ModelHeaderSchema)` to create a new message.
  */
 export declare const ModelHeaderSchema: GenMessage<ModelHeader>;
+
+/**
+ * Dynamic batching: concurrent Predict and PredictStream requests (and V2
+ * ModelInfer) for one model version run together in one onnxruntime call,
+ * concatenated along the first dimension and split again for the replies.
+ * Only requests with the same output names, dtypes and other dimensions share
+ * a run. A request's deadline still holds: it never waits for company longer
+ * than half of its remaining time.
+ *
+ * @generated from message mds.v1.Batching
+ */
+export declare type Batching = Message<"mds.v1.Batching"> & {
+  /**
+   * Most rows (first-dimension entries) in one run; 0 or 1 turns batching off.
+   * A single request with more rows runs alone.
+   *
+   * @generated from field: uint32 max_batch_size = 1;
+   */
+  maxBatchSize: number;
+
+  /**
+   * How long the first request of a batch waits for others, in microseconds;
+   * at most 1000000. 0 runs whatever arrived in the same event-loop turn.
+   *
+   * @generated from field: uint32 max_queue_delay_us = 2;
+   */
+  maxQueueDelayUs: number;
+};
+
+/**
+ * Describes the message mds.v1.Batching.
+ * Use `create(BatchingSchema)` to create a new message.
+ */
+export declare const BatchingSchema: GenMessage<Batching>;
 
 /**
  * One stored file of a model.
@@ -274,6 +317,13 @@ export declare type Model = Message<"mds.v1.Model"> & {
    * @generated from field: repeated mds.v1.ModelFile files = 15;
    */
   files: ModelFile[];
+
+  /**
+   * Unset when the version does not batch.
+   *
+   * @generated from field: mds.v1.Batching batching = 16;
+   */
+  batching?: Batching | undefined;
 };
 
 /**
