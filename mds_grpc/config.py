@@ -55,13 +55,14 @@ class Settings:
     redis_url: str = ""
     redis_namespace: str = "mds"
     job_batch_rows: int = 4096
+    max_job_batch_rows: int = 1 << 20  # the most rows per run a job may ask for
     job_workers: int = 1
     job_heartbeat_ms: int = 15000
     max_job_input_bytes: int = 16 * GiB
 
 
 AT_LEAST_ONE = ("max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight", "max_inputs",
-                "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows", "job_workers",
+                "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows", "max_job_batch_rows", "job_workers",
                 "max_job_input_bytes")
 
 

@@ -30,7 +30,7 @@ from mds_grpc.core.auth import Authenticator
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
-from mds_grpc.core.limits import TensorLimits
+from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
@@ -87,8 +87,9 @@ def build_core(settings: Settings) -> Core:
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(broker, JobRunner(storage, job_work_dir(data / "jobs"),
                                                         settings.ort_intra_op_threads))
-    jobs = JobManager(storage, registry, data / "tmp", run_job.send, settings.job_batch_rows,
-                      settings.max_job_input_bytes)
+    limits = JobLimits(settings.job_batch_rows, settings.max_job_batch_rows, settings.max_job_input_bytes,
+                       settings.max_message_bytes // 2)
+    jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits)
     return Core(storage, registry, broker, run_job, jobs)
 
 

@@ -6,15 +6,18 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import onnx_models
 from google.protobuf import message_factory
 from harness import ServerProcess, upload_requests
 from test_grpcurl import every_rpc
+from test_upload import assert_status
 
 from mds.oip import grpc_service_pb2
 from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
+from mds_grpc.api.tensors import from_array
 
 PUBLIC = {"inference.GRPCInferenceService/ServerLive", "inference.GRPCInferenceService/ServerReady",
           "inference.GRPCInferenceService/ServerMetadata"}
@@ -144,3 +147,28 @@ def test_open_server_on_a_public_address_warns(tmp_path):
         assert "authentication is off on a non-loopback address" in log
     finally:
         assert server.stop() == 0
+
+
+def test_job_ids_and_listings_keep_a_key_to_its_prefixes(secured):
+    server, keys = secured
+    admin = (("authorization", f"Bearer {keys['admin']}"),)
+    limited = (("authorization", f"Bearer {keys['predict']}"),)
+    server.models.UploadModel(upload_requests("private-jobs", onnx_models.dense()), metadata=admin)
+    rows = from_array("x", np.zeros((2, 8), np.float32), raw=True)
+    job = server.jobs.CreateJob(job_service_pb2.CreateJobRequest(model="private-jobs", inputs=[rows]), metadata=admin)
+    by_id = job_service_pb2.GetJobRequest(id=job.id)
+    for call_job in (lambda: server.jobs.GetJob(by_id, metadata=limited),
+                     lambda: server.jobs.CancelJob(job_service_pb2.CancelJobRequest(id=job.id), metadata=limited),
+                     lambda: list(server.jobs.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=limited)),
+                     lambda: list(server.jobs.GetJobResults(job_service_pb2.GetJobResultsRequest(id=job.id),
+                                                            metadata=limited))):
+        assert_status(call_job, grpc.StatusCode.PERMISSION_DENIED, "may not use model 'private-jobs'")
+    assert server.jobs.GetJob(by_id, metadata=admin).model == "private-jobs"
+    # Listing everything would show other models' names: a limited key must name one of its own.
+    assert_status(lambda: server.jobs.ListJobs(job_service_pb2.ListJobsRequest(), metadata=limited),
+                  grpc.StatusCode.PERMISSION_DENIED, "set `model`")
+    assert_status(lambda: server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=limited),
+                  grpc.StatusCode.PERMISSION_DENIED, "set `name`")
+    assert server.jobs.ListJobs(job_service_pb2.ListJobsRequest(model="pub-model"), metadata=limited).jobs == []
+    assert "private-jobs" in {m.name for m in server.models.ListModels(model_service_pb2.ListModelsRequest(),
+                                                                        metadata=admin).models}

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import upload_requests
+from harness import ServerProcess, upload_requests
 from test_upload import assert_status
 
 from mds.v1 import job_service_pb2 as pb
@@ -136,6 +136,8 @@ ONES = np.ones((2, 8), np.float32)
     ({"inputs": [from_array("x", ONES, True)], "output_names": ["nope"]}, grpc.StatusCode.INVALID_ARGUMENT,
      "no output 'nope'"),
     ({"inputs": [from_array("x", ONES, True)], "batch_rows": -1}, grpc.StatusCode.INVALID_ARGUMENT, "batch_rows"),
+    ({"inputs": [from_array("x", ONES, True)], "batch_rows": 2**21}, grpc.StatusCode.INVALID_ARGUMENT,
+     "MDS_MAX_JOB_BATCH_ROWS"),
 ])
 def test_create_job_errors(server, dense, request_fields, code, fragment):
     request = pb.CreateJobRequest(model=request_fields.get("model", dense),
@@ -181,3 +183,22 @@ def test_input_names_never_become_paths(server, tmp_path):
     job = server.jobs.CreateJob(pb.CreateJobRequest(model="path-named-input", inputs=[from_array(escape, x, True)]))
     assert watch(server, job.id)[-1].state == pb.JOB_STATE_SUCCEEDED
     assert not Path("/tmp/mds-escape-" + tmp_path.name).exists()
+
+
+def test_a_batch_bigger_than_a_message_comes_back_in_slices(tmp_path):
+    """With 256 KiB messages, one 20,000-row batch of outputs (400 KB) needs several replies."""
+    server = ServerProcess(tmp_path, mds_max_message_bytes=256 * 1024).start()
+    try:
+        server.models.UploadModel(upload_requests("dense", onnx_models.dense()), timeout=120)
+        x = np.random.default_rng(3).standard_normal((20_000, 8)).astype(np.float32)
+        job_input = server.jobs.UploadJobInput(chunked_input(x, 2_000), timeout=120)
+        job = server.jobs.CreateJob(pb.CreateJobRequest(model="dense", input_id=job_input.id, batch_rows=20_000))
+        assert watch(server, job.id)[-1].state == pb.JOB_STATE_SUCCEEDED
+        batches, outputs = results(server, job.id)
+        assert len(batches) >= 3 and all(b.ByteSize() <= 256 * 1024 for b in batches)
+        assert [b.row_offset for b in batches] == list(np.cumsum([0] + [b.rows for b in batches[:-1]]))
+        want = in_process(onnx_models.dense(), x, 20_000)
+        np.testing.assert_allclose(outputs["scores"], want["scores"], rtol=1e-6)
+        np.testing.assert_array_equal(outputs["label"], want["label"])
+    finally:
+        server.stop()

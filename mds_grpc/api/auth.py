@@ -4,6 +4,7 @@ import asyncio
 import contextvars
 
 from mds_grpc.core.auth import ADMIN, PREDICT, ApiKey, Authenticator, authorize
+from mds_grpc.core.errors import PermissionDenied
 
 # Probes stay open, like health and reflection (which the interceptor does not wrap).
 PUBLIC = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
@@ -30,6 +31,14 @@ class Guard:
         model = next((v for f in ("model", "name", "model_name") if isinstance(v := getattr(request, f, ""), str)
                       and v), "")
         authorize(key, ADMIN if method in ADMIN_METHODS else PREDICT, model)
+
+
+def check_listing(name_filter: str, field: str) -> None:
+    """A list RPC: a key limited to model-name prefixes must filter by one of its models."""
+    key = _current_key.get()
+    if key is not None and key.prefixes and not name_filter:
+        raise PermissionDenied(f"API key {key.id} may only use models starting with {list(key.prefixes)}: "
+                               f"set `{field}` to one of them")
 
 
 def check_model(model: str, scope: str = PREDICT) -> None:

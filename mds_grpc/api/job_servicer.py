@@ -3,6 +3,7 @@
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import job_service_pb2_grpc
 from mds_grpc.api.access_log import annotate
+from mds_grpc.api.auth import check_listing, check_model
 from mds_grpc.api.jobs import batch_to_wire, column_from_wire, input_to_wire, job_to_wire, state_from_wire
 from mds_grpc.api.tensors import to_arrays
 from mds_grpc.core.errors import InvalidArgument
@@ -36,21 +37,30 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         annotate(job=job.id, version=job.version)
         return job_to_wire(job)
 
+    async def _job(self, job_id: str):
+        """The job, if the caller's key may use its model (job ids alone do not limit a key)."""
+        job = await self.manager.get(job_id)
+        check_model(job.model)
+        return job
+
     async def GetJob(self, request, context):
-        return job_to_wire(await self.manager.get(request.id))
+        return job_to_wire(await self._job(request.id))
 
     async def ListJobs(self, request, context):
+        check_listing(request.model, "model")
         jobs, token = await self.manager.list_page(state_from_wire(request.state), request.model,
                                                    request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[job_to_wire(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(self, request, context):
+        await self._job(request.id)
         return job_to_wire(await self.manager.cancel(request.id))
 
     async def WatchJob(self, request, context):
+        await self._job(request.id)
         async for job in self.manager.watch(request.id):
             yield job_to_wire(job)
 
     async def GetJobResults(self, request, context):
-        async for result, arrays in self.manager.results(request.id):
-            yield batch_to_wire(result.offset, result.rows, arrays)
+        async for offset, rows, arrays in self.manager.results(await self._job(request.id)):
+            yield batch_to_wire(offset, rows, arrays)

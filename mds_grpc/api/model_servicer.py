@@ -3,7 +3,7 @@
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import model_service_pb2_grpc
 from mds_grpc.api.access_log import annotate
-from mds_grpc.api.auth import check_model
+from mds_grpc.api.auth import check_listing, check_model
 from mds_grpc.core.auth import ADMIN
 from mds_grpc.api.models import model_to_wire, split_upload
 from mds_grpc.core.registry import ModelRegistry
@@ -25,6 +25,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return model_to_wire(await self.registry.get(request.name, request.version))
 
     async def ListModels(self, request, context):
+        check_listing(request.name, "name")
         records, token = await self.registry.list_page(request.name, request.page_size, request.page_token)
         return pb.ListModelsResponse(models=[model_to_wire(r) for r in records], next_page_token=token)
 

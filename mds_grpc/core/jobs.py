@@ -16,6 +16,7 @@ from mds_grpc.core import dtypes
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mds_grpc.core.inference import check_inputs, select_outputs
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
+from mds_grpc.core.limits import JobLimits
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import utc_now
 from mds_grpc.core.registry import ModelRegistry
@@ -95,15 +96,21 @@ def _as_rows(column: ColumnSpec) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtypes.BY_NAME[column.dtype].numpy), (1, *column.shape[1:]))
 
 
+def _bytes_of(array: np.ndarray) -> int:
+    """Bytes on the wire, about: STRING elements count their UTF-8 length."""
+    if array.dtype == object:
+        return sum(len(v.encode() if isinstance(v, str) else v) for v in array.ravel())
+    return array.nbytes
+
+
 class JobManager:
     def __init__(self, storage: Storage, registry: ModelRegistry, tmp_dir: Path, enqueue: Callable[[str], object],
-                 default_batch_rows: int, max_input_bytes: int, poll_seconds: float = 0.2):
+                 limits: JobLimits, poll_seconds: float = 0.2):
         self.storage = storage
         self.registry = registry
         self.tmp_dir = Path(tmp_dir)
         self.enqueue = enqueue
-        self.default_batch_rows = default_batch_rows
-        self.max_input_bytes = max_input_bytes
+        self.limits = limits
         self.poll_seconds = poll_seconds
 
     async def upload_input(self, specs: Sequence[ColumnSpec],
@@ -113,7 +120,7 @@ class JobManager:
         folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
         writer = None
         try:
-            writer = _InputWriter(folder, specs, self.max_input_bytes)
+            writer = _InputWriter(folder, specs, self.limits.max_input_bytes)
             async for chunk in chunks:
                 await asyncio.to_thread(writer.write, chunk)
             columns = await asyncio.to_thread(writer.finish)
@@ -135,8 +142,7 @@ class JobManager:
         """Validate, store and enqueue a job; returns it QUEUED without waiting for any work."""
         if bool(inline) == bool(input_id):
             raise InvalidArgument("give the job's rows either inline in `inputs` or as `input_id`, not both or neither")
-        if batch_rows < 0:
-            raise InvalidArgument(f"batch_rows must not be negative, got {batch_rows}")
+        self.limits.check_batch_rows(batch_rows)
         record = await self.registry.get(model, version)
         if inline:
             specs = [ColumnSpec(name, getattr(dtypes.of_array(a), "name", str(a.dtype)), a.shape)
@@ -159,7 +165,7 @@ class JobManager:
             raise InvalidArgument(f"output {not_tensors[0]!r} is not a tensor; list the tensor outputs in output_names")
         now = utc_now()
         job = JobRecord(id=uuid.uuid4().hex, model=record.name, version=record.version, state=JobState.QUEUED,
-                        input=job_input, output_names=tuple(names), batch_rows=batch_rows or self.default_batch_rows,
+                        input=job_input, output_names=tuple(names), batch_rows=batch_rows or self.limits.default_batch_rows,
                         created_at=now, updated_at=now)
         await asyncio.to_thread(self.storage.jobs.create, job)
         try:
@@ -214,14 +220,18 @@ class JobManager:
                 return
             await asyncio.sleep(self.poll_seconds)
 
-    async def results(self, job_id: str) -> AsyncIterator[tuple[JobResult, dict[str, np.ndarray]]]:
-        job = await self.get(job_id)
+    async def results(self, job: JobRecord) -> AsyncIterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """(row offset, rows, outputs) in row order; a stored batch bigger than a message comes in slices."""
         if job.state != JobState.SUCCEEDED:
-            raise FailedPrecondition(f"job {job_id!r} is {job.state.value}; results are readable once it has SUCCEEDED")
+            raise FailedPrecondition(f"job {job.id!r} is {job.state.value}; results are readable once it has SUCCEEDED")
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         for result in job.results:
             arrays = await asyncio.to_thread(self._read_result, result, job.output_names)
-            yield result, arrays
+            row_bytes = max(1, sum(_bytes_of(a) for a in arrays.values()) // max(1, result.rows))
+            step = max(1, self.limits.result_message_bytes // row_bytes)
+            for start in range(0, result.rows, step):
+                rows = min(step, result.rows - start)
+                yield result.offset + start, rows, {name: a[start:start + rows] for name, a in arrays.items()}
 
     def _read_result(self, result: JobResult, names: Sequence[str]) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:

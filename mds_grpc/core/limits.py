@@ -2,7 +2,20 @@
 
 from dataclasses import dataclass
 
-from mds_grpc.core.errors import ResourceExhausted
+from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    default_batch_rows: int = 4096  # rows per onnxruntime run when a job does not say
+    max_batch_rows: int = 1 << 20  # the most a job may ask for
+    max_input_bytes: int = 16 << 30  # one uploaded job input, all columns together
+    result_message_bytes: int = 32 << 20  # outputs per GetJobResults message, roughly
+
+    def check_batch_rows(self, batch_rows: int) -> None:
+        if not 0 <= batch_rows <= self.max_batch_rows:
+            raise InvalidArgument(f"batch_rows must be between 0 (the server's default, {self.default_batch_rows}) "
+                                  f"and {self.max_batch_rows} (MDS_MAX_JOB_BATCH_ROWS), got {batch_rows}")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobResults(self, request, context):
-        """The results of a SUCCEEDED job, one message per batch in row order.
+        """The results of a SUCCEEDED job in row order: one message per batch, or
+        several when a batch's outputs would not fit in one message.
         FAILED_PRECONDITION while the job has not succeeded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

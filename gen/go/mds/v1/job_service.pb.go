@@ -328,7 +328,8 @@ type CreateJobRequest struct {
 	InputId string `protobuf:"bytes,4,opt,name=input_id,json=inputId,proto3" json:"input_id,omitempty"`
 	// Outputs to compute; all when empty.
 	OutputNames []string `protobuf:"bytes,5,rep,name=output_names,json=outputNames,proto3" json:"output_names,omitempty"`
-	// Rows per batch; 0 uses the server's default (MDS_JOB_BATCH_ROWS).
+	// Rows per batch; 0 uses the server's default (MDS_JOB_BATCH_ROWS). Over
+	// MDS_MAX_JOB_BATCH_ROWS (default 1048576) is INVALID_ARGUMENT.
 	BatchRows     int64 `protobuf:"varint,6,opt,name=batch_rows,json=batchRows,proto3" json:"batch_rows,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

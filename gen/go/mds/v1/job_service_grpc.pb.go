@@ -55,7 +55,8 @@ type JobServiceClient interface {
 	// The job now, then again whenever its state or progress changes, until it
 	// reaches a terminal state (SUCCEEDED, FAILED or CANCELLED).
 	WatchJob(ctx context.Context, in *WatchJobRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Job], error)
-	// The results of a SUCCEEDED job, one message per batch in row order.
+	// The results of a SUCCEEDED job in row order: one message per batch, or
+	// several when a batch's outputs would not fit in one message.
 	// FAILED_PRECONDITION while the job has not succeeded.
 	GetJobResults(ctx context.Context, in *GetJobResultsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[JobResultBatch], error)
 }
@@ -186,7 +187,8 @@ type JobServiceServer interface {
 	// The job now, then again whenever its state or progress changes, until it
 	// reaches a terminal state (SUCCEEDED, FAILED or CANCELLED).
 	WatchJob(*WatchJobRequest, grpc.ServerStreamingServer[Job]) error
-	// The results of a SUCCEEDED job, one message per batch in row order.
+	// The results of a SUCCEEDED job in row order: one message per batch, or
+	// several when a batch's outputs would not fit in one message.
 	// FAILED_PRECONDITION while the job has not succeeded.
 	GetJobResults(*GetJobResultsRequest, grpc.ServerStreamingServer[JobResultBatch]) error
 	mustEmbedUnimplementedJobServiceServer()

@@ -146,7 +146,8 @@ export declare type CreateJobRequest = Message<"mds.v1.CreateJobRequest"> & {
   outputNames: string[];
 
   /**
-   * Rows per batch; 0 uses the server's default (MDS_JOB_BATCH_ROWS).
+   * Rows per batch; 0 uses the server's default (MDS_JOB_BATCH_ROWS). Over
+   * MDS_MAX_JOB_BATCH_ROWS (default 1048576) is INVALID_ARGUMENT.
    *
    * @generated from field: int64 batch_rows = 6;
    */
@@ -493,7 +494,8 @@ export declare const JobService: GenService<{
     output: typeof JobSchema;
   },
   /**
-   * The results of a SUCCEEDED job, one message per batch in row order.
+   * The results of a SUCCEEDED job in row order: one message per batch, or
+   * several when a batch's outputs would not fit in one message.
    * FAILED_PRECONDITION while the job has not succeeded.
    *
    * @generated from rpc mds.v1.JobService.GetJobResults
