@@ -33,7 +33,8 @@ services-stop:
 envoy: install
 	$(BIN)/python scripts/run_envoy.py
 
-## The benchmark suite (bench/): writes bench/results/results.{json,md,png}.
+## The benchmark suite (bench/): writes bench/results/results.{json,md,png}. The peers (KServe, MLServer)
+## install once into $(MDS_CACHE)/peers; BENCH_ARGS="--only a,b --duration 10" picks workloads and lengths.
 bench: install-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -1,203 +1,203 @@
-"""The benchmark suite: the same model and load generator against in-process onnxruntime,
-the Python gRPC floor and MDS (mds.v1 Predict, PredictStream, V2 ModelInfer), side by side.
+"""The benchmark suite: MDS side by side with in-process onnxruntime, the Python gRPC floor and the peers
+(KServe, MLServer) on the same model files and the same load generator (ghz), in one run.
 MDS runs with its production features on: access log, Prometheus metrics, API keys.
 
-    python bench/run.py [--smoke] [--duration 10] [--out bench/results]
+    python bench/run.py [--smoke] [--only a,b,...] [--no-peers] [--duration 5] [--out bench/results]
 
-Writes results.json, results.md (req/s, p50/p99 latency, server CPU per request, ratios to
-the floor) and results.png. Load comes from ghz (`scripts/install_go_tools.sh`).
+Workloads: (a) MLP unary, (b) bidi streams, (c) a compute-heavy real model, (d) a 1 GiB upload,
+(e) a 1M-row bulk job, (f) cold start. Writes results.json, results.md (one table per workload, with
+ratios to the floor, the peers and in-process onnxruntime) and results.png. `--smoke` is a few-second
+run of the harness: no peers, no heavy model, small sizes.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import grpc
-import numpy as np
 import onnxruntime as ort
 
-from mds.oip import grpc_service_pb2 as oip
-from mds.v1 import inference_service_pb2 as pb
-from mds.v1 import model_service_pb2, model_service_pb2_grpc
-from mds_grpc.api.tensors import from_array, to_array
-
 sys.path.insert(0, str(Path(__file__).parent))
+import lifecycle  # noqa: E402
+import peers  # noqa: E402
+import serving  # noqa: E402
+from harness import REPO, Target, free_port, upload  # noqa: E402
 from models import mlp  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin"
+
+class Bench:
+    """One run's settings, and the servers its workloads share (started when first asked for, stopped at exit)."""
+
+    def __init__(self, args, work: Path, stack: contextlib.ExitStack):
+        self.work, self.stack, self.smoke = work, stack, args.smoke
+        self.duration = 1.0 if args.smoke else args.duration
+        self.concurrencies = [1] if args.smoke else [1, 8, 64]
+        self.peer_names = () if args.smoke or args.no_peers else peers.NAMES
+        self.mlp_path = work / "mlp.onnx"
+        self.mlp_path.write_bytes(mlp())
+        self.servers: dict[tuple, Target] = {}
+        self.uploaded: set[tuple] = set()
+
+    def _server(self, key: tuple, start: Callable[[], Target]) -> Target:
+        if key not in self.servers:
+            self.servers[key] = start()
+            self.stack.callback(self.servers[key].stop)
+        return self.servers[key]
+
+    def floor(self, load) -> Target:
+        def start() -> Target:
+            port = free_port()
+            return Target("floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(port),
+                                    str(load.path)], port)
+
+        return self._server(("floor", load.path), start)
+
+    def peer(self, name: str, load) -> Target:
+        return self._server((name, load.path), lambda: peers.start(name, load.model, load.path, self.work))
+
+    def mds_server(self, name: str, env: dict[str, str]) -> Target:
+        """An MDS server with API keys on, its own data folder and the settings in ENV."""
+        folder = self.work / name
+        env = {**env, "MDS_DATA_DIR": str(folder / "data"), "MDS_LOG_DIR": str(folder / "logs"), "MDS_AUTH": "on",
+               "MDS_ORT_INTRA_OP_THREADS": "1", "MDS_METRICS_PORT": str(free_port())}
+        created = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin"],
+                                 env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
+        port = free_port()
+        return Target("MDS", [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port)], port, env=env,
+                      api_key=json.loads(created)["key"], log=folder / "server.log")
+
+    def mds(self, load) -> Target:
+        """MDS on its embedded storage, serving LOAD's model."""
+        target = self._server(("MDS",), lambda: self.mds_server("mds", {}))
+        if (load.model, load.path) not in self.uploaded:
+            upload(target, load.model, load.path)
+            self.uploaded.add((load.model, load.path))
+        return target
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@dataclass(frozen=True)
+class Workload:
+    title: str
+    run: Callable[[Bench], list[dict]]
+    columns: list[tuple[str, str, str]]  # header, row key, format
+    value: str  # the figure that ratios compare and the chart shows
+    ratios: list[tuple[str, str]]  # column, baseline target
+    log_scale: bool = True
 
 
-def wait_for_grpc(address: str) -> None:
-    grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=60)
+REQUESTS = [("target", "target", ""), ("call", "call", ""), ("concurrency", "concurrency", "d"),
+            ("req/s", "requests_per_s", ",.0f"), ("p50 ms", "p50_ms", ".3f"), ("p99 ms", "p99_ms", ".3f"),
+            ("server CPU µs/req", "cpu_us_per_request", ",.0f")]
+FLOOR = ("× floor req/s", "floor")
+WORKLOADS = {
+    "a": Workload("(a) MLP 784-256-10, batch 1, unary", serving.unary, REQUESTS, "requests_per_s",
+                  [FLOOR, ("× KServe", "KServe"), ("× MLServer", "MLServer")]),
+    "b": Workload(f"(b) MLP batch 1 over bidi streams of {serving.STREAM_MESSAGES} requests (concurrency: streams)",
+                  serving.streams, REQUESTS, "requests_per_s", [FLOOR, ("× MLServer", "MLServer")]),
+    "c": Workload("(c) PP-OCRv4 text detector, one 3x160x160 image per request (req/s: images/s)", serving.heavy,
+                  REQUESTS, "requests_per_s",
+                  [FLOOR, ("× in-process batched", f"onnxruntime in-process (batch {serving.HEAVY_BATCH})")]),
+    "d": Workload("(d) model upload to MDS on MinIO + FerretDB", lifecycle.upload_rate,
+                  [("target", "target", ""), ("MiB", "mib", ",.0f"), ("seconds", "seconds", ".2f"),
+                   ("MB/s", "mb_per_s", ",.0f"), ("server peak RSS growth MiB", "rss_growth_mib", ",.0f")],
+                  "mb_per_s", [("× minio client", lifecycle.RAW_PUT)], log_scale=False),
+    "e": Workload("(e) bulk job on MDS (MinIO + FerretDB)", lifecycle.bulk_job,
+                  [("target", "target", ""), ("rows", "rows", ",d"), ("batch rows", "batch_rows", ",d"),
+                   ("seconds", "seconds", ".2f"), ("rows/s", "rows_per_s", ",.0f")],
+                  "rows_per_s", [("× in-process", lifecycle.IN_PROCESS_JOB)]),
+    "f": Workload("(f) cold start to the first prediction (lower is better)", lifecycle.cold_start,
+                  [("target", "target", ""), ("model", "model", ""), ("seconds", "seconds", ".3f")],
+                  "seconds", [("× onnxruntime read + load", lifecycle.ORT_LOAD)]),
+}
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def add_ratios(rows: list[dict], workload: Workload) -> None:
+    """Each MDS row's figure over its baseline's, at the same concurrency and model (peers get × floor too)."""
+    for row in rows:
+        row["ratios"] = {}
+        for column, baseline in workload.ratios:
+            if row["target"] == baseline or not (row["target"].startswith("MDS") or
+                                                 (baseline == "floor" and row["target"] in peers.NAMES)):
+                continue
+            candidates = [r for r in rows if r["target"] == baseline]
+            same = [r for r in candidates if (r.get("concurrency"), r.get("model")) ==
+                    (row.get("concurrency"), row.get("model"))]
+            base = (same or (candidates if len(candidates) == 1 else [None]))[0]
+            if base and base[workload.value]:
+                row["ratios"][column] = row[workload.value] / base[workload.value]
 
 
-class Target:
-    """A server under load: its process, and the gRPC call ghz makes to it."""
-
-    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None, api_key: str = ""):
-        self.name, self.port, self.api_key = name, port, api_key
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-        self.address = f"127.0.0.1:{port}"
-        self.process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        wait_for_grpc(self.address)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-
-
-def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: float,
-        stream_messages: int = 0) -> dict:
-    argv = [str(BIN / "ghz"), "--insecure", "--protoset", str(REPO / "gen" / "mds.protoset"), "--call", call,
-            "-B", str(payload), "-c", str(concurrency), "--connections", str(min(concurrency, 8)),
-            "-z", f"{duration}s", "--duration-stop", "ignore", "-O", "json", "--count-errors"]
-    if stream_messages:
-        argv += ["--stream-call-count", str(stream_messages)]
-    if target.api_key:
-        argv += ["--metadata", json.dumps({"authorization": f"Bearer {target.api_key}"})]
-    before = cpu_seconds(target.process.pid)
-    report = json.loads(subprocess.run(argv + [target.address], capture_output=True, text=True, check=True).stdout)
-    cpu = cpu_seconds(target.process.pid) - before
-    # ghz times whole calls: for streams that is a stream of `stream_messages` requests, not one request.
-    latencies = {} if stream_messages else {
-        d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
-    ok = report.get("statusCodeDistribution", {}).get("OK", 0)
-    calls = report["count"]
-    messages = calls * max(stream_messages, 1)
-    return {"target": target.name, "call": call.rsplit("/", 1)[1], "concurrency": concurrency,
-            "requests_per_s": messages / (report["total"] / 1e9), "p50_ms": latencies.get(50), "p99_ms": latencies.get(99),
-            "cpu_us_per_request": 1e6 * cpu / max(messages, 1), "errors": calls - ok}
-
-
-def in_process(model: bytes, x: np.ndarray, duration: float) -> dict:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < duration:
-        session.run(None, {"x": x})
-        count += 1
-    seconds = time.perf_counter() - start
-    return {"target": "onnxruntime in-process", "call": "session.run", "concurrency": 1,
-            "requests_per_s": count / seconds, "p50_ms": 1000 * seconds / count, "p99_ms": None,
-            "cpu_us_per_request": 1e6 * seconds / count, "errors": 0}
-
-
-def check_outputs(target: Target, request: pb.PredictRequest, want: np.ndarray) -> None:
-    """Every target must answer what in-process onnxruntime answers before its speed counts."""
-    channel = grpc.insecure_channel(target.address)
-    reply = channel.unary_unary("/mds.v1.InferenceService/Predict", request_serializer=pb.PredictRequest.SerializeToString,
-                                response_deserializer=pb.PredictResponse.FromString)(
-        request, timeout=30, metadata=target.metadata)
-    np.testing.assert_array_equal(to_array(reply.outputs[0]), want)
-
-
-def markdown(rows: list[dict], floor: dict[tuple, float]) -> str:
-    lines = ["| target | call | concurrency | req/s | p50 ms | p99 ms | server CPU µs/req | × floor req/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+def markdown(rows: list[dict], workload: Workload) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    headers = [h for h, _, _ in workload.columns] + [c for c, _ in workload.ratios]
+    lines = [f"### {workload.title}", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join(["---:" if spec else "---" for _, _, spec in workload.columns]
+                            + ["---:"] * len(workload.ratios)) + "|"]
     for r in rows:
-        base = floor.get((r["call"] if r["call"] != "ModelInfer" else "Predict", r["concurrency"]))
-        ratio = r["requests_per_s"] / base if base and r["target"] != "floor" else None
-        lines.append(f"| {r['target']} | {r['call']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | "
-                     f"{fmt(r['p50_ms'], '.3f')} | {fmt(r['p99_ms'], '.3f')} | {fmt(r['cpu_us_per_request'], ',.0f')} | "
-                     f"{fmt(ratio, '.2f')} |")
+        cells = [fmt(r.get(key), spec) for _, key, spec in workload.columns]
+        cells += [fmt(r["ratios"].get(column), ".2f") for column, _ in workload.ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[dict], path: Path) -> None:
+def chart(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['target']}\n{r['call']} c={r['concurrency']}" for r in rows]
-    figure, axes = plt.subplots(figsize=(max(8, len(rows) * 0.9), 5))
-    axes.bar(range(len(rows)), [r["requests_per_s"] for r in rows], color="#3b7dd8")
-    axes.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    axes.set_ylabel("requests / s")
-    axes.set_yscale("log")
-    axes.set_title("MLP 784-256-10, batch 1 (higher is better)")
+    figure, axes = plt.subplots(len(results), 1, figsize=(12, 5 * len(results)), squeeze=False)
+    for ax, (key, rows) in zip(axes[:, 0], results.items()):
+        workload = WORKLOADS[key]
+        labels = [" ".join(str(r[k]) for k in ("target", "call", "model") if r.get(k))
+                  + (f" c={r['concurrency']}" if "concurrency" in r else "") for r in rows]
+        ax.bar(range(len(rows)), [r[workload.value] for r in rows], color="#3b7dd8")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(dict((k, h) for h, k, _ in workload.columns).get(workload.value, workload.value))
+        ax.set_yscale("log" if workload.log_scale else "linear")
+        ax.set_title(workload.title, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one short point per target (proves the harness)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: one short point per target, "
+                        "small sizes, no peers, no heavy model (workloads a, b, d, e, f)")
+    parser.add_argument("--only", help="comma-separated workloads to run, e.g. a,b (default: all)")
+    parser.add_argument("--no-peers", action="store_true", help="leave KServe and MLServer out")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    duration = 1.0 if args.smoke else args.duration
-    concurrencies = [1] if args.smoke else [1, 8, 64]
+    chosen = args.only.split(",") if args.only else [k for k in WORKLOADS if not (args.smoke and k == "c")]
+    if unknown := set(chosen) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from {','.join(WORKLOADS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.smoke or args.no_peers) and {"a", "b"} & set(chosen):
+        peers.install()
 
-    work = Path(tempfile.mkdtemp(prefix="mds-bench-"))
-    model = mlp()
-    (work / "mlp.onnx").write_bytes(model)
-    x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
-    want = ort.InferenceSession(model).run(None, {"x": x})[0]
-    request = pb.PredictRequest(model="mlp", inputs=[from_array("x", x, raw=True)])
-    (work / "predict.bin").write_bytes(request.SerializeToString())
-    v2 = oip.ModelInferRequest(model_name="mlp", inputs=[oip.ModelInferRequest.InferInputTensor(
-        name="x", datatype="FP32", shape=[1, 784])], raw_input_contents=[x.tobytes()])
-    (work / "infer.bin").write_bytes(v2.SerializeToString())
-
-    floor_port, mds_port, metrics_port = free_port(), free_port(), free_port()
-    mds_settings = ["--data-dir", str(work / "data"), "--log-dir", str(work / "logs")]
-    created = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin", *mds_settings],
-                             check=True, capture_output=True, text=True).stdout
-    api_key = json.loads(created)["key"]
-    floor = Target("floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(floor_port),
-                             str(work / "mlp.onnx")], floor_port)
-    mds = Target("MDS", [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(mds_port), *mds_settings],
-                 mds_port, env={"MDS_METRICS_PORT": str(metrics_port), "MDS_ORT_INTRA_OP_THREADS": "1",
-                                "MDS_AUTH": "on"}, api_key=api_key)
-    try:
-        stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(mds.address))
-        stub.UploadModel(iter([model_service_pb2.UploadModelRequest(header=model_service_pb2.ModelHeader(name="mlp")),
-                               model_service_pb2.UploadModelRequest(chunk=model)]), metadata=mds.metadata)
-        for target in (floor, mds):
-            check_outputs(target, request, want)
-        rows = [in_process(model, x, duration)]
-        for c in concurrencies:
-            rows.append(ghz(floor, "mds.v1.InferenceService/Predict", work / "predict.bin", c, duration))
-            rows.append(ghz(mds, "mds.v1.InferenceService/Predict", work / "predict.bin", c, duration))
-            rows.append(ghz(mds, "inference.GRPCInferenceService/ModelInfer", work / "infer.bin", c, duration))
-        for streams in ([1] if args.smoke else [1, 8]):
-            for target in (floor, mds):
-                rows.append(ghz(target, "mds.v1.InferenceService/PredictStream", work / "predict.bin", streams,
-                                duration, stream_messages=200))
-    finally:
-        floor.stop()
-        mds.stop()
-    floor_rates = {(r["call"], r["concurrency"]): r["requests_per_s"] for r in rows if r["target"] == "floor"}
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, onnxruntime {ort.__version__}"
-    result = {"machine": machine, "duration_s": duration, "smoke": args.smoke, "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    (args.out / "results.md").write_text(f"Machine: {machine}; {duration:g} s per point.\n\n" + markdown(rows, floor_rates))
-    chart(rows, args.out / "results.png")
+    results = {}
+    with contextlib.ExitStack() as stack:
+        bench = Bench(args, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mds-bench-"))), stack)
+        for key in chosen:
+            print(f"workload {WORKLOADS[key].title}", file=sys.stderr, flush=True)
+            results[key] = WORKLOADS[key].run(bench)
+            add_ratios(results[key], WORKLOADS[key])
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+               f"onnxruntime {ort.__version__}")
+    rows = [{"workload": key, **row} for key, rows in results.items() for row in rows]
+    (args.out / "results.json").write_text(json.dumps(
+        {"machine": machine, "duration_s": bench.duration, "smoke": args.smoke, "rows": rows}, indent=2))
+    (args.out / "results.md").write_text(f"Machine: {machine}; {bench.duration:g} s per point.\n\n" + "\n".join(
+        markdown(rows, WORKLOADS[key]) for key, rows in results.items()))
+    chart(results, args.out / "results.png")
     print((args.out / "results.md").read_text())
 
 

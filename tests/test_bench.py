@@ -1,4 +1,4 @@
-"""Benchmarks are not tests: this only proves the harness runs end to end (a few seconds per target)."""
+"""Benchmarks are not tests: this only proves the harness runs end to end (a few seconds per workload)."""
 
 import json
 import subprocess
@@ -12,8 +12,13 @@ def test_bench_harness_smoke(tmp_path):
     subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
                    check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    targets = {(r["target"], r["call"]) for r in rows}
-    assert {("floor", "Predict"), ("MDS", "Predict"), ("MDS", "ModelInfer"), ("MDS", "PredictStream")} <= targets
-    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in rows)
-    assert "| MDS | Predict | 1 |" in (tmp_path / "results.md").read_text()
+    targets = {(r["workload"], r["target"], r.get("call")) for r in rows}
+    assert {("a", "floor", "Predict"), ("a", "MDS", "Predict"), ("a", "MDS", "ModelInfer"),
+            ("b", "MDS", "PredictStream")} <= targets
+    assert {r["workload"] for r in rows} == {"a", "b", "d", "e", "f"}  # no peers, no heavy model in a smoke
+    assert all(r.get("errors", 0) == 0 for r in rows)
+    assert all(r[key] > 0 for r in rows for key in ("requests_per_s", "mb_per_s", "rows_per_s", "seconds") if key in r)
+    assert all(r["ratios"]["× floor req/s"] > 0 for r in rows if r["workload"] == "a" and r["target"] == "MDS")
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| MDS | Predict | 1 |" in markdown and "| MDS UploadModel | 16 |" in markdown
     assert (tmp_path / "results.png").stat().st_size > 0
