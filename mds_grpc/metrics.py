@@ -1,8 +1,10 @@
 """Prometheus metrics, served over HTTP on MDS_METRICS_PORT (0: off). Cheap enough to stay on."""
 
-from functools import lru_cache
+import math
+from collections.abc import Callable
+from functools import lru_cache, partial
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -15,6 +17,8 @@ COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run ti
 BATCH_ROWS = Histogram("mds_inference_batch_rows", "Rows along the first dimension per onnxruntime run",
                        ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384))
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
+JOBS = Gauge("mds_jobs", "Jobs by state, read from the job store at each scrape (queued: the queue's depth)",
+             ["state"])
 
 
 # labels() takes a lock and builds a key on every call; the children it returns are kept here.
@@ -39,6 +43,18 @@ def observe_run(model: str, queued: float, computed: float, rows: int) -> None:
     queue.observe(queued)
     compute.observe(computed)
     batch.observe(rows)
+
+
+def watch_jobs(count: Callable[[str], int], states: tuple[str, ...]) -> None:
+    """mds_jobs{state} calls `count(state)` at each scrape; NaN while the store cannot answer."""
+    def reading(state: str) -> float:
+        try:
+            return count(state)
+        except Exception:  # a scrape must not fail with the job store, which health reports already
+            return math.nan
+
+    for state in states:
+        JOBS.labels(state.lower()).set_function(partial(reading, state))
 
 
 def serve_metrics(host: str, port: int) -> None:

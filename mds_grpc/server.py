@@ -175,6 +175,7 @@ async def serve(settings: Settings) -> None:
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await check_backends(core, health_servicer)
+    metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port)
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))

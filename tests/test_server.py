@@ -130,6 +130,7 @@ def test_prometheus_metrics(tmp_path):
     assert samples['mds_inference_compute_seconds_count{model="adder"}'] == 3
     assert samples['mds_inference_queue_seconds_count{model="adder"}'] == 3
     assert samples['mds_model_cache_events_total{event="hit"}'] == 3
+    assert samples['mds_jobs{state="queued"}'] == samples['mds_jobs{state="running"}'] == 0
 
 
 def test_request_limits_are_configured_and_enforced_on_every_front_door(tmp_path):

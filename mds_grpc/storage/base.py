@@ -126,6 +126,9 @@ class JobStore(Protocol):
                    error: str = "") -> JobRecord | None:
         """Move the job to `target` if it is in one of `sources`; None (and no change) otherwise."""
 
+    def count(self, state: JobState) -> int:
+        """How many jobs are in `state` (QUEUED: the queue's depth)."""
+
     def referenced_blobs(self) -> set[str]:
         """Every blob a job input or job result references."""
 

@@ -24,6 +24,7 @@ class MongoJobStore:
         self.jobs = connection.db["jobs"]
         connection.index(self.jobs, [("created_at", -1), ("id", -1)], name="jobs_newest")
         connection.index(self.jobs, [("id", 1)], name="jobs_id", unique=True)
+        connection.index(self.jobs, [("state", 1)], name="jobs_state")
         connection.index(self.inputs, [("id", 1)], name="job_inputs_id", unique=True)
 
     def create_input(self, record: JobInputRecord) -> None:
@@ -57,6 +58,10 @@ class MongoJobStore:
         with self.connection.reachable():
             cursor = self.jobs.find(query, NO_ID).sort([("created_at", -1), ("id", -1)]).limit(limit)
             return [_job(doc) for doc in cursor]
+
+    def count(self, state: JobState) -> int:
+        with self.connection.reachable():
+            return self.jobs.count_documents({"state": state.value})
 
     def _update(self, query: dict, update: dict) -> JobRecord | None:
         update.setdefault("$set", {})["updated_at"] = datetime.now(timezone.utc)

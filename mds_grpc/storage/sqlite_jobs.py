@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
 _DATES = ("created_at", "updated_at")
 
@@ -74,6 +75,9 @@ class SqliteJobStore:
         sql = "SELECT record FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [_job(text) for (text,) in self.db.query(sql, (*params, limit))]
+
+    def count(self, state: JobState) -> int:
+        return self.db.query("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,))[0][0]
 
     def _update(self, job_id: str, change) -> JobRecord | None:
         """Apply `change(job) -> JobRecord | None` atomically; None leaves the job as it was."""
