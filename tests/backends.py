@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness import free_port, wait_until
@@ -65,3 +66,16 @@ def server_env(mongo: Backend, s3: Backend, queue: Backend) -> dict[str, str]:
             "MDS_REDIS_URL": f"redis://127.0.0.1:{queue.port}/0",
             "MDS_S3_ACCESS_KEY": S3_USER, "MDS_S3_SECRET_KEY": S3_PASSWORD, "MDS_S3_BUCKET": "models",
             "MDS_BACKEND_CHECK_SECONDS": "0.2", "MDS_AUTH": "off"}
+
+
+@contextmanager
+def private_services(folder: Path):
+    """FerretDB, MinIO and Redis of their own under `folder`, stopped on exit: (mongo, s3, queue)."""
+    started = []
+    try:
+        for name, backend in (("ferretdb", ferretdb), ("minio", minio), ("redis", redis)):
+            started.append(backend(folder / name).start())
+        yield tuple(started)
+    finally:
+        for backend in started:
+            backend.stop()

@@ -1,0 +1,164 @@
+"""Each backend stopped and restarted while clients keep uploading, predicting and creating jobs.
+
+A real `mds serve` and `mds worker` run on private FerretDB, MinIO and Redis instances. While one
+backend is down every failing call is UNAVAILABLE and health is NOT_SERVING; once it is back
+everything recovers without restarting MDS, no acknowledged upload or job is lost, and after
+`mds gc` no blob is left that no record references.
+"""
+
+import hashlib
+import itertools
+import threading
+from collections import Counter
+
+import grpc
+import numpy as np
+import onnx_models
+import pytest
+from backends import private_services, server_env
+from grpc_health.v1 import health_pb2
+from harness import ServerProcess, upload_requests, wait_until
+from test_backends import wait_for_health
+from test_gc import mds_gc, storage_of
+from test_jobs import results, watch
+from test_predict import ONE, outputs_of, request
+
+from mds.v1 import job_service_pb2 as jobs_pb
+from mds.v1 import model_service_pb2 as pb
+from mds_grpc.api.tensors import from_array
+
+ROWS, BATCH = 6, 2
+OPS = ("upload", "predict", "job")
+NEEDS = {"mongo": {"upload", "job"}, "s3": {"upload", "job"}, "redis": {"job"}}  # calls that cannot succeed without it
+
+
+class Load:
+    """Client threads calling the server until stopped; every outcome is recorded."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.numbers = itertools.count(1)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.succeeded: Counter = Counter()
+        self.failed: list[tuple[str, grpc.StatusCode, str]] = []
+        self.uploaded: dict[str, tuple[str, float]] = {"adder": ("", 1.0)}  # acknowledged: name -> (sha256, scale)
+        self.wrong: list[str] = []  # successful replies with wrong contents
+        self.jobs: dict[str, np.ndarray] = {}  # acknowledged job id -> expected z
+        self.threads = [threading.Thread(target=self._loop, args=(op,)) for op in ("upload", *OPS)]
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(120)
+
+    def _loop(self, op: str) -> None:
+        call = getattr(self, op)
+        while not self.stopping.is_set():
+            try:
+                call(next(self.numbers))
+            except grpc.RpcError as error:
+                with self.lock:
+                    self.failed.append((op, error.code(), error.details()))
+                continue
+            with self.lock:
+                self.succeeded[op] += 1
+
+    def upload(self, n: int) -> None:
+        name, scale = f"load-{n}", float(n)
+        reply = self.server.models.UploadModel(upload_requests(name, onnx_models.add_two(scale)), timeout=60)
+        with self.lock:
+            self.uploaded[name] = (reply.sha256, scale)
+
+    def predict(self, n: int) -> None:
+        with self.lock:
+            name, (_, scale) = list(self.uploaded.items())[n % len(self.uploaded)]
+        z = outputs_of(self.server.inference.Predict(request(name, {"a": ONE, "b": ONE}), timeout=60))["z"]
+        if z.tolist() != [2 * scale]:
+            self.wrong.append(f"{name}: {z}")
+
+    def job(self, n: int) -> None:
+        a = np.arange(n, n + ROWS, dtype=np.float32)
+        inputs = [from_array("a", a, True), from_array("b", np.ones(ROWS, np.float32), True)]
+        job = self.server.jobs.CreateJob(jobs_pb.CreateJobRequest(model="adder", inputs=inputs, batch_rows=BATCH),
+                                         timeout=60)
+        with self.lock:
+            self.jobs[job.id] = a + 1
+
+    def calls_since(self, mark: tuple[Counter, int]) -> tuple[Counter, Counter]:
+        """(successes, failures) by operation since `mark` (see `now`)."""
+        with self.lock:
+            return self.succeeded - mark[0], Counter(op for op, _, _ in self.failed[mark[1]:])
+
+    def now(self) -> tuple[Counter, int]:
+        with self.lock:
+            return Counter(self.succeeded), len(self.failed)
+
+    def wait(self, condition, what: str) -> None:
+        """wait_until `condition`, saying on timeout what the clients saw."""
+        try:
+            wait_until(condition, 120, what)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; succeeded {dict(self.succeeded)}, failed {self.failed[-5:]}") from None
+
+
+def listed_models(server: ServerProcess) -> dict[str, tuple[int, str]]:
+    models, token = {}, None
+    while token != "":
+        page = server.models.ListModels(pb.ListModelsRequest(page_token=token or ""), timeout=60)
+        models.update({m.name: (m.version, m.sha256) for m in page.models})
+        token = page.next_page_token
+    return models
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """A server and worker on private backends, with model "adder" uploaded."""
+    with private_services(tmp_path) as backends:
+        server = ServerProcess(tmp_path / "server", **server_env(*backends)).start()
+        server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=60)
+        yield server, dict(zip(("mongo", "s3", "redis"), backends))
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("victim", ["mongo", "s3", "redis"])
+def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victim, tmp_path):
+    server, backends = stack
+    with Load(server) as load:
+        start = load.now()
+        load.wait(lambda: all(load.calls_since(start)[0][op] >= 2 for op in OPS), "every call to succeed")
+        backends[victim].stop()
+        wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+        down = load.now()
+        load.wait(lambda: NEEDS[victim] <= set(load.calls_since(down)[1]), f"calls to fail without {victim}")
+        backends[victim].start()
+        wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
+        back = load.now()
+        load.wait(lambda: all(load.calls_since(back)[0][op] >= 3 for op in OPS), "every call to recover")
+    assert [f for f in load.failed if f[1] != grpc.StatusCode.UNAVAILABLE] == [] and load.wrong == []
+
+    # Every acknowledged upload is listed, unchanged, its blob readable; no failed upload is listed.
+    listed = listed_models(server)
+    assert set(listed) == set(load.uploaded)
+    storage = storage_of(server)
+    for name, (sha256, _) in load.uploaded.items():
+        if name != "adder":
+            assert listed[name] == (1, sha256)
+            copy = tmp_path / f"{name}.onnx"
+            storage.blobs.fetch_to(sha256, copy)
+            assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha256
+    # Every acknowledged job completes, every row exactly once.
+    for job_id, want in load.jobs.items():
+        final = watch(server, job_id)[-1]
+        assert (final.state, final.rows_done) == (jobs_pb.JOB_STATE_SUCCEEDED, ROWS), final.error
+        batches, got = results(server, job_id)
+        assert [(b.row_offset, b.rows) for b in batches] == [(o, BATCH) for o in range(0, ROWS, BATCH)]
+        np.testing.assert_array_equal(got["z"], want)
+    # After gc, the bucket holds exactly the blobs records reference.
+    mds_gc(server)
+    assert set(server.blobs()) == storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
