@@ -1,10 +1,13 @@
 """Every blob store passes the same tests: a local folder (embedded default) and S3 (MinIO here)."""
 
 import hashlib
+import http.server
+import threading
 import uuid
 
 import pytest
 
+from mds_grpc.core.errors import Unavailable
 from mds_grpc.storage.local_blobs import LocalBlobStore
 from mds_grpc.storage.s3_blobs import S3BlobStore
 
@@ -74,3 +77,47 @@ def test_s3_streaming_upload_commits_under_its_hash_or_leaves_nothing(services, 
     assert objects == [f"sha256/{sha}"]
     store.fetch_to(sha, tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to every object request (the bucket exists), with an S3 XML error or a plain body."""
+
+    xml = True
+
+    def _answer(self) -> None:
+        if self.path.rstrip("/") == "/refused" and self.command == "HEAD":
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = (b"<Error><Code>XMinioServerNotInitialized</Code><Message>starting</Message></Error>" if self.xml
+                else b"starting")
+        self.send_response(503)
+        self.send_header("Content-Type", "application/xml" if self.xml else "text/plain")
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("xml", [True, False])
+def test_s3_answering_503_is_unavailable(tmp_path, staged, xml):
+    """MinIO answers 503 for moments while it starts or stops; this endpoint always does, so the case is certain."""
+    handler = type("Refusing", (_Refusing,), {"xml": xml})
+    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        store = S3BlobStore(f"127.0.0.1:{endpoint.server_port}", "key", "secret", bucket="refused", region="us-east-1")
+        path, sha = staged
+        for call in (lambda: store.exists(sha), lambda: store.put_file(path, sha), lambda: store.delete(sha),
+                     lambda: store.fetch_to(sha, tmp_path / "x"), lambda: store.open_upload().commit(sha)):
+            with pytest.raises(Unavailable, match="object store at 127.0.0.1"):
+                call()
+    finally:
+        endpoint.shutdown()

@@ -16,15 +16,26 @@ from pathlib import Path
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
-from minio.error import S3Error
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from mds_grpc.core.errors import Unavailable
 
 PART_BYTES = 16 << 20
 PIPE_CHUNKS = 8  # chunks buffered between the upload stream and the multipart upload
+# Answers of a store that is starting, stopping or overloaded (besides any 5xx status): retry later.
+TRANSIENT_CODES = {"ClientDisconnected", "RequestTimeout", "SlowDown", "XMinioServerNotInitialized"}
 
 
 _END = object()
+
+
+def _transient(error: MinioException) -> bool:
+    """Whether an answer of the store means it cannot serve now, rather than that the request is wrong."""
+    if isinstance(error, ServerError):
+        return True
+    if isinstance(error, InvalidResponseError):  # a non-XML answer, e.g. from a proxy in front
+        return error._code >= 500
+    return isinstance(error, S3Error) and (error.code in TRANSIENT_CODES or error.response.status >= 500)
 
 
 class _Pipe:
@@ -144,8 +155,8 @@ class S3BlobStore:
                             raise
                 self._bucket_ready = True
             yield
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            if isinstance(error, FileNotFoundError):
+        except (urllib3.exceptions.HTTPError, OSError, MinioException) as error:
+            if isinstance(error, FileNotFoundError) or (isinstance(error, MinioException) and not _transient(error)):
                 raise
             reason = str(error).split(" (Caused by")[0][:200]
             raise Unavailable(f"object store at {self.endpoint} is unreachable ({reason}); retry when it is back") from None
