@@ -88,7 +88,7 @@ def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: fl
     """Load from ghz for `duration` seconds: req/s, latency percentiles, the server's CPU per request."""
     argv = [str(BIN / "ghz"), "--insecure", "--protoset", str(REPO / "gen" / "mds.protoset"), "--call", call,
             "-B", str(payload), "-c", str(concurrency), "--connections", str(min(concurrency, 8)),
-            "-z", f"{duration}s", "--duration-stop", "ignore", "-O", "json", "--count-errors"]
+            "-z", f"{duration}s", "--duration-stop", "wait", "-O", "json", "--count-errors"]
     if stream_messages:
         argv += ["--stream-call-count", str(stream_messages)]
     if target.api_key:

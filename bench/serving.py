@@ -66,6 +66,8 @@ def streams(bench) -> list[dict]:
     calls = [(bench.floor(load), PREDICT_STREAM), (bench.mds(load), PREDICT_STREAM)]
     if "MLServer" in bench.peer_names:
         calls.append((bench.peer("MLServer", load), MODEL_STREAM_INFER))
+    for target, call in calls:
+        load.check(target, PREDICT if call == PREDICT_STREAM else MODEL_INFER)
     return [load.load(target, call, count, bench.duration, streams=True)
             for count in ([1] if bench.smoke else [1, 8]) for target, call in calls]
 
