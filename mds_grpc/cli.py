@@ -27,9 +27,14 @@ def _settings(args) -> Settings:
 
 
 def _serve(args) -> None:
+    from mds_grpc.processes import serve_processes
     from mds_grpc.server import serve
 
-    asyncio.run(serve(_settings(args)))
+    settings = _settings(args)
+    if settings.workers > 1:
+        serve_processes(settings)
+    else:
+        asyncio.run(serve(settings))
 
 
 def _gc(args) -> None:

@@ -16,6 +16,7 @@ class Settings:
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    workers: int = 1  # serving processes sharing the port (SO_REUSEPORT), each with its own models loaded
     data_dir: Path = Path("data")
     log_dir: Path = Path("logs")
     log_level: str = "INFO"
@@ -61,7 +62,7 @@ class Settings:
     max_job_input_bytes: int = 16 * GiB
 
 
-AT_LEAST_ONE = ("max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight", "max_inputs",
+AT_LEAST_ONE = ("workers", "max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight", "max_inputs",
                 "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows", "max_job_batch_rows", "job_workers",
                 "max_job_input_bytes")
 

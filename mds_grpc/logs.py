@@ -21,7 +21,7 @@ class _Formatter(JsonFormatter):
         return record.getMessage() if getattr(record, "preformatted", False) else super().format(record)
 
 
-def configure_logging(log_dir: Path, level: str = "INFO") -> None:
+def configure_logging(log_dir: Path, level: str = "INFO", file_name: str = "mds.log") -> None:
     formatter = _Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
@@ -29,7 +29,7 @@ def configure_logging(log_dir: Path, level: str = "INFO") -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     handlers = [
         logging.StreamHandler(sys.stdout),
-        logging.handlers.RotatingFileHandler(log_dir / "mds.log", maxBytes=50 * 2**20, backupCount=5),
+        logging.handlers.RotatingFileHandler(log_dir / file_name, maxBytes=50 * 2**20, backupCount=5),
     ]
     root = logging.getLogger()
     for handler in list(root.handlers):

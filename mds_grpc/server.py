@@ -77,11 +77,11 @@ def job_work_dir(root: Path) -> Path:
     return root / str(os.getpid())
 
 
-def build_core(settings: Settings) -> Core:
+def build_core(settings: Settings, cache_folder: str = "models") -> Core:
     """MongoDB, S3 and Redis when configured; otherwise the embedded default under data_dir."""
     data = settings.data_dir
     storage = open_storage(settings)
-    cache = ModelCache(storage.blobs, data / "models", settings.model_cache_bytes, settings.ort_intra_op_threads)
+    cache = ModelCache(storage.blobs, data / cache_folder, settings.model_cache_bytes, settings.ort_intra_op_threads)
     registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes,
                              settings.resolve_ttl_seconds)
     broker = job_queue.make_broker(settings)
@@ -123,10 +123,10 @@ async def watch_backends(core: Core, health_servicer, interval: float) -> None:
         await check_backends(core, health_servicer)
 
 
-def start_embedded_worker(core: Core, settings: Settings) -> dramatiq.Worker:
-    """Without Redis the server runs jobs itself; jobs a previous process left unfinished are queued again."""
+def start_embedded_worker(core: Core, settings: Settings, requeue: bool) -> dramatiq.Worker:
+    """Without Redis the server runs jobs itself; with `requeue`, jobs a previous run left unfinished go again."""
     worker = job_queue.start_worker(core.broker, settings.job_workers)
-    for state in (JobState.QUEUED, JobState.RUNNING):
+    for state in (JobState.QUEUED, JobState.RUNNING) if requeue else ():
         after = None
         while page := core.storage.jobs.list_page(state, None, after, 1000):
             for job in page:
@@ -135,15 +135,21 @@ def start_embedded_worker(core: Core, settings: Settings) -> dramatiq.Worker:
     return worker
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period."""
+async def serve(settings: Settings, process: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight RPCs within the grace period.
+
+    `process` numbers one of several processes sharing the port (mds_grpc.processes): each
+    keeps its own model folder and metrics port (MDS_METRICS_PORT + process), and the parent
+    has already swept what an earlier run left behind.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    core = build_core(settings)
-    core.registry.sweep_local_copies()
-    worker = None if settings.redis_url else start_embedded_worker(core, settings)
+    core = build_core(settings, "models" if process is None else f"models/process-{process}")
+    if process is None:
+        core.registry.sweep_local_copies()
+    worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
     guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds)) if auth_on else None
@@ -154,6 +160,7 @@ async def serve(settings: Settings) -> None:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", int(process is not None)),
         ],
     )
     access_log = AccessLog()
@@ -176,10 +183,10 @@ async def serve(settings: Settings) -> None:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await check_backends(core, health_servicer)
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
-    metrics.serve_metrics(settings.grpc_host, settings.metrics_port)
+    metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
-    log.info("serving", extra={"address": address, "port": port, "data_dir": str(settings.data_dir), "auth": auth_on,
+    log.info("serving", extra={"address": address, "port": port, "pid": os.getpid(), "data_dir": str(settings.data_dir), "auth": auth_on,
                                "tls": bool(credentials), "client_certificates": bool(settings.tls_client_ca_file)})
 
     await stop.wait()

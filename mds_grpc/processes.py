@@ -1,0 +1,69 @@
+"""`mds serve --workers N`: N serving processes on one port (SO_REUSEPORT), supervised by this one.
+
+The kernel spreads connections over the processes. Each loads its own models, so memory for
+sessions grows N times; storage, keys and jobs are shared through the configured stores.
+"""
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+
+from mds_grpc.config import Settings
+from mds_grpc.logs import configure_logging
+from mds_grpc.server import build_core, serve
+
+log = logging.getLogger("mds.server")
+PR_SET_PDEATHSIG = 1
+
+
+class _Stop(Exception):
+    """Raised in the supervisor by SIGTERM or SIGINT."""
+
+
+def _stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _serve_one(settings: Settings, process: int) -> None:
+    # A serving process must not outlive its supervisor, even one killed with SIGKILL.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != multiprocessing.parent_process().pid:
+        return  # the supervisor died before prctl took effect
+    configure_logging(settings.log_dir, settings.log_level, f"mds-{process}.log")
+    asyncio.run(serve(settings, process))
+
+
+def serve_processes(settings: Settings) -> None:
+    """Run `settings.workers` servers until SIGTERM or SIGINT, or until one of them exits."""
+    if settings.grpc_port == 0:
+        raise SystemExit("error: MDS_WORKERS > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
+    build_core(settings).registry.sweep_local_copies()  # once, before any process stages an upload
+    spawn = multiprocessing.get_context("spawn")
+    children = [spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}")
+                for i in range(settings.workers)]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    reason = "a serving process exited"
+    try:
+        for child in children:
+            child.start()
+        log.info("serving processes started", extra={"pids": [c.pid for c in children]})
+        multiprocessing.connection.wait([c.sentinel for c in children])  # returns when one exits
+    except _Stop as stop:
+        reason = str(stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)  # already stopping
+    for child in children:
+        if child.is_alive():
+            child.terminate()  # SIGTERM: each drains its in-flight RPCs
+    for child in children:
+        if child.pid is not None:  # started
+            child.join()
+    codes = {c.name: c.exitcode for c in children}
+    log.info("stopped", extra={"reason": reason, "exit_codes": codes})
+    if reason.startswith("a serving") or any(codes.values()):
+        raise SystemExit(f"error: {reason}; exit codes {codes}")

@@ -1,0 +1,58 @@
+"""`mds serve --workers 2`: two processes share the port, the stores and the models; SIGTERM stops both."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx_models
+from harness import ServerProcess, upload_requests, wait_until
+from test_predict import outputs_of, request
+
+from mds.v1 import inference_service_pb2_grpc
+
+
+def access_pids(server: ServerProcess) -> dict[int, int]:
+    """Predict calls served, per process, from each process's own log file."""
+    served = {}
+    for process in range(2):
+        lines = (server.log_dir / f"mds-{process}.log").read_text().splitlines()
+        served[process] = sum(1 for e in map(json.loads, lines) if e.get("method", "").endswith("/Predict"))
+    return served
+
+
+def started_pids(server: ServerProcess) -> list[int]:
+    lines = (server.log_dir / "mds.log").read_text().splitlines()
+    return next(e["pids"] for e in map(json.loads, lines) if e["message"] == "serving processes started")
+
+
+def test_two_processes_share_the_port_and_the_models(tmp_path):
+    server = ServerProcess(tmp_path, mds_workers=2).start()
+    try:
+        server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=120)
+        ones = np.ones(2, np.float32)
+        # Each new channel is a new connection, which the kernel hands to either process.
+        for _ in range(24):
+            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                reply = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(
+                    request("adder", {"a": ones, "b": ones}), timeout=30)
+                assert outputs_of(reply)["z"].tolist() == [2.0, 2.0]
+        wait_until(lambda: sum(access_pids(server).values()) == 24, what="24 access lines")
+        assert all(count > 0 for count in access_pids(server).values()), access_pids(server)
+    finally:
+        assert server.stop() == 0
+    pids = started_pids(server)
+    assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_when_one_process_dies_the_others_stop_and_the_supervisor_fails(tmp_path):
+    server = ServerProcess(tmp_path, mds_workers=2).start()
+    first, second = started_pids(server)
+    os.kill(first, signal.SIGKILL)
+    assert server.process.wait(60) == 1
+    server.channel.close()
+    server.stdout.close()
+    assert not Path(f"/proc/{second}").exists()
+    assert "a serving process exited" in (server.log_dir / "mds.log").read_text()
