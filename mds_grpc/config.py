@@ -23,6 +23,7 @@ class Settings:
     # API keys: "on", "off", or "auto" (on whenever MongoDB is configured, off for the embedded default).
     auth: str = "auto"
     auth_cache_seconds: float = 5.0  # a revoked key is refused within this long
+    auth_open_probes: bool = True  # health, reflection and V2 live/ready/metadata answer without a key
     # TLS: PEM files. With a client CA, clients must present a certificate it signed (mutual TLS).
     tls_cert_file: str = ""
     tls_key_file: str = ""

@@ -12,7 +12,7 @@ from pathlib import Path
 import dramatiq
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
@@ -152,7 +152,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
-    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds)) if auth_on else None
+    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds),
+                  settings.auth_open_probes) if auth_on else None
     if not auth_on and settings.grpc_host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("authentication is off on a non-loopback address: anyone who can reach "
                     f"{settings.grpc_host}:{settings.grpc_port} can upload, delete and predict; set MDS_AUTH=on")
@@ -164,7 +165,9 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         ],
     )
     access_log = AccessLog()
-    served = ServedServer(server, guard, access_log)  # health and reflection are added unwrapped
+    served = ServedServer(server, guard, access_log)
+    # Health and reflection: open, or (MDS_AUTH_OPEN_PROBES=false) behind the guard; never in the access log.
+    probes = server if settings.auth_open_probes or guard is None else ServedServer(server, guard, None)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), served)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
@@ -174,10 +177,9 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served)
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), probes)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

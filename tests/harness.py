@@ -80,6 +80,7 @@ class ServerProcess:
     def __init__(self, root: Path, credentials: grpc.ChannelCredentials | None = None, **env):
         self.root = Path(root)
         self.credentials = credentials
+        self.probe_metadata = None  # for the readiness check, when probes need a key
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
         self.env = {k.upper(): str(v) for k, v in env.items()}
@@ -99,7 +100,8 @@ class ServerProcess:
         self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
                         else grpc.insecure_channel(self.address))
         health = health_pb2_grpc.HealthStub(self.channel)
-        reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+        reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60,
+                             metadata=self.probe_metadata)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channel)

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import onnx_models
 from google.protobuf import message_factory
 from harness import ServerProcess, upload_requests
@@ -136,6 +137,30 @@ def test_keys_list_shows_no_secret(secured):
     listed = mds_keys(server, "list")
     assert "revoked" in listed and "active" in listed and "pub-" in listed
     assert all(key.split("_", 2)[2] not in listed for key in keys.values())
+
+
+def test_probes_can_require_a_key(tmp_path):
+    server = ServerProcess(tmp_path, mds_auth="on", mds_auth_open_probes="false")
+    _, key = create_key(server, "--scope", "predict")  # keys live in the data folder: made before the start
+    server.probe_metadata = (("authorization", f"Bearer {key}"),)
+    server.start()
+    try:
+        health = health_pb2_grpc.HealthStub(server.channel)
+        assert_status(lambda: health.Check(health_pb2.HealthCheckRequest()), grpc.StatusCode.UNAUTHENTICATED)
+        assert health.Check(health_pb2.HealthCheckRequest(), metadata=server.probe_metadata).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        assert_status(lambda: list(reflection.ServerReflectionInfo(iter([listing]))), grpc.StatusCode.UNAUTHENTICATED)
+        replies = list(reflection.ServerReflectionInfo(iter([listing]), metadata=server.probe_metadata))
+        assert "mds.v1.InferenceService" in {s.name for s in replies[0].list_services_response.service}
+        for method in sorted(PUBLIC):
+            assert call(server, method, "", None) == grpc.StatusCode.UNAUTHENTICATED, method
+            assert call(server, method, "", key) == grpc.StatusCode.OK, method
+        access = [line for line in (server.log_dir / "mds.log").read_text().splitlines() if "mds.access" in line]
+        assert not any("Health" in line or "Reflection" in line for line in access)
+    finally:
+        assert server.stop() == 0
 
 
 def test_open_server_on_a_public_address_warns(tmp_path):

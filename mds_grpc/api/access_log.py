@@ -66,6 +66,8 @@ class _RpcScope:
             self._record((code or self.context.code() or grpc.StatusCode.OK).name)
 
     def _record(self, code: str) -> None:
+        if self.access is None:  # a probe: no access line, no metrics
+            return
         seconds = time.perf_counter() - self.start
         # Only served models label metrics: names from failed requests are unbounded.
         metrics.observe_rpc(self.method, str(self.fields.get("model", "")) if code == "OK" else "", code, seconds)
@@ -99,10 +101,11 @@ class ServedServer:
     """Stands in for the server while a generated `add_*Servicer_to_server` runs, wrapping each handler.
 
     Wrapping at registration costs nothing per call, unlike a server interceptor. `guard(method,
-    request, context)`, when given, runs first (authentication and authorization).
+    request, context)`, when given, runs first (authentication and authorization); without
+    `access`, calls leave no access line and no metrics.
     """
 
-    def __init__(self, server: grpc.aio.Server, guard, access: AccessLog):
+    def __init__(self, server: grpc.aio.Server, guard, access: AccessLog | None):
         self.server, self.guard, self.access = server, guard, access
 
     def add_generic_rpc_handlers(self, handlers) -> None:

@@ -6,7 +6,7 @@ import contextvars
 from mds_grpc.core.auth import ADMIN, PREDICT, ApiKey, Authenticator, authorize
 from mds_grpc.core.errors import PermissionDenied
 
-# Probes stay open, like health and reflection (which the interceptor does not wrap).
+# Probes, open like health and reflection unless MDS_AUTH_OPEN_PROBES is false.
 PUBLIC = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
                     "/inference.GRPCInferenceService/ServerMetadata"})
 ADMIN_METHODS = frozenset({"/mds.v1.ModelService/UploadModel", "/mds.v1.ModelService/DeleteModel"})
@@ -16,11 +16,12 @@ _current_key: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("ap
 class Guard:
     """Authenticates the caller and checks the method's scope (and the request's model, when it names one)."""
 
-    def __init__(self, authenticator: Authenticator):
+    def __init__(self, authenticator: Authenticator, open_probes: bool = True):
         self.authenticator = authenticator
+        self.open_probes = open_probes
 
     async def __call__(self, method: str, request, context) -> None:
-        if method in PUBLIC:
+        if self.open_probes and method in PUBLIC:
             return
         key_id, secret = self.authenticator.parse(dict(context.invocation_metadata() or ()).get("authorization"))
         known, key = self.authenticator.cached(key_id)
