@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -32,6 +33,20 @@ OPS = ("upload", "predict", "job")
 NEEDS = {"mongo": {"upload", "job"}, "s3": {"upload", "job"}, "redis": {"job"}}  # calls that cannot succeed without it
 
 
+class Hold:
+    """Stops an upload stream after its first chunk (`reached`) until `release` is set."""
+
+    def __init__(self):
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def stream(self, requests):
+        yield next(requests)
+        yield next(requests)
+        self.reached.set()
+        assert self.release.wait(120)
+        yield from requests
+
+
 class Load:
     """Client threads calling the server until stopped; every outcome is recorded."""
 
@@ -46,6 +61,7 @@ class Load:
         self.wrong: list[str] = []  # successful replies with wrong contents
         self.jobs: dict[str, np.ndarray] = {}  # acknowledged job id -> expected z
         self.threads = [threading.Thread(target=self._loop, args=(op,)) for op in ("upload", *OPS)]
+        self.hold = Hold()  # for one upload the test keeps in flight
 
     def __enter__(self) -> "Load":
         for thread in self.threads:
@@ -54,24 +70,31 @@ class Load:
 
     def __exit__(self, *exc) -> None:
         self.stopping.set()
+        self.hold.release.set()
         for thread in self.threads:
             thread.join(120)
 
     def _loop(self, op: str) -> None:
-        call = getattr(self, op)
         while not self.stopping.is_set():
-            try:
-                call(next(self.numbers))
-            except grpc.RpcError as error:
-                with self.lock:
-                    self.failed.append((op, error.code(), error.details()))
-                continue
-            with self.lock:
-                self.succeeded[op] += 1
+            self.call(op)
 
-    def upload(self, n: int) -> None:
+    def call(self, op: str, *args) -> grpc.StatusCode:
+        """One call of `op`, its outcome recorded and returned."""
+        try:
+            getattr(self, op)(next(self.numbers), *args)
+        except grpc.RpcError as error:
+            with self.lock:
+                self.failed.append((op, error.code(), error.details()))
+            return error.code()
+        with self.lock:
+            self.succeeded[op] += 1
+        return grpc.StatusCode.OK
+
+    def upload(self, n: int, hold: Hold | None = None) -> None:
+        """Upload a model of its own, its stream stopped by `hold` if given."""
         name, scale = f"load-{n}", float(n)
-        reply = self.server.models.UploadModel(upload_requests(name, onnx_models.add_two(scale)), timeout=60)
+        stream = upload_requests(name, onnx_models.add_two(scale), chunk_size=64)
+        reply = self.server.models.UploadModel(hold.stream(stream) if hold else stream, timeout=120)
         with self.lock:
             self.uploaded[name] = (reply.sha256, scale)
 
@@ -129,13 +152,17 @@ def stack(tmp_path):
 @pytest.mark.parametrize("victim", ["mongo", "s3", "redis"])
 def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victim, tmp_path):
     server, backends = stack
-    with Load(server) as load:
+    with ThreadPoolExecutor(1) as pool, Load(server) as load:
         start = load.now()
         load.wait(lambda: all(load.calls_since(start)[0][op] >= 2 for op in OPS), "every call to succeed")
+        held = pool.submit(load.call, "upload", load.hold)  # in flight across the stop
+        assert load.hold.reached.wait(60)
         backends[victim].stop()
         wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
         down = load.now()
         load.wait(lambda: NEEDS[victim] <= set(load.calls_since(down)[1]), f"calls to fail without {victim}")
+        load.hold.release.set()
+        assert held.result(120) == (grpc.StatusCode.UNAVAILABLE if "upload" in NEEDS[victim] else grpc.StatusCode.OK)
         backends[victim].start()
         wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
         back = load.now()
