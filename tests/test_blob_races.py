@@ -3,7 +3,8 @@
 Two registries, each with its own store clients (as two server processes would have), share one
 metadata store and one blob store: SQLite and a local folder, or MongoDB (FerretDB) and S3 (MinIO).
 `mds gc` runs as collect_garbage with clients of its own. Each test stops one side between two of
-its storage calls, lets the other side run, then resumes it: the bad interleavings, forced.
+its storage calls, lets the other side run, then resumes it: the bad interleavings, forced. The last
+test stops a private FerretDB while a publish is stopped that way.
 """
 
 import asyncio
@@ -13,9 +14,11 @@ from datetime import datetime, timezone
 
 import onnx_models
 import pytest
+from backends import private_services, server_env
 from harness import wait_until
 
 from mds_grpc.config import load_settings
+from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.garbage import collect_garbage
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
@@ -151,3 +154,37 @@ async def test_a_publish_during_a_deletion_stores_the_blob_again(open_stores, tm
     await deleting
     assert (await publishing).version == 1
     assert_every_record_has_its_blobs_and_gc_leaves_none_unreferenced(open_stores())
+
+
+@pytest.mark.parametrize("stopped_in", ["create", "release_blob"])
+async def test_metadata_lost_in_the_middle_of_a_publish_leaves_nothing_after_gc(tmp_path, stopped_in):
+    """Private FerretDB stops while a publish holds its claim, before the record or after it.
+
+    Before, the upload fails and cannot remove its blob; after, it succeeds though its claim stays.
+    Either way, once FerretDB is back, `mds gc` (which counts claims older than itself as abandoned)
+    leaves no blob that no record references.
+    """
+    with private_services(tmp_path) as (mongo, s3, queue):
+        env = server_env(mongo, s3, queue)
+        settings = load_settings(data_dir=tmp_path / "mds", mongo_uri=env["MDS_MONGO_URI"],
+                                 s3_endpoint=env["MDS_S3_ENDPOINT"], s3_access_key=env["MDS_S3_ACCESS_KEY"],
+                                 s3_secret_key=env["MDS_S3_SECRET_KEY"], s3_bucket=env["MDS_S3_BUCKET"])
+        stores = open_storage(settings)
+        metadata = Interposed(stores.metadata, pause_in=stopped_in)
+        publishing = asyncio.ensure_future(upload(registry(Storage(metadata, stores.blobs, stores.jobs),
+                                                           tmp_path / "b"), "new"))
+        await metadata.stopped()
+        await asyncio.to_thread(mongo.stop)
+        metadata.resume.set()
+        if stopped_in == "create":
+            with pytest.raises(Unavailable, match="MongoDB"):
+                await publishing
+        else:
+            assert (await publishing).version == 1  # recorded: the upload is acknowledged
+        await asyncio.to_thread(mongo.start)
+        after = open_storage(settings)
+        assert [r.name for r in after.metadata.list_page(None, None, 10)] == ([] if stopped_in == "create" else ["new"])
+        if stopped_in == "release_blob":
+            await registry(after, tmp_path / "c").delete("new")
+        await asyncio.to_thread(collect_garbage, after, -60)
+        assert after.blobs.list_blobs(older_than=FOREVER) == []
