@@ -1,6 +1,7 @@
 """Workloads on MDS with production storage (private MinIO + FerretDB): (d) a big upload, (e) a bulk job,
 (f) cold start. Jobs run in the server itself (no Redis)."""
 
+import itertools
 import os
 import subprocess
 import time
@@ -32,11 +33,11 @@ def production(bench) -> Target:
             return subprocess.run([str(REPO / "scripts" / "services.sh"), action], env=env, check=True,
                                   capture_output=True, text=True).stdout
 
-        services("start")
         bench.stack.callback(services, "stop")
+        services("start")
         settings = dict(line.split("=", 1) for line in services("env").split())
         del settings["MDS_REDIS_URL"]
-        bench._server(("MDS", "production"), lambda: bench.mds_server("mds-production", settings))
+        bench.server(("MDS", "production"), lambda: bench.mds_server("mds-production", settings))
     return bench.servers[("MDS", "production")]
 
 
@@ -86,10 +87,11 @@ def bulk_job(bench) -> list[dict]:
     stub = job_service_pb2_grpc.JobServiceStub(mds.channel)
     header = jobs.JobInputHeader(inputs=[tensor_pb2.TensorSpec(
         name="x", dtype=tensor_pb2.DataType.DATA_TYPE_FP32, shape=x.shape)])
-    chunks = (jobs.UploadJobInputRequest(chunk=jobs.JobInputChunk(inputs=[from_array("x", x[i:i + JOB_CHUNK_ROWS], raw=True)]))
-              for i in range(0, rows, JOB_CHUNK_ROWS))
+    chunks = (jobs.UploadJobInputRequest(chunk=jobs.JobInputChunk(
+        inputs=[from_array("x", x[i:i + JOB_CHUNK_ROWS], raw=True)])) for i in range(0, rows, JOB_CHUNK_ROWS))
     start = time.perf_counter()
-    job_input = stub.UploadJobInput(iter([jobs.UploadJobInputRequest(header=header), *chunks]), metadata=mds.metadata)
+    job_input = stub.UploadJobInput(itertools.chain([jobs.UploadJobInputRequest(header=header)], chunks),
+                                    metadata=mds.metadata)
     created = time.perf_counter()
     job = stub.CreateJob(jobs.CreateJobRequest(model="mlp64", input_id=job_input.id, batch_rows=JOB_BATCH_ROWS),
                          metadata=mds.metadata)

@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,8 @@ class Bench:
         self.servers: dict[tuple, Target] = {}
         self.uploaded: set[tuple] = set()
 
-    def _server(self, key: tuple, start: Callable[[], Target]) -> Target:
+    def server(self, key: tuple, start: Callable[[], Target]) -> Target:
+        """The server KEY, started by START the first time it is asked for."""
         if key not in self.servers:
             self.servers[key] = start()
             self.stack.callback(self.servers[key].stop)
@@ -57,10 +59,10 @@ class Bench:
             return Target("floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(port),
                                     str(load.path)], port)
 
-        return self._server(("floor", load.path), start)
+        return self.server(("floor", load.path), start)
 
     def peer(self, name: str, load) -> Target:
-        return self._server((name, load.path), lambda: peers.start(name, load.model, load.path, self.work))
+        return self.server((name, load.path), lambda: peers.start(name, load.model, load.path, self.work))
 
     def mds_server(self, name: str, env: dict[str, str]) -> Target:
         """An MDS server with API keys on, its own data folder and the settings in ENV."""
@@ -75,7 +77,7 @@ class Bench:
 
     def mds(self, load) -> Target:
         """MDS on its embedded storage, serving LOAD's model."""
-        target = self._server(("MDS",), lambda: self.mds_server("mds", {}))
+        target = self.server(("MDS",), lambda: self.mds_server("mds", {}))
         if (load.model, load.path) not in self.uploaded:
             upload(target, load.model, load.path)
             self.uploaded.add((load.model, load.path))
@@ -189,8 +191,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         bench = Bench(args, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mds-bench-"))), stack)
         for key in chosen:
-            print(f"workload {WORKLOADS[key].title}", file=sys.stderr, flush=True)
+            start = time.monotonic()
             results[key] = WORKLOADS[key].run(bench)
+            print(f"{WORKLOADS[key].title}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
             add_ratios(results[key], WORKLOADS[key])
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
                f"onnxruntime {ort.__version__}")
