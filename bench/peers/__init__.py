@@ -1,6 +1,7 @@
 """The peers MDS is measured against, each run from its own virtualenv ($MDS_CACHE/peers/NAME, made by
 install.sh) on the same ONNX file with onnxruntime on one intra-op thread, speaking V2 gRPC."""
 
+import contextlib
 import json
 import subprocess
 import time
@@ -21,15 +22,13 @@ def install() -> None:
 
 def _wait_until_ready(target: Target, model: str) -> None:
     deadline = time.monotonic() + 120
-    while True:
-        try:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(grpc.RpcError):
             if target.call("inference.GRPCInferenceService/ModelReady", oip.ModelReadyRequest(name=model),
                            oip.ModelReadyResponse, timeout=5).ready:
                 return
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
         time.sleep(0.2)
+    raise TimeoutError(f"{target.name} did not make {model} ready; see {target.log}")
 
 
 def start(name: str, model: str, path: Path, work: Path) -> Target:
