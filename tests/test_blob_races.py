@@ -10,7 +10,7 @@ test stops a private FerretDB while a publish is stopped that way.
 import asyncio
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import onnx_models
 import pytest
@@ -18,6 +18,7 @@ from backends import private_services, server_env
 from harness import wait_until
 
 from mds_grpc.config import load_settings
+from mds_grpc.core import garbage
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.garbage import collect_garbage
 from mds_grpc.core.model_cache import ModelCache
@@ -154,6 +155,19 @@ async def test_a_publish_during_a_deletion_stores_the_blob_again(open_stores, tm
     await deleting
     assert (await publishing).version == 1
     assert_every_record_has_its_blobs_and_gc_leaves_none_unreferenced(open_stores())
+
+
+async def test_a_deletion_slower_than_half_its_lease_gives_up(open_stores, tmp_path, monkeypatch):
+    """Past the lease a publish may take the deletion mark over, so a deleter that late must not delete."""
+    stores = open_stores()
+    await orphan_or_last_use("gc", stores, tmp_path / "a")
+    (sha256,) = stores.blobs.list_blobs(older_than=FOREVER)
+    monkeypatch.setattr(garbage, "DELETION_LEASE", timedelta(0))
+    assert not garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256)
+    assert stores.blobs.exists(sha256)
+    monkeypatch.undo()
+    assert garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256)
+    assert not stores.blobs.exists(sha256)
 
 
 @pytest.mark.parametrize("stopped_in", ["create", "release_blob"])

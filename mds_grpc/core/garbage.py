@@ -7,6 +7,7 @@ keeps it. A publish waits for a deletion in progress, then stores the blob again
 """
 
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -16,7 +17,7 @@ from mds_grpc.storage.base import BlobStore, MetadataStore
 log = logging.getLogger("mds.gc")
 
 CLAIM_LEASE = timedelta(hours=1)  # longer than any publish: an older claim was left by a crashed process
-DELETION_LEASE = timedelta(minutes=2)  # longer than any blob deletion: an older mark was left by a crash
+DELETION_LEASE = timedelta(minutes=10)  # an older deletion mark was left by a crash, and a claim takes it over
 
 
 def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
@@ -27,8 +28,9 @@ def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
     if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE,
                                         now - DELETION_LEASE):
         return False
+    give_up = time.monotonic() + DELETION_LEASE.total_seconds() / 2  # well before a claim may take the mark over
     try:
-        if metadata.blob_in_use(sha256):
+        if metadata.blob_in_use(sha256) or time.monotonic() > give_up:
             return False
         blobs.delete(sha256)
         return True
