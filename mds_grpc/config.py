@@ -60,6 +60,7 @@ class Settings:
     max_job_batch_rows: int = 1 << 20  # the most rows per run a job may ask for
     job_workers: int = 1
     job_heartbeat_ms: int = 15000
+    job_commit_ms: int = 1000  # batches run this long (or to 16 MiB of outputs) between recorded results; 0: each
     max_job_input_bytes: int = 16 * GiB
 
 

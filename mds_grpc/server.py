@@ -86,7 +86,7 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
                              settings.resolve_ttl_seconds)
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(broker, JobRunner(storage, job_work_dir(data / "jobs"),
-                                                        settings.ort_intra_op_threads))
+                                                        settings.ort_intra_op_threads, settings.job_commit_ms / 1000))
     limits = JobLimits(settings.job_batch_rows, settings.max_job_batch_rows, settings.max_job_input_bytes,
                        settings.max_message_bytes // 2)
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits)

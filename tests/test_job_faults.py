@@ -11,6 +11,7 @@ from test_jobs import DENSE, chunked_input, in_process, results, watch
 from mds.v1 import job_service_pb2 as pb
 
 ROWS, BATCH = 20_000, 100
+SLOW = {"MDS_JOB_COMMIT_MS": "0"}  # every batch recorded on its own: a job long enough to interrupt
 
 
 def start_long_job(server: ServerProcess) -> tuple[str, np.ndarray]:
@@ -36,7 +37,7 @@ def assert_exactly_once(server: ServerProcess, job_id: str, x: np.ndarray) -> No
 
 
 def test_sigkilled_worker_loses_and_repeats_no_rows(services, tmp_path):
-    env = {**backend_env(services, f"kill-worker-{uuid.uuid4().hex[:8]}"), "MDS_JOB_HEARTBEAT_MS": "1500"}
+    env = {**backend_env(services, f"kill-worker-{uuid.uuid4().hex[:8]}"), "MDS_JOB_HEARTBEAT_MS": "1500", **SLOW}
     server = ServerProcess(tmp_path, **env).start()
     try:
         job_id, x = start_long_job(server)
@@ -52,12 +53,12 @@ def test_sigkilled_worker_loses_and_repeats_no_rows(services, tmp_path):
 
 
 def test_sigkilled_embedded_server_resumes_jobs_on_restart(tmp_path):
-    server = ServerProcess(tmp_path).start()
+    server = ServerProcess(tmp_path, **SLOW).start()
     job_id, x = start_long_job(server)
     interrupted = wait_until_running(server, job_id)
     server.stop(signal.SIGKILL)
     assert interrupted.rows_done < ROWS
-    restarted = ServerProcess(tmp_path).start()
+    restarted = ServerProcess(tmp_path, **SLOW).start()
     try:
         assert_exactly_once(restarted, job_id, x)
     finally:

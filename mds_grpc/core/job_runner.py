@@ -3,6 +3,7 @@
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from mds_grpc.core.uploads import sha256_of
 from mds_grpc.storage import Storage
 
 log = logging.getLogger("mds.jobs")
+RESULT_BYTES = 16 << 20  # outputs stored in one result blob, at most about
 
 
 def read_rows(path: Path, dtype: str, rows: int, row_shape: tuple[int, ...]) -> np.ndarray:
@@ -31,10 +33,13 @@ def read_rows(path: Path, dtype: str, rows: int, row_shape: tuple[int, ...]) -> 
 class JobRunner:
     """Runs one job to a terminal state; safe to run again (after a crash) or twice at once."""
 
-    def __init__(self, storage: Storage, work_dir: Path, intra_op_threads: int = 0):
+    def __init__(self, storage: Storage, work_dir: Path, intra_op_threads: int = 0, commit_seconds: float = 1.0):
         self.storage = storage
         self.work_dir = Path(work_dir)
         self.intra_op_threads = intra_op_threads
+        # Batches run until this much time (or RESULT_BYTES of outputs) has passed, then their outputs
+        # are stored and recorded together: each record costs a blob write and a conditional update.
+        self.commit_seconds = commit_seconds
 
     def run(self, job_id: str) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -74,24 +79,46 @@ class JobRunner:
                 self.storage.blobs.fetch_to(tensor.sha256, path)
             columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
         uses_bf16 = involves_bf16(record, job.output_names, columns)
-        while job.rows_done < job.rows_total:
-            offset = job.rows_done
-            rows = min(job.batch_rows, job.rows_total - offset)
+
+        def run_batch(offset: int, rows: int) -> list[np.ndarray]:
             feeds = {name: np.ascontiguousarray(column[offset:offset + rows]) for name, column in columns.items()}
             try:
-                outputs = run_session(session, list(job.output_names), feeds, None, uses_bf16)
+                return run_session(session, list(job.output_names), feeds, None, uses_bf16)
             except Exception as error:  # onnxruntime's own exception types
                 raise _JobFailed(f"onnxruntime failed on rows {offset}-{offset + rows - 1}: {error}") from None
-            result_path = folder / f"result-{offset}.npz"
-            np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
-            sha256 = sha256_of(result_path)
-            self.storage.blobs.put_file(result_path, sha256)
-            # None: another worker recorded this batch first, or the job was cancelled; look again.
-            job = self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256)) or self.storage.jobs.get(job.id)
-            if job.state != JobState.RUNNING:
-                return
+
+        while job.rows_done < job.rows_total:
+            offset = end = job.rows_done
+            batches, size, started, failure = [], 0, time.monotonic(), None
+            while end < job.rows_total and (not batches or size < RESULT_BYTES
+                                            and time.monotonic() - started < self.commit_seconds):
+                rows = min(job.batch_rows, job.rows_total - end)
+                try:
+                    batches.append(run_batch(end, rows))
+                except _JobFailed as error:
+                    failure = error  # the batches before it are still recorded
+                    break
+                size += sum(output.nbytes for output in batches[-1])
+                end += rows
+            if batches:
+                job = self._record(job, folder, offset, end - offset, batches)
+                if job.state != JobState.RUNNING:
+                    return
+            if failure is not None:
+                raise failure
         self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)
         log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total})
+
+
+    def _record(self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]):
+        """Store the outputs of rows [offset, offset + rows) and record them; the job as it now is."""
+        outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches)]
+        result_path = folder / f"result-{offset}.npz"
+        np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
+        sha256 = sha256_of(result_path)
+        self.storage.blobs.put_file(result_path, sha256)
+        # None: another worker recorded these rows first, or the job was cancelled; look again.
+        return self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256)) or self.storage.jobs.get(job.id)
 
 
 class _JobFailed(Exception):
