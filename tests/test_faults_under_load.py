@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from harness import ServerProcess, upload_requests, wait_until
 from test_backends import wait_for_health
 from test_gc import mds_gc, storage_of
-from test_jobs import results, watch
+from test_jobs import DENSE, chunked_input, in_process, results, watch
 from test_predict import ONE, outputs_of, request
 
 from mds.v1 import job_service_pb2 as jobs_pb
@@ -59,7 +59,7 @@ class Load:
         self.failed: list[tuple[str, grpc.StatusCode, str]] = []
         self.uploaded: dict[str, tuple[str, float]] = {"adder": ("", 1.0)}  # acknowledged: name -> (sha256, scale)
         self.wrong: list[str] = []  # successful replies with wrong contents
-        self.jobs: dict[str, np.ndarray] = {}  # acknowledged job id -> expected z
+        self.jobs: dict[str, tuple[str, np.ndarray]] = {}  # acknowledged job id -> (output, expected)
         self.threads = [threading.Thread(target=self._loop, args=(op,)) for op in ("upload", *OPS)]
         self.hold = Hold()  # for one upload the test keeps in flight
 
@@ -106,12 +106,20 @@ class Load:
             self.wrong.append(f"{name}: {z}")
 
     def job(self, n: int) -> None:
-        a = np.arange(n, n + ROWS, dtype=np.float32)
-        inputs = [from_array("a", a, True), from_array("b", np.ones(ROWS, np.float32), True)]
-        job = self.server.jobs.CreateJob(jobs_pb.CreateJobRequest(model="adder", inputs=inputs, batch_rows=BATCH),
-                                         timeout=60)
+        """A job on "adder" with inline inputs, or on "dense" with an input uploaded in chunks."""
+        if n % 2:
+            x = np.full((ROWS, 8), n, np.float32)
+            job_input = self.server.jobs.UploadJobInput(chunked_input(x, chunk_rows=BATCH), timeout=60)
+            create = jobs_pb.CreateJobRequest(model="dense", input_id=job_input.id, batch_rows=BATCH)
+            expected = ("scores", in_process(DENSE, x, BATCH)["scores"])
+        else:
+            a = np.arange(n, n + ROWS, dtype=np.float32)
+            inputs = [from_array("a", a, True), from_array("b", np.ones(ROWS, np.float32), True)]
+            create = jobs_pb.CreateJobRequest(model="adder", inputs=inputs, batch_rows=BATCH)
+            expected = ("z", a + 1)
+        job = self.server.jobs.CreateJob(create, timeout=60)
         with self.lock:
-            self.jobs[job.id] = a + 1
+            self.jobs[job.id] = expected
 
     def calls_since(self, mark: tuple[Counter, int]) -> tuple[Counter, Counter]:
         """(successes, failures) by operation since `mark` (see `now`)."""
@@ -141,10 +149,11 @@ def listed_models(server: ServerProcess) -> dict[str, tuple[int, str]]:
 
 @pytest.fixture
 def stack(tmp_path):
-    """A server and worker on private backends, with model "adder" uploaded."""
+    """A server and worker on private backends, with models "adder" and "dense" uploaded."""
     with private_services(tmp_path) as backends:
         server = ServerProcess(tmp_path / "server", **server_env(*backends)).start()
         server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=60)
+        server.models.UploadModel(upload_requests("dense", DENSE), timeout=60)
         yield server, dict(zip(("mongo", "s3", "redis"), backends))
         assert server.stop() == 0
 
@@ -171,7 +180,7 @@ def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victi
 
     # Every acknowledged upload is listed, unchanged, its blob readable; no failed upload is listed.
     listed = listed_models(server)
-    assert set(listed) == set(load.uploaded)
+    assert set(listed) == {*load.uploaded, "dense"}
     storage = storage_of(server)
     for name, (sha256, _) in load.uploaded.items():
         if name != "adder":
@@ -180,12 +189,13 @@ def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victi
             storage.blobs.fetch_to(sha256, copy)
             assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha256
     # Every acknowledged job completes, every row exactly once.
-    for job_id, want in load.jobs.items():
+    for job_id, (output, want) in load.jobs.items():
         final = watch(server, job_id)[-1]
         assert (final.state, final.rows_done) == (jobs_pb.JOB_STATE_SUCCEEDED, ROWS), final.error
         batches, got = results(server, job_id)
-        assert [(b.row_offset, b.rows) for b in batches] == [(o, BATCH) for o in range(0, ROWS, BATCH)]
-        np.testing.assert_array_equal(got["z"], want)
+        ends = np.cumsum([b.rows for b in batches])  # batches recorded one by one or several together
+        assert [b.row_offset for b in batches] == [0, *ends[:-1]] and ends[-1] == ROWS
+        np.testing.assert_array_equal(got[output], want)
     # After gc, the bucket holds exactly the blobs records reference.
     mds_gc(server)
     assert set(server.blobs()) == storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
