@@ -3,8 +3,8 @@
 Two registries, each with its own store clients (as two server processes would have), share one
 metadata store and one blob store: SQLite and a local folder, or MongoDB (FerretDB) and S3 (MinIO).
 `mds gc` runs as collect_garbage with clients of its own. Each test stops one side between two of
-its storage calls, lets the other side run, then resumes it: the bad interleavings, forced. The last
-test stops a private FerretDB while a publish is stopped that way.
+its storage calls, lets the other side run, then resumes it: the bad interleavings, forced. Then: a
+deletion too slow for its lease gives up, and a private FerretDB stops while a publish is stopped.
 """
 
 import asyncio
@@ -20,7 +20,6 @@ from harness import wait_until
 from mds_grpc.config import load_settings
 from mds_grpc.core import garbage
 from mds_grpc.core.errors import Unavailable
-from mds_grpc.core.garbage import collect_garbage
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.uploads import UploadHeader
@@ -90,7 +89,7 @@ def assert_every_record_has_its_blobs_and_gc_leaves_none_unreferenced(storage: S
     records = storage.metadata.list_page(None, None, 100)
     assert [(r.name, r.version) for r in records] == [("new", 1)]
     assert all(storage.blobs.exists(f.sha256) for r in records for f in r.files)
-    collect_garbage(storage, grace_seconds=-60)
+    garbage.collect_garbage(storage, grace_seconds=-60)
     assert storage.blobs.list_blobs(older_than=FOREVER) == [f.sha256 for f in records[0].files]
 
 
@@ -98,7 +97,7 @@ def start_deleter(deleter: str, stores: Storage, folder) -> asyncio.Future:
     """The deletion as a task: server A deleting the last model using the blob, or `mds gc` finding it orphaned."""
     if deleter == "delete":
         return asyncio.ensure_future(registry(stores, folder).delete("old"))
-    return asyncio.ensure_future(asyncio.to_thread(collect_garbage, stores, -60))
+    return asyncio.ensure_future(asyncio.to_thread(garbage.collect_garbage, stores, -60))
 
 
 async def orphan_or_last_use(deleter: str, stores: Storage, folder) -> None:
@@ -200,5 +199,5 @@ async def test_metadata_lost_in_the_middle_of_a_publish_leaves_nothing_after_gc(
         assert [r.name for r in after.metadata.list_page(None, None, 10)] == ([] if stopped_in == "create" else ["new"])
         if stopped_in == "release_blob":
             await registry(after, tmp_path / "c").delete("new")
-        await asyncio.to_thread(collect_garbage, after, -60)
+        await asyncio.to_thread(garbage.collect_garbage, after, -60)
         assert after.blobs.list_blobs(older_than=FOREVER) == []
