@@ -199,3 +199,18 @@ def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victi
     # After gc, the bucket holds exactly the blobs records reference.
     mds_gc(server)
     assert set(server.blobs()) == storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
+
+
+def test_a_delete_while_the_object_store_is_down_is_done_and_gc_removes_the_blob_later(stack):
+    """The record goes at once; the blob, which no record references any more, is left for `mds gc`."""
+    server, backends = stack
+    sha256 = server.models.UploadModel(upload_requests("doomed", onnx_models.add_two(9.0)), timeout=60).sha256
+    backends["s3"].stop()
+    wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert server.models.DeleteModel(pb.DeleteModelRequest(name="doomed"), timeout=60).deleted_versions == [1]
+    assert "doomed" not in listed_models(server)
+    backends["s3"].start()
+    wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
+    assert sha256 in server.blobs()
+    assert mds_gc(server)["orphan_blobs"] == [sha256]
+    assert sha256 not in server.blobs()
