@@ -34,8 +34,11 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the process and its live descendants (`mds serve --workers N` serves from children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -145,9 +148,10 @@ def check_outputs(target: Target, call: str, request, want: np.ndarray) -> None:
     np.testing.assert_array_equal(got, want, err_msg=f"{target.name} {call}")
 
 
-def upload(target: Target, name: str, path: Path, side_files: tuple[str, ...] = ()) -> model_service_pb2.Model:
+def upload(target: Target, name: str, path: Path, side_files: tuple[str, ...] = (),
+           batching: model_service_pb2.Batching | None = None) -> model_service_pb2.Model:
     """UploadModel of PATH and its external-data SIDE_FILES (next to it), in 1 MiB chunks read from disk."""
-    header = model_service_pb2.ModelHeader(name=name, external_files=[
+    header = model_service_pb2.ModelHeader(name=name, batching=batching, external_files=[
         model_service_pb2.ModelFile(path=s, size_bytes=(path.parent / s).stat().st_size) for s in side_files])
 
     def requests():

@@ -64,7 +64,7 @@ class Bench:
     def peer(self, name: str, load) -> Target:
         return self.server((name, load.path), lambda: peers.start(name, load.model, load.path, self.work))
 
-    def mds_server(self, name: str, env: dict[str, str]) -> Target:
+    def mds_server(self, name: str, env: dict[str, str], label: str = "MDS") -> Target:
         """An MDS server with API keys on, its own data folder and the settings in ENV."""
         folder = self.work / name
         folder.mkdir()
@@ -73,15 +73,16 @@ class Bench:
         created = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin"],
                                  env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
         port = free_port()
-        return Target("MDS", [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port)], port, env=env,
+        return Target(label, [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port)], port, env=env,
                       api_key=json.loads(created)["key"], log=folder / "server.log")
 
-    def mds(self, load) -> Target:
-        """MDS on its embedded storage, serving LOAD's model."""
-        target = self.server(("MDS",), lambda: self.mds_server("mds", {}))
-        if (load.model, load.path) not in self.uploaded:
-            upload(target, load.model, load.path)
-            self.uploaded.add((load.model, load.path))
+    def mds(self, load, processes: int = 1) -> Target:
+        """MDS on its embedded storage (with `processes` serving processes), serving LOAD's model."""
+        target = self.server(("MDS", processes), lambda: self.mds_server(
+            f"mds-{processes}", {"MDS_WORKERS": str(processes)}, "MDS" if processes == 1 else f"MDS ×{processes} processes"))
+        if (processes, load.model, load.path) not in self.uploaded:
+            upload(target, load.model, load.path, batching=load.batching)
+            self.uploaded.add((processes, load.model, load.path))
         return target
 
 

@@ -8,20 +8,22 @@ from harness import (MODEL_INFER, MODEL_STREAM_INFER, PREDICT, PREDICT_STREAM, T
                      in_process, session)
 from mds.oip import grpc_service_pb2 as oip
 from mds.v1 import inference_service_pb2 as pb
+from mds.v1.model_service_pb2 import Batching
 from mds_grpc.api.tensors import from_array
 
 STREAM_MESSAGES = 200
 HEAVY_CONCURRENCY = 16
 HEAVY_BATCH = 8
 HEAVY_SHAPE = (1, 3, 160, 160)  # one image
+HEAVY_QUEUE_DELAY_US = 5000
 
 
 class Payloads:
     """One input for MODEL as an mds.v1 Predict and a V2 ModelInfer request (in memory and as ghz -B files),
     and what in-process onnxruntime answers to it."""
 
-    def __init__(self, work: Path, model: str, path: Path, x: np.ndarray):
-        self.model, self.path, self.x = model, path, x
+    def __init__(self, work: Path, model: str, path: Path, x: np.ndarray, batching: Batching | None = None):
+        self.model, self.path, self.x, self.batching = model, path, x, batching
         self.input = session(path).get_inputs()[0].name
         self.want = session(path).run(None, {self.input: x})[0]
         self.predict = pb.PredictRequest(model=model, inputs=[from_array(self.input, x, raw=True)])
@@ -47,10 +49,11 @@ def mlp_payloads(bench) -> Payloads:
 
 
 def unary(bench) -> list[dict]:
-    """(a) MLP batch 1, unary: in-process, the floor, MDS (Predict, ModelInfer) and the peers (ModelInfer)."""
+    """(a) MLP batch 1, unary: in-process, the floor, MDS (Predict, ModelInfer; one process and two) and the
+    peers (ModelInfer)."""
     load = mlp_payloads(bench)
     floor, mds = bench.floor(load), bench.mds(load)
-    calls = [(floor, PREDICT), (mds, PREDICT), (mds, MODEL_INFER)]
+    calls = [(floor, PREDICT), (mds, PREDICT), (mds, MODEL_INFER), (bench.mds(load, processes=2), PREDICT)]
     calls += [(bench.peer(name, load), MODEL_INFER) for name in bench.peer_names]
     for target, call in calls:
         load.check(target, call)
@@ -72,20 +75,19 @@ def streams(bench) -> list[dict]:
             for count in ([1] if bench.smoke else [1, 8]) for target, call in calls]
 
 
-def heavy_servers(bench, load: Payloads) -> list[Target]:
-    """The servers workload (c) loads. MDS with dynamic batching joins here, as its own target, once it exists."""
-    return [bench.floor(load), bench.mds(load)]
-
-
 def heavy(bench) -> list[dict]:
-    """(c) PP-OCRv4's text detector on one 160x160 image per request, at concurrency 16."""
+    """(c) PP-OCRv4's text detector on one 160x160 image per request, at concurrency 16; MDS with dynamic
+    batching off, and on (the same model uploaded again with batches of up to HEAVY_BATCH images)."""
     import models
 
     x = np.random.default_rng(0).random(HEAVY_SHAPE, np.float32)
-    load = Payloads(bench.work, "ocr-det", models.ocr_detector(), x)
-    rows = [in_process(load.path, {load.input: np.repeat(x, batch, axis=0)}, bench.duration)
+    plain = Payloads(bench.work, "ocr-det", models.ocr_detector(), x)
+    batched = Payloads(bench.work, "ocr-det-batched", plain.path, x, Batching(
+        max_batch_size=HEAVY_BATCH, max_queue_delay_us=HEAVY_QUEUE_DELAY_US))
+    rows = [in_process(plain.path, {plain.input: np.repeat(x, batch, axis=0)}, bench.duration)
             for batch in (1, HEAVY_BATCH)]
-    for target in heavy_servers(bench, load):
+    for load, target in ((plain, bench.floor(plain)), (plain, bench.mds(plain)), (batched, bench.mds(batched))):
         load.check(target, PREDICT)
         rows.append(load.load(target, PREDICT, HEAVY_CONCURRENCY, bench.duration))
+    rows[-1]["target"] = f"MDS, dynamic batching ≤{HEAVY_BATCH}"
     return rows
