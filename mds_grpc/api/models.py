@@ -38,9 +38,12 @@ def model_to_wire(record: ModelRecord) -> pb.Model:
 
 
 def header_from_wire(header: pb.ModelHeader) -> UploadHeader:
+    try:
+        metadata = json_format.MessageToDict(header.metadata)
+    except ValueError as error:  # NaN and infinities have no JSON form
+        raise InvalidArgument(f"header.metadata must be JSON: {error}") from None
     return UploadHeader(
-        name=header.name, description=header.description, labels=dict(header.labels),
-        metadata=json_format.MessageToDict(header.metadata),
+        name=header.name, description=header.description, labels=dict(header.labels), metadata=metadata,
         sha256=header.sha256.lower(), size_bytes=header.size_bytes,
         external_files=tuple(StoredFile(f.path, f.sha256.lower(), f.size_bytes) for f in header.external_files),
         batching=BatchingPolicy(header.batching.max_batch_size, header.batching.max_queue_delay_us),

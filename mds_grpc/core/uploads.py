@@ -14,8 +14,9 @@ from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, StoredFile
 from mds_grpc.storage.base import BlobUpload
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-PATH_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+PATH_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,255}")  # 255: the longest file name Linux allows
+MAX_PATH_CHARS = 1024  # a side file's whole relative path, well inside PATH_MAX with the server's folders
 
 
 @dataclass(frozen=True)
@@ -35,27 +36,32 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def quoted(text: str, limit: int = 100) -> str:
+    """Client text for an error message, cut short: a status message travels in size-limited metadata."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 characters of a-z, 0-9, '.', '_' and '-', "
+            f"invalid model name {quoted(name)}: use 1-128 characters of a-z, 0-9, '.', '_' and '-', "
             "starting with a letter or digit"
         )
 
 
 def check_relative_path(path: str) -> None:
     """A side-file path must stay inside the model's folder."""
-    parts = path.split("/")
-    if not path or any(p in ("", ".", "..") or not PATH_COMPONENT.match(p) for p in parts):
+    components = path.split("/")
+    if len(path) > MAX_PATH_CHARS or any(c in (".", "..") or not PATH_COMPONENT.fullmatch(c) for c in components):
         raise InvalidArgument(
-            f"invalid file path {path!r}: use a relative path of [A-Za-z0-9._-] components, "
-            "without '..' or a leading '/'"
+            f"invalid file path {quoted(path)}: use a relative path of at most "
+            f"{MAX_PATH_CHARS} characters, of [A-Za-z0-9._-] components of at most 255, without '..' or a leading '/'"
         )
 
 
 def _check_sha256(sha256: str, what: str) -> None:
     if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise InvalidArgument(f"sha256 of {what} must be 64 lowercase hex digits, got {sha256!r}")
+        raise InvalidArgument(f"sha256 of {what} must be 64 lowercase hex digits, got {quoted(sha256)}")
 
 
 @dataclass
@@ -102,7 +108,7 @@ class StagedUpload:
         if not data:
             return  # an empty chunk carries nothing, and must not end a stream early
         if path not in self.declared:
-            raise InvalidArgument(f"chunk for undeclared file {path!r}: list it in header.external_files")
+            raise InvalidArgument(f"chunk for undeclared file {quoted(path)}: list it in header.external_files")
         if self._open is None or self._open.path != path:
             if path in self.received:
                 raise InvalidArgument(f"chunks of file {path!r} must be contiguous; it was already finished")
