@@ -138,3 +138,37 @@ def custom_op() -> bytes:
     opsets = [*OPSET, helper.make_opsetid("com.example.custom", 1)]
     node = helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.example.custom")
     return _model([node], inputs, outputs, opsets=opsets).SerializeToString()
+
+
+def missing_input(name: str = "ghost") -> bytes:
+    """An Add that reads `name`, which no input, initializer or node defines: onnxruntime cannot load it."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    return _model([helper.make_node("Add", ["x", name], ["y"])], inputs, outputs).SerializeToString()
+
+
+def huge_weight(holder: str) -> bytes:
+    """y = x + w, with w declaring 10**12 floats: 4 bytes of it in an initializer ("raw") or a Constant
+    node ("constant"), none at all ("empty"), or external data in "w.bin" ("external", upload 64 bytes)."""
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[10**12])  # helper.make_tensor would refuse
+    if holder in ("raw", "constant"):
+        weight.raw_data = b"\0" * 4
+    if holder == "external":
+        weight.data_location = TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value="w.bin")
+    nodes = [helper.make_node("Add", ["x", "w"], ["y"])]
+    if holder == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=weight))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return _model(nodes, inputs, outputs, [] if holder == "constant" else [weight]).SerializeToString()
+
+
+def sized_by_input(op: str) -> bytes:
+    """ConstantOfShape(shape) or Expand(one, shape): an output of whatever shape the client sends (0s or 1s)."""
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    node = (helper.make_node("ConstantOfShape", ["shape"], ["y"]) if op == "ConstantOfShape"
+            else helper.make_node("Expand", ["one", "shape"], ["y"]))
+    inputs = [helper.make_tensor_value_info("shape", TensorProto.INT64, ["rank"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return _model([node], inputs, outputs, [one] if op == "Expand" else []).SerializeToString()

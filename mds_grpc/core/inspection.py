@@ -1,5 +1,6 @@
 """Validating an uploaded model: safe external-data references, loadable by onnxruntime, its signature."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_e
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.records import TensorSpec
-from mds_grpc.core.uploads import check_relative_path
+from mds_grpc.core.uploads import check_relative_path, quoted
+
+MAX_REASON_CHARS = 2000  # of onnxruntime's reason, which may quote any name in the model
 
 ort.set_default_logger_severity(3)  # errors only; warnings about unused initializers are noise
 
@@ -28,10 +31,12 @@ class ModelInfo:
 def open_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session loaded by path (so external data resolves next to the file).
 
-    No custom-op library is ever registered.
+    No custom-op library is ever registered. No memory arena either: after a run fails to allocate a
+    huge tensor, onnxruntime's arena makes the next run touch hundreds of MB, and it never gives memory back.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -47,7 +52,9 @@ def _spec(arg) -> TensorSpec:
     )
 
 
-def _check_external_data(graph: onnx.ModelProto, uploaded: set[str]) -> None:
+def _check_external_data(graph: onnx.ModelProto, folder: Path, uploaded: set[str]) -> None:
+    """Every external-data location names an uploaded side file that really lies inside `folder`."""
+    inside = os.path.realpath(folder) + os.sep
     for tensor in _get_all_tensors(graph):
         if not uses_external_data(tensor):
             continue
@@ -56,13 +63,18 @@ def _check_external_data(graph: onnx.ModelProto, uploaded: set[str]) -> None:
             check_relative_path(location)
         except InvalidArgument:
             raise InvalidArgument(
-                f"tensor {tensor.name!r} keeps its data at {location!r}, outside the model's folder; "
+                f"tensor {quoted(tensor.name)} keeps its data at {quoted(location)}, outside the model's folder; "
                 "external data must be a relative path inside it"
             ) from None
         if location not in uploaded:
             raise InvalidArgument(
-                f"tensor {tensor.name!r} keeps its data in {location!r}, which was not uploaded; "
+                f"tensor {quoted(tensor.name)} keeps its data in {quoted(location)}, which was not uploaded; "
                 "send it as a side file (header.external_files)"
+            )
+        if not os.path.realpath(folder / location).startswith(inside):
+            raise InvalidArgument(
+                f"tensor {quoted(tensor.name)} keeps its data in {location!r}, which leads outside the model's "
+                "folder through a symbolic link"
             )
 
 
@@ -72,11 +84,11 @@ def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0) -
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError, ValueError and more for garbage
         raise InvalidArgument(f"not an ONNX model: {error}") from None
-    _check_external_data(graph, side_files)
+    _check_external_data(graph, path.parent, side_files)
     try:
         session = open_session(path, intra_op_threads)
     except Exception as error:  # onnxruntime's own exception types carry the reason
-        raise InvalidArgument(f"onnxruntime cannot load the model: {error}") from None
+        raise InvalidArgument(f"onnxruntime cannot load the model: {str(error)[:MAX_REASON_CHARS]}") from None
     info = ModelInfo(
         inputs=tuple(_spec(a) for a in session.get_inputs()),
         outputs=tuple(_spec(a) for a in session.get_outputs()),
