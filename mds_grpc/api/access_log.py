@@ -25,10 +25,16 @@ def annotate(**fields) -> None:
         current.update(fields)
 
 
+MAX_MESSAGE_CHARS = 2000  # a status message travels in metadata, which gRPC caps at 16 KiB in all
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an error raised while serving a request."""
     if isinstance(error, MdsError):
-        return grpc.StatusCode[error.status], str(error)
+        message = str(error)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters in all)"
+        return grpc.StatusCode[error.status], message
     incident = uuid.uuid4().hex[:12]
     errors_log.error("internal error %s", incident, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"

@@ -4,6 +4,7 @@ V2 tensor contents share mds.v1's field numbers and types, so typed contents cro
 by re-parsing and every check of `tensors.to_array` applies to V2 requests too.
 """
 
+import re
 import struct
 
 import numpy as np
@@ -24,8 +25,8 @@ PLATFORM = "onnxruntime_onnx"
 def parse_version(version: str) -> int:
     if not version:
         return 0
-    if not version.isdigit():
-        raise InvalidArgument(f"model_version must be a version number or empty for the latest, got {version!r}")
+    if not re.fullmatch(r"[0-9]{1,18}", version):  # ASCII digits only, and within int64
+        raise InvalidArgument(f"model_version must be a version number or empty for the latest, got {version[:40]!r}")
     return int(version)
 
 
