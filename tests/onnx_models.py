@@ -72,11 +72,11 @@ def half_precision() -> bytes:
     return _model(nodes, inputs, outputs).SerializeToString()
 
 
-def save_with_external_data(folder: Path, location: str = "model.onnx.data") -> Path:
-    """A MatMul whose 64x32 weight lives in an external-data side file; returns the .onnx path."""
-    weight = np.random.default_rng(7).standard_normal((64, 32)).astype(np.float32)
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])]
+def save_with_external_data(folder: Path, location: str = "model.onnx.data", rows: int = 64, columns: int = 32) -> Path:
+    """A MatMul whose rows x columns weight lives in an external-data side file; returns the .onnx path."""
+    weight = np.random.default_rng(7).standard_normal((rows, columns)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", rows])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", columns])]
     model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], inputs, outputs,
                    [numpy_helper.from_array(weight, "w")])
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnx_models
@@ -10,6 +11,7 @@ import pytest
 from mds_grpc.config import load_settings
 from mds_grpc.core.errors import DeadlineExceeded
 from mds_grpc.core.inference import InferenceEngine
+from mds_grpc.core.records import StoredFile
 from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.server import build_core
 
@@ -86,3 +88,30 @@ async def test_short_runs_move_onto_the_event_loop(registry, inline_max_seconds,
         result = await engine.predict("adder", 0, inputs)
         assert result.outputs[0][1].tolist() == [2.0]
     assert executor.submitted == submitted
+
+
+def memory_kib(field: str) -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+
+async def files_of(path: Path, side: str):
+    for name, file in (("model.onnx", path), (side, path.parent / side)):
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                yield name, chunk
+
+
+async def test_a_big_upload_is_checked_lean_and_loaded_on_first_use(registry, tmp_path):
+    """Past warm_max_bytes, checking the model neither prepacks its 32 MiB of weights nor keeps a session."""
+    registry.warm_max_bytes = 1 << 20
+    path = onnx_models.save_with_external_data(tmp_path / "big", rows=2048, columns=4096)
+    side = "model.onnx.data"
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = memory_kib("VmRSS")
+    await registry.upload(UploadHeader(name="big", external_files=(StoredFile(side, "", 0),)), files_of(path, side))
+    assert memory_kib("VmHWM") - before < 16 * 1024  # a prepacking session alone would add 32 MiB
+    assert ("big", 1) not in registry.cache
+    engine = InferenceEngine(registry, ThreadPoolExecutor(1))
+    x = np.ones((1, 2048), np.float32)
+    result = await engine.predict("big", 0, {"x": x})
+    assert result.outputs[0][1].shape == (1, 4096) and ("big", 1) in registry.cache

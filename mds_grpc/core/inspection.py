@@ -28,15 +28,19 @@ class ModelInfo:
     ir_version: int
 
 
-def open_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
+def open_session(path: Path, intra_op_threads: int = 0, lean: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session loaded by path (so external data resolves next to the file).
 
     No custom-op library is ever registered. No memory arena either: after a run fails to allocate a
     huge tensor, onnxruntime's arena makes the next run touch hundreds of MB, and it never gives memory back.
+    A `lean` session, for checking a model only, does not prepack weights: external data then stays
+    memory-mapped and untouched, where prepacking would copy every weight (slower runs without it).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.enable_cpu_mem_arena = False
+    if lean:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -78,15 +82,19 @@ def _check_external_data(graph: onnx.ModelProto, folder: Path, uploaded: set[str
             )
 
 
-def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0) -> tuple[ort.InferenceSession, ModelInfo]:
-    """Load the model at `path` for validation (the session then serves); raise InvalidArgument naming the problem."""
+def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0,
+                  serve: bool = True) -> tuple[ort.InferenceSession, ModelInfo]:
+    """Load the model at `path` to validate it; raise InvalidArgument naming the problem.
+
+    With `serve`, the session can then serve; without, it is lean (see open_session) and only checks.
+    """
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError, ValueError and more for garbage
         raise InvalidArgument(f"not an ONNX model: {error}") from None
     _check_external_data(graph, path.parent, side_files)
     try:
-        session = open_session(path, intra_op_threads)
+        session = open_session(path, intra_op_threads, lean=not serve)
     except Exception as error:  # onnxruntime's own exception types carry the reason
         raise InvalidArgument(f"onnxruntime cannot load the model: {str(error)[:MAX_REASON_CHARS]}") from None
     info = ModelInfo(

@@ -19,18 +19,22 @@ from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
 from mds_grpc.storage.base import BlobStore, MetadataStore
 
 log = logging.getLogger("mds.registry")
+# Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
+# loaded on first use, so an upload's memory stays flat whatever the model's size.
+WARM_MAX_BYTES = 64 << 20
 CLAIM_RETRY_SECONDS = 0.05  # how often a publish retries a blob another process is deleting
 
 
 class ModelRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
-                 max_model_bytes: int, resolve_ttl: float = 1.0):
+                 max_model_bytes: int, resolve_ttl: float = 1.0, warm_max_bytes: int = WARM_MAX_BYTES):
         self.metadata = metadata
         self.blobs = blobs
         self.cache = cache
         self.tmp_dir = Path(tmp_dir)
         self.max_model_bytes = max_model_bytes
         self.resolve_ttl = resolve_ttl
+        self.warm_max_bytes = warm_max_bytes
         self._resolved: dict[tuple[str, int], tuple[float, ModelRecord]] = {}  # (name, version) -> (expiry, record)
 
     def sweep_local_copies(self) -> None:
@@ -46,8 +50,9 @@ class ModelRegistry:
         try:
             files = await receive(staging, parts)
             side_files = {stored.path for stored in files[1:]}
+            warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
             session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files,
-                                                    self.cache.intra_op_threads)
+                                                    self.cache.intra_op_threads, warm)
             draft = ModelRecord(
                 name=header.name, version=0, created_at=utc_now(), files=files,
                 inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
@@ -58,7 +63,7 @@ class ModelRegistry:
             check_policy(draft.batching, draft.inputs, draft.outputs)
             # Once the client has sent everything and the model is valid, finish even if it leaves:
             # the publishing task owns the staging folder from here on, cleanup included.
-            publishing = asyncio.ensure_future(self._publish_and_warm(staging, draft, session))
+            publishing = asyncio.ensure_future(self._publish_and_warm(staging, draft, session if warm else None))
             handed_over = True
             return await asyncio.shield(publishing)
         finally:
@@ -71,7 +76,8 @@ class ModelRegistry:
         finally:
             await asyncio.to_thread(staging.cleanup)
         self._forget_resolved(record.name)  # "latest" moves on now, not after the TTL
-        self.cache.put(record, session)
+        if session is not None:
+            self.cache.put(record, session)
         return record
 
     async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
