@@ -3,13 +3,16 @@
 Blobs are content-addressed and shared by every record with the same bytes, so a blob is
 deleted only under a deletion mark in the metadata store (see MetadataStore.claim_blob):
 while the mark is held no publish can claim the blob, and a publish that claimed it first
-keeps it. A publish waits for a deletion in progress, then stores the blob again.
+keeps it. A publish waits for a deletion in progress, then stores the blob again. Model
+uploads, job inputs and job results all write blobs through store_and_record.
 """
 
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 from mds_grpc.storage import Storage
 from mds_grpc.storage.base import BlobStore, MetadataStore
@@ -18,6 +21,46 @@ log = logging.getLogger("mds.gc")
 
 CLAIM_LEASE = timedelta(hours=1)  # longer than any publish: an older claim was left by a crashed process
 DELETION_LEASE = timedelta(minutes=10)  # an older deletion mark was left by a crash, and a claim takes it over
+CLAIM_RETRY_SECONDS = 0.05  # how often a write retries a blob another process is deleting
+T = TypeVar("T")
+
+
+def store_and_record(metadata: MetadataStore, blobs: BlobStore, writes: list[tuple[str, Callable[[], bool]]],
+                     record: Callable[[], T], undo: bool = True) -> T:
+    """Run each (sha256, write) — a write returns True when it created the blob — then `record()`.
+
+    Every blob is claimed throughout, so no deletion races it. On failure, with `undo`, the blobs
+    this call created are deleted again; otherwise (job blobs, which blob_in_use does not see in
+    other jobs) they are left to `mds gc`. Returns what `record` returns.
+    """
+    held: list[str] = []
+    created: list[str] = []
+    try:
+        for sha256 in dict.fromkeys(sha256 for sha256, _ in writes):
+            while not metadata.claim_blob(sha256, datetime.now(timezone.utc) - DELETION_LEASE):
+                time.sleep(CLAIM_RETRY_SECONDS)  # another process is deleting it: store it again after
+            held.append(sha256)
+        for sha256, write in writes:
+            if write():
+                created.append(sha256)
+        return record()
+    except BaseException:
+        _release(metadata, held)
+        held = []
+        if undo:
+            delete_if_possible(metadata, blobs, created)
+        raise
+    finally:
+        _release(metadata, held)
+
+
+def _release(metadata: MetadataStore, sha256s: list[str]) -> None:
+    """Release claims; one that cannot be released now only delays deleting its blob (see CLAIM_LEASE)."""
+    for sha256 in sha256s:
+        try:
+            metadata.release_blob(sha256)
+        except Exception as error:
+            log.warning("blob claim left to expire", extra={"sha256": sha256, "error": str(error)})
 
 
 def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,

@@ -4,12 +4,14 @@ import logging
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import Unavailable
+from mds_grpc.core.garbage import store_and_record
 from mds_grpc.core.inference import involves_bf16, run_session
 from mds_grpc.core.inspection import open_session
 from mds_grpc.core.job_records import JobRecord, JobResult, JobState
@@ -116,9 +118,12 @@ class JobRunner:
         result_path = folder / f"result-{offset}.npz"
         np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
         sha256 = sha256_of(result_path)
-        self.storage.blobs.put_file(result_path, sha256)
         # None: another worker recorded these rows first, or the job was cancelled; look again.
-        return self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256)) or self.storage.jobs.get(job.id)
+        recorded = store_and_record(self.storage.metadata, self.storage.blobs,
+                                    [(sha256, partial(self.storage.blobs.put_file, result_path, sha256))],
+                                    partial(self.storage.jobs.record_batch, job.id, JobResult(offset, rows, sha256)),
+                                    undo=False)
+        return recorded or self.storage.jobs.get(job.id)
 
 
 class _JobFailed(Exception):

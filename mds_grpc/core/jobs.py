@@ -8,12 +8,14 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from mds_grpc.core import dtypes
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from mds_grpc.core.garbage import store_and_record
 from mds_grpc.core.inference import check_inputs, select_outputs
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
 from mds_grpc.core.limits import JobLimits
@@ -124,13 +126,14 @@ class JobManager:
             async for chunk in chunks:
                 await asyncio.to_thread(writer.write, chunk)
             columns = await asyncio.to_thread(writer.finish)
-            tensors = []
-            for spec, path in columns:
-                sha256 = await asyncio.to_thread(sha256_of, path)
-                await asyncio.to_thread(self.storage.blobs.put_file, path, sha256)
-                tensors.append(JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256))
-            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(tensors), utc_now())
-            await asyncio.to_thread(self.storage.jobs.create_input, record)
+            hashes = [await asyncio.to_thread(sha256_of, path) for _, path in columns]
+            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(
+                JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256) for (spec, _), sha256 in zip(columns, hashes)),
+                utc_now())
+            writes = [(sha256, partial(self.storage.blobs.put_file, path, sha256))
+                      for (_, path), sha256 in zip(columns, hashes)]
+            await asyncio.to_thread(store_and_record, self.storage.metadata, self.storage.blobs, writes,
+                                    partial(self.storage.jobs.create_input, record), undo=False)
             return record
         finally:
             if writer is not None:

@@ -5,12 +5,12 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterable
-from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from mds_grpc.core.batching import check_policy
 from mds_grpc.core.errors import InvalidArgument, NotFound
-from mds_grpc.core.garbage import DELETION_LEASE, delete_if_possible
+from mds_grpc.core.garbage import delete_if_possible, store_and_record
 from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
@@ -22,7 +22,6 @@ log = logging.getLogger("mds.registry")
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
 # loaded on first use, so an upload's memory stays flat whatever the model's size.
 WARM_MAX_BYTES = 64 << 20
-CLAIM_RETRY_SECONDS = 0.05  # how often a publish retries a blob another process is deleting
 
 
 class ModelRegistry:
@@ -81,43 +80,16 @@ class ModelRegistry:
         return record
 
     async def _publish(self, staging: StagedUpload, draft: ModelRecord) -> ModelRecord:
-        """Store the files and record the version, each blob claimed so no deletion races it."""
-        claimed: list[str] = []
-        created: list[str] = []  # blobs this upload added, removed again if it fails
-        try:
-            for sha256 in dict.fromkeys(stored.sha256 for stored in draft.files):
-                await self._claim(sha256)
-                claimed.append(sha256)
-            for stored in draft.files:
-                upload = staging.remote.get(stored.path)
-                if upload is not None:
-                    published = await asyncio.to_thread(upload.commit, stored.sha256)
-                else:
-                    published = await asyncio.to_thread(self.blobs.put_file, staging.dir / stored.path, stored.sha256)
-                if published:
-                    created.append(stored.sha256)
-            record = await asyncio.to_thread(self.metadata.create, draft)
-        except BaseException:
-            await asyncio.to_thread(self._release, claimed)
-            await asyncio.to_thread(delete_if_possible, self.metadata, self.blobs, created)
-            raise
-        await asyncio.to_thread(self._release, claimed)
+        """Store the files (streamed ones are committed) and record the version."""
+        writes = []
+        for stored in draft.files:
+            upload = staging.remote.get(stored.path)
+            writes.append((stored.sha256, partial(upload.commit, stored.sha256) if upload is not None
+                           else partial(self.blobs.put_file, staging.dir / stored.path, stored.sha256)))
+        record = await asyncio.to_thread(store_and_record, self.metadata, self.blobs, writes,
+                                         partial(self.metadata.create, draft))
         await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
         return record
-
-    async def _claim(self, sha256: str) -> None:
-        """Claim the blob, waiting while another process deletes it."""
-        while not await asyncio.to_thread(self.metadata.claim_blob, sha256,
-                                          datetime.now(timezone.utc) - DELETION_LEASE):
-            await asyncio.sleep(CLAIM_RETRY_SECONDS)
-
-    def _release(self, sha256s: list[str]) -> None:
-        """Release claims; one that cannot be released now only delays deleting its blob (see CLAIM_LEASE)."""
-        for sha256 in sha256s:
-            try:
-                self.metadata.release_blob(sha256)
-            except Exception as error:
-                log.warning("blob claim left to expire", extra={"sha256": sha256, "error": str(error)})
 
     async def get(self, name: str, version: int = 0) -> ModelRecord:
         if version < 0:
