@@ -26,7 +26,7 @@ from mds_grpc.api.tensors import from_array
 
 sys.path.insert(0, str(Path(__file__).parent))
 from models import mlp  # noqa: E402
-from run import free_port, wait_for_grpc  # noqa: E402
+from harness import free_port  # noqa: E402
 
 RSS_TOLERANCE_MIB = 64
 FD_TOLERANCE = 8
@@ -110,7 +110,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"127.0.0.1:{port}"
-        wait_for_grpc(address)
+        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=60)
         model = mlp()
         load = Load(address, model)
         load.models.UploadModel(iter([model_service_pb2.UploadModelRequest(

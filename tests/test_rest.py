@@ -97,7 +97,7 @@ def test_jobs_over_rest(envoy):
     updates = requests.get(f"{envoy.url}/v1/jobs/{job['id']}:watch").json()  # a JSON array, sent when done
     assert updates[-1]["state"] == "JOB_STATE_SUCCEEDED"
     batches = requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results").json()
-    assert [b.get("rowOffset", "0") for b in batches] == ["0", "4", "8"]
+    assert sum(int(b["rows"]) for b in batches) == 12 and batches[0].get("rowOffset", "0") == "0"
     z = np.concatenate([np.frombuffer(base64.b64decode(b["outputs"][0]["rawData"]), "<f4") for b in batches])
     assert z.tolist() == [3.0 * 2 * v for v in x]
 
