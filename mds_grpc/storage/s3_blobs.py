@@ -20,7 +20,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 
 from mds_grpc.core.errors import Unavailable
 
-PART_BYTES = 16 << 20
+PART_BYTES = 8 << 20  # S3 allows 10,000 parts: objects up to 80 GiB; the client holds about 2 parts in memory
 PIPE_CHUNKS = 8  # chunks buffered between the upload stream and the multipart upload
 # Answers of a store that is starting, stopping or overloaded (besides any 5xx status): retry later.
 TRANSIENT_CODES = {"ClientDisconnected", "RequestTimeout", "SlowDown", "XMinioServerNotInitialized"}
@@ -72,7 +72,7 @@ class _Pipe:
             else:
                 self._buffer.extend(item)
         size = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        data = bytes(self._buffer[:size])
+        data = bytes(memoryview(self._buffer)[:size])  # one copy, not two
         del self._buffer[:size]
         return data
 
@@ -91,7 +91,8 @@ class S3StreamingUpload:
     def _upload(self) -> None:
         try:
             with self.store._reachable():
-                self.store.client.put_object(self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES)
+                self.store.client.put_object(self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES,
+                                             num_parallel_uploads=1)
         except BaseException as error:  # kept for commit(); the client has aborted the multipart upload
             self.error = error
         finally:
