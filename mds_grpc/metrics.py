@@ -10,7 +10,8 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 REQUESTS = Counter("mds_requests", "RPCs handled, by method, model and status code", ["method", "model", "code"])
 REQUEST_SECONDS = Histogram("mds_request_seconds", "RPC duration", ["method", "model"], buckets=LATENCY_BUCKETS)
-QUEUE_SECONDS = Histogram("mds_inference_queue_seconds", "Time a request waited for an inference thread",
+QUEUE_SECONDS = Histogram("mds_inference_queue_seconds", "Time a run waited for an inference thread (runs on "
+                          "the event loop wait for none and are not counted)",
                           ["model"], buckets=LATENCY_BUCKETS)
 COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run time", ["model"],
                             buckets=LATENCY_BUCKETS)
@@ -32,15 +33,27 @@ def _run_series(model: str):
     return QUEUE_SECONDS.labels(model), COMPUTE_SECONDS.labels(model), BATCH_ROWS.labels(model)
 
 
+def cache_event(event: str) -> None:
+    """Count a model cache hit, load or eviction."""
+    _cache_series(event).inc()
+
+
+@lru_cache(maxsize=8)
+def _cache_series(event: str):
+    return MODEL_CACHE.labels(event)
+
+
 def observe_rpc(method: str, model: str, code: str, seconds: float) -> None:
     count, latency = _rpc_series(method, model, code)
     count.inc()
     latency.observe(seconds)
 
 
-def observe_run(model: str, queued: float, computed: float, rows: int) -> None:
+def observe_run(model: str, queued: float | None, computed: float, rows: int) -> None:
+    """One onnxruntime run; `queued` is None for a run on the event loop, which never waits for a thread."""
     queue, compute, batch = _run_series(model)
-    queue.observe(queued)
+    if queued is not None:
+        queue.observe(queued)
     compute.observe(computed)
     batch.observe(rows)
 

@@ -111,7 +111,8 @@ def test_restart_serves_stored_models(tmp_path):
 
 def test_prometheus_metrics(tmp_path):
     metrics_port = free_port()
-    server = ServerProcess(tmp_path, mds_metrics_port=metrics_port).start()
+    # Runs on the event loop never wait for a thread: MDS_INLINE_RUN_MAX_US=0 puts every run on one.
+    server = ServerProcess(tmp_path, mds_metrics_port=metrics_port, mds_inline_run_max_us=0).start()
     try:
         deploy(server, "adder", onnx_models.add_two())
         for _ in range(3):

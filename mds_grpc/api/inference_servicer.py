@@ -18,8 +18,9 @@ from mds_grpc.core.limits import TensorLimits
 
 
 def wants_raw(request: pb.PredictRequest) -> bool:
+    """Unspecified: raw when every input came without typed contents (reading raw_data would copy it)."""
     if request.output_encoding == tensor_pb2.TENSOR_ENCODING_UNSPECIFIED:
-        return bool(request.inputs) and all(t.raw_data for t in request.inputs)
+        return bool(request.inputs) and not any(t.HasField("contents") for t in request.inputs)
     return request.output_encoding == tensor_pb2.TENSOR_ENCODING_RAW
 
 

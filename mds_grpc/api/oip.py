@@ -86,7 +86,7 @@ def infer_response(request: pb.ModelInferRequest, model: str, version: int,
     response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     for name, array in outputs:
         tensor = from_array(name, array, raw)
-        datatype = tensor_pb2.DataType.Name(tensor.dtype).removeprefix("DATA_TYPE_")
+        datatype = dtypes.of_array(array).name
         output = response.outputs.add(name=name, datatype=V2_NAMES.get(datatype, datatype), shape=tensor.shape)
         if not raw:
             output.contents.ParseFromString(tensor.contents.SerializeToString())

@@ -25,14 +25,21 @@ CONTENTS_FIELD = {
 }
 
 
+# Looked up once: protobuf's enum helpers and numpy's newbyteorder cost microseconds per call.
+WIRE_OF = {d.name: DataType.Value(PREFIX + d.name) for d in dtypes.DTYPES}
+BY_WIRE = {value: dtypes.BY_NAME[name] for name, value in WIRE_OF.items()}
+LITTLE_ENDIAN = {d.name: d.numpy.newbyteorder("<") for d in dtypes.DTYPES}
+
+
 def to_wire_dtype(name: str | None) -> int:
-    return DataType.Value(PREFIX + name) if name else DataType.DATA_TYPE_UNSPECIFIED
+    return WIRE_OF[name] if name else DataType.DATA_TYPE_UNSPECIFIED
 
 
 def from_wire_dtype(value: int, tensor_name: str) -> dtypes.DType:
-    if value == DataType.DATA_TYPE_UNSPECIFIED or value not in DataType.values():
+    dtype = BY_WIRE.get(value)
+    if dtype is None:
         raise InvalidArgument(f"tensor {tensor_name!r} needs a dtype (got {value})")
-    return dtypes.BY_NAME[DataType.Name(value)[len(PREFIX):]]
+    return dtype
 
 
 def to_array(tensor: tensor_pb2.Tensor, limits: TensorLimits = TensorLimits(), elements_so_far: int = 0) -> np.ndarray:
@@ -40,33 +47,35 @@ def to_array(tensor: tensor_pb2.Tensor, limits: TensorLimits = TensorLimits(), e
     ResourceExhausted when it goes over `limits` (both before allocating anything)."""
     name = tensor.name
     dtype = from_wire_dtype(tensor.dtype, name)
-    limits.check_rank(name, tensor.shape)
-    if any(d < 0 for d in tensor.shape):
-        raise InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(tensor.shape)}")
-    count = math.prod(tensor.shape)
+    shape = tuple(tensor.shape)
+    raw_data = tensor.raw_data  # read once: each read of a bytes field copies it
+    limits.check_rank(name, shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
     has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
-    if tensor.raw_data and has_contents:
+    if raw_data and has_contents:
         raise InvalidArgument(f"tensor {name!r} sets both raw_data and contents; send exactly one")
-    if dtype.name == "STRING" and tensor.raw_data:
+    if dtype.name == "STRING" and raw_data:
         raise InvalidArgument(f"tensor {name!r} is STRING: send its elements in contents.bytes_contents")
     if dtype.name not in CONTENTS_FIELD and dtype.name != "STRING" and has_contents:
         raise InvalidArgument(f"tensor {name!r} is {dtype.name}, which travels only as raw_data")
-    raw = bool(tensor.raw_data) or dtype.name not in CONTENTS_FIELD
+    raw = bool(raw_data) or dtype.name not in CONTENTS_FIELD
     stray = [] if raw else [f.name for f, _ in tensor.contents.ListFields() if f.name != CONTENTS_FIELD[dtype.name]]
     if stray:
         raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in "
                               f"contents.{CONTENTS_FIELD[dtype.name]}, not {stray[0]}")
-    received = len(tensor.raw_data) if raw else len(getattr(tensor.contents, CONTENTS_FIELD[dtype.name]))
+    received = len(raw_data) if raw else len(getattr(tensor.contents, CONTENTS_FIELD[dtype.name]))
     expected = count * dtype.numpy.itemsize if raw else count
     if received != expected:
         where = "bytes of raw_data" if raw else f"values in contents.{CONTENTS_FIELD[dtype.name]}"
-        raise InvalidArgument(f"tensor {name!r} with shape {list(tensor.shape)} and dtype {dtype.name} needs "
+        raise InvalidArgument(f"tensor {name!r} with shape {list(shape)} and dtype {dtype.name} needs "
                               f"{expected} {where}, got {received}")
-    limits.check_elements(name, tensor.shape, count, elements_so_far)  # the data is here: judge its size
+    limits.check_elements(name, shape, count, elements_so_far)  # the data is here: judge its size
     if dtype.name == "STRING":
         return _strings(tensor, limits)
     if raw:
-        return np.frombuffer(tensor.raw_data, dtype=dtype.numpy.newbyteorder("<")).reshape(tensor.shape)
+        return np.frombuffer(raw_data, dtype=LITTLE_ENDIAN[dtype.name]).reshape(shape)
     return _from_contents(tensor, dtype)
 
 
@@ -109,13 +118,13 @@ def from_array(name: str, array: np.ndarray, raw: bool) -> tensor_pb2.Tensor:
     dtype = dtypes.of_array(array)
     if dtype is None:
         raise TypeError(f"output {name!r} has unsupported dtype {array.dtype}")
-    tensor = tensor_pb2.Tensor(name=name, dtype=to_wire_dtype(dtype.name), shape=array.shape)
+    tensor = tensor_pb2.Tensor(name=name, dtype=WIRE_OF[dtype.name], shape=array.shape)
     if dtype.name == "STRING":
         tensor.contents.bytes_contents.extend(
             v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.ravel()
         )
     elif raw or dtype.name not in CONTENTS_FIELD:
-        tensor.raw_data = np.ascontiguousarray(array, dtype=dtype.numpy.newbyteorder("<")).tobytes()
+        tensor.raw_data = np.ascontiguousarray(array, dtype=LITTLE_ENDIAN[dtype.name]).tobytes()
     else:
         getattr(tensor.contents, CONTENTS_FIELD[dtype.name]).extend(array.ravel().tolist())
     return tensor

@@ -164,7 +164,7 @@ class InferenceEngine:
             # loop is busy, and counting the wait would keep a short model off the loop for good.
             per_element = (computed if on_loop else time.thread_time() - cpu_started) / elements
             self._seconds_per_element[key] = 0.8 * self._seconds_per_element.get(key, per_element) + 0.2 * per_element
-            metrics.observe_run(record.name, started - submitted, computed, next(
+            metrics.observe_run(record.name, None if on_loop else started - submitted, computed, next(
                 (a.shape[0] for a in inputs.values() if a.ndim), 1))
             return values
 

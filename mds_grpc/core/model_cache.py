@@ -77,11 +77,11 @@ class ModelCache:
         model = self._models.get(key)
         if model is not None:
             self._models.move_to_end(key)
-            metrics.MODEL_CACHE.labels("hit").inc()
+            metrics.cache_event("hit")
             return model
         task = self._loading.get(key)
         if task is None:  # one load per model, shared by every waiter and finished even if they leave
-            metrics.MODEL_CACHE.labels("load").inc()
+            metrics.cache_event("load")
             task = self._loading[key] = asyncio.ensure_future(self._load(record))
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(task)
@@ -109,7 +109,7 @@ class ModelCache:
         self._models.move_to_end(key)
         while len(self._models) > 1 and self.loaded_bytes > self.capacity_bytes:
             self._drop(next(iter(self._models)))
-            metrics.MODEL_CACHE.labels("eviction").inc()
+            metrics.cache_event("eviction")
         return model
 
     def _drop(self, key: tuple[str, int]) -> None:

@@ -113,7 +113,7 @@ func (DataType) EnumDescriptor() ([]byte, []int) {
 type TensorEncoding int32
 
 const (
-	// Raw when every input tensor of the request used `raw_data`, typed
+	// Raw when no input tensor of the request used typed `contents`, typed
 	// `contents` otherwise.
 	TensorEncoding_TENSOR_ENCODING_UNSPECIFIED TensorEncoding = 0
 	TensorEncoding_TENSOR_ENCODING_RAW         TensorEncoding = 1

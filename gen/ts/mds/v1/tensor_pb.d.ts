@@ -263,7 +263,7 @@ export declare const DataTypeSchema: GenEnum<DataType>;
  */
 export enum TensorEncoding {
   /**
-   * Raw when every input tensor of the request used `raw_data`, typed
+   * Raw when no input tensor of the request used typed `contents`, typed
    * `contents` otherwise.
    *
    * @generated from enum value: TENSOR_ENCODING_UNSPECIFIED = 0;
