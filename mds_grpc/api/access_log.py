@@ -5,6 +5,7 @@ import contextvars
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 
@@ -40,22 +41,32 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"
 
 
+@dataclass(frozen=True)
+class _Route:
+    """What every call of one method shares: its name, guard, access log and the request fields it logs."""
+
+    method: str
+    guard: object
+    access: AccessLog | None
+    logged: tuple[tuple[str, str], ...]  # (request field, access-line field) the request message has
+
+
 class _RpcScope:
     """One RPC: runs the guard on entry; on exit turns an error into its status and records the call."""
 
-    __slots__ = ("method", "request", "context", "guard", "access", "fields", "start")
+    __slots__ = ("route", "request", "context", "fields", "start")
 
-    def __init__(self, method: str, request, context: grpc.aio.ServicerContext, guard, access: AccessLog):
-        self.method, self.request, self.context, self.guard, self.access = method, request, context, guard, access
+    def __init__(self, route: _Route, request, context: grpc.aio.ServicerContext):
+        self.route, self.request, self.context = route, request, context
 
     async def __aenter__(self) -> None:
         self.start = time.perf_counter()
-        self.fields = {target: value for source, target in _REQUEST_FIELDS
-                       if (value := getattr(self.request, source, None))}
+        self.fields = {target: value for source, target in self.route.logged
+                       if (value := getattr(self.request, source))}
         _fields.set(self.fields)
-        if self.guard is not None:
+        if self.route.guard is not None:
             try:
-                await self.guard(self.method, self.request, self.context)
+                await self.route.guard(self.route.method, self.request, self.context)
             except BaseException as error:  # the with-block never starts, so __aexit__ would not run
                 await self.__aexit__(type(error), error, error.__traceback__)
                 raise
@@ -72,21 +83,26 @@ class _RpcScope:
             self._record((code or self.context.code() or grpc.StatusCode.OK).name)
 
     def _record(self, code: str) -> None:
-        if self.access is None:  # a probe: no access line, no metrics
+        route = self.route
+        if route.access is None:  # a probe: no access line, no metrics
             return
         seconds = time.perf_counter() - self.start
         # Only served models label metrics: names from failed requests are unbounded.
-        metrics.observe_rpc(self.method, str(self.fields.get("model", "")) if code == "OK" else "", code, seconds)
-        self.access.write({"method": self.method, **self.fields, "code": code,
-                           "duration_ms": round(seconds * 1000, 3)})
+        metrics.observe_rpc(route.method, str(self.fields.get("model", "")) if code == "OK" else "", code, seconds)
+        route.access.write({"method": route.method, **self.fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog) -> grpc.RpcMethodHandler:
+def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog | None) -> grpc.RpcMethodHandler:
+    # A unary request is a message whose class the deserializer (`Message.FromString`) is bound to.
+    message_class = getattr(handler.request_deserializer, "__self__", None)
+    present = message_class.DESCRIPTOR.fields_by_name if message_class and (
+        handler.unary_unary or handler.unary_stream) else {}
+    route = _Route(method, guard, access, tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present))
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request, context):
-            async with _RpcScope(method, request, context, guard, access):
+            async with _RpcScope(route, request, context):
                 return await inner(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -95,7 +111,7 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog)
     inner = handler.unary_stream or handler.stream_stream
 
     async def stream_response(request, context):
-        async with _RpcScope(method, request, context, guard, access):
+        async with _RpcScope(route, request, context):
             async for response in inner(request, context):
                 yield response
 
