@@ -37,14 +37,15 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 def check_inputs(record: ModelRecord, inputs: dict[str, np.ndarray]) -> None:
     """Raise InvalidArgument naming the first input that does not fit the model's signature."""
-    label = f"model {record.name!r} version {record.version}"
-    specs = {spec.name: spec for spec in record.inputs}
-    for name in inputs:
-        if name not in specs:
-            raise InvalidArgument(f"{label} has no input {name!r}; its inputs are {sorted(specs)}")
+    if len(inputs) != len(record.inputs) or any(spec.name not in inputs for spec in record.inputs):
+        label = f"model {record.name!r} version {record.version}"
+        names = {spec.name for spec in record.inputs}
+        unknown = [name for name in inputs if name not in names]
+        if unknown:
+            raise InvalidArgument(f"{label} has no input {unknown[0]!r}; its inputs are {sorted(names)}")
+        missing = next(spec.name for spec in record.inputs if spec.name not in inputs)
+        raise InvalidArgument(f"missing input {missing!r} for {label}")
     for spec in record.inputs:
-        if spec.name not in inputs:
-            raise InvalidArgument(f"missing input {spec.name!r} for {label}")
         _check_input(spec, inputs[spec.name])
 
 
@@ -138,12 +139,14 @@ class InferenceEngine:
                    deadline: float | None) -> list:
         record = loaded.record
         uses_bf16 = involves_bf16(record, names, inputs)
-        options = ort.RunOptions()
-        submitted = time.perf_counter()
         key = (record.name, record.version)
+        elements = max(1, sum(a.size for a in inputs.values()))
+        on_loop = self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds
+        options = None if on_loop else ort.RunOptions()  # a run on a thread stops when its client leaves
+        submitted = time.perf_counter()
 
-        def run(on_loop: bool) -> list:
-            if options.terminate:
+        def run() -> list:
+            if options is not None and options.terminate:
                 raise Cancelled("the request was cancelled before the model ran")
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
@@ -154,7 +157,7 @@ class InferenceEngine:
             except Unimplemented:
                 raise
             except Exception as error:  # onnxruntime raises its own exception types for bad inputs
-                if options.terminate:
+                if options is not None and options.terminate:
                     raise Cancelled("the request was cancelled while the model ran") from None
                 raise InvalidArgument(
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
@@ -168,10 +171,9 @@ class InferenceEngine:
                 (a.shape[0] for a in inputs.values() if a.ndim), 1))
             return values
 
-        elements = max(1, sum(a.size for a in inputs.values()))
-        if self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds:
-            return run(True)
-        future = asyncio.get_running_loop().run_in_executor(self.executor, run, False)
+        if on_loop:
+            return run()
+        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
         try:
             return await future
         except asyncio.CancelledError:
