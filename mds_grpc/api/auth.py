@@ -2,6 +2,7 @@
 
 import asyncio
 import contextvars
+import functools
 
 from mds_grpc.core.auth import ADMIN, PREDICT, ApiKey, Authenticator, authorize
 from mds_grpc.core.errors import PermissionDenied
@@ -29,9 +30,16 @@ class Guard:
             key = await asyncio.to_thread(self.authenticator.load, key_id)
         key = self.authenticator.verify(key, secret)
         _current_key.set(key)
-        model = next((v for f in ("model", "name", "model_name") if isinstance(v := getattr(request, f, ""), str)
-                      and v), "")
-        authorize(key, ADMIN if method in ADMIN_METHODS else PREDICT, model)
+        field = _model_field(type(request))
+        authorize(key, ADMIN if method in ADMIN_METHODS else PREDICT, getattr(request, field) if field else "")
+
+
+@functools.cache
+def _model_field(request_type: type) -> str | None:
+    """The string field naming a model in requests of this type (None for streams and model-less requests)."""
+    fields = getattr(getattr(request_type, "DESCRIPTOR", None), "fields_by_name", {})
+    return next((f for f in ("model", "name", "model_name")
+                 if f in fields and fields[f].type == fields[f].TYPE_STRING), None)
 
 
 def check_listing(name_filter: str, field: str) -> None:
