@@ -68,8 +68,9 @@ class EnvoyProcess:
 
 
 def _answers(url: str) -> bool:
+    """Whether the server behind Envoy answered (with auth on, a request without a key gets 401)."""
     try:
-        return requests.get(url, timeout=5).status_code == 200
+        return requests.get(url, timeout=5).status_code in (200, 401)
     except requests.ConnectionError:
         return False
 

@@ -144,3 +144,30 @@ def test_resource_exhausted_becomes_429(small_server):
     messages = [{"header": {"name": "too-big"}}, {"chunk": base64.b64encode(data).decode()}]
     reply = requests.post(f"{small_server.url}/v1/models", json=messages)
     assert reply.status_code == 429 and "model size limit of 100 bytes" in reply.json()["message"]
+
+
+def test_api_keys_over_rest(tmp_path):
+    """The Authorization header reaches the server as gRPC metadata: 401 without a valid key, 403 out of scope."""
+    from test_auth import create_key
+
+    server = ServerProcess(tmp_path, mds_auth="on")
+    _, admin = create_key(server, "--scope", "admin")  # keys live in the data folder: made before the start
+    _, limited = create_key(server, "--scope", "predict", "--prefix", "pub-")
+    server.start()
+    envoy = EnvoyProcess(server)
+    try:
+        server.models.UploadModel(upload_requests("pub-adder", onnx_models.add_two()),
+                                  metadata=(("authorization", f"Bearer {admin}"),))
+        url = f"{envoy.url}/v1/models/pub-adder"
+        bearer = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
+        for headers in ({}, bearer("mds_0000000000000000_wrong")):
+            reply = requests.get(url, headers=headers)
+            assert reply.status_code == 401 and "API key" in reply.json()["message"], reply.text
+        assert requests.get(url, headers=bearer(limited)).json()["name"] == "pub-adder"
+        denied = requests.delete(url, headers=bearer(limited))
+        assert denied.status_code == 403 and "admin" in denied.json()["message"], denied.text
+        assert requests.get(f"{envoy.url}/v1/models", headers=bearer(limited)).status_code == 403
+        assert requests.delete(url, headers=bearer(admin)).json()["deletedVersions"] == ["1"]
+    finally:
+        envoy.stop()
+        assert server.stop() == 0
