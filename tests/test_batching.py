@@ -116,3 +116,14 @@ def test_batching_is_stored_served_and_refused_for_fixed_first_dimensions(server
     assert_status(lambda: server.models.UploadModel(
         upload_requests(unique + "-slow", onnx_models.dense(), batching=too_slow), timeout=120),
         grpc.StatusCode.INVALID_ARGUMENT, "max_queue_delay_us must be at most 1000000")
+
+
+async def test_requests_left_for_the_next_batch_are_joined_by_newcomers(registry):  # noqa: F811
+    """5 + 5 rows overflow a batch of 8: the second request waits for the next run, which a third joins."""
+    engine = await batching_engine(registry, "dense-overflow", 8, 100_000)
+    await engine.predict("dense-overflow", 0, rows(8))  # a full batch; the model's lookup is cached from now on
+    requests = [rows(5), rows(5), rows(2)]  # so all three queue in the same event-loop turn
+    results = await asyncio.gather(*(engine.predict("dense-overflow", 0, x) for x in requests))
+    for x, result in zip(requests, results):
+        np.testing.assert_allclose(result.outputs[0][1], expected(x)[0], rtol=1e-6)
+    assert runs_and_rows("dense-overflow") == (3, 20)

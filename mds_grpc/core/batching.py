@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from mds_grpc.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from mds_grpc.core.model_cache import LoadedModel
 from mds_grpc.core.records import BatchingPolicy, TensorSpec
 
 MAX_QUEUE_DELAY_US = 1_000_000
 
-RunBatch = Callable[[dict[str, np.ndarray], list[str]], Awaitable[list]]
+RunBatch = Callable[[LoadedModel, dict[str, np.ndarray], list[str]], Awaitable[list]]
 
 
 def check_policy(policy: BatchingPolicy, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
@@ -32,6 +33,7 @@ def check_policy(policy: BatchingPolicy, inputs: tuple[TensorSpec, ...], outputs
 
 @dataclass(eq=False)
 class _Waiting:
+    model: LoadedModel  # as loaded for this request: a batch runs on its first request's session
     inputs: dict[str, np.ndarray]
     rows: int
     deadline: float | None  # time.monotonic()
@@ -54,7 +56,8 @@ class Batcher:
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._running: set[asyncio.Task] = set()
 
-    async def submit(self, inputs: dict[str, np.ndarray], output_names: list[str], deadline: float | None) -> list:
+    async def submit(self, model: LoadedModel, inputs: dict[str, np.ndarray], output_names: list[str],
+                     deadline: float | None) -> list:
         """The request's outputs, in `output_names` order, cut from its batch's outputs."""
         rows = {array.shape[0] for array in inputs.values()}
         if len(rows) != 1:
@@ -62,10 +65,10 @@ class Batcher:
                                   f"got {sorted(rows)}")
         loop = asyncio.get_running_loop()
         key = (tuple(output_names), tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items())))
-        waiting = _Waiting(inputs, rows.pop(), deadline, loop.create_future())
+        waiting = _Waiting(model, inputs, rows.pop(), deadline, loop.create_future())
         queue = self._queues.setdefault(key, [])
         queue.append(waiting)
-        if sum(w.rows for w in queue) >= self.max_rows:
+        if sum(w.rows for w in queue if not w.reply.done()) >= self.max_rows:
             self._flush(key)
         else:
             now = loop.time()
@@ -94,8 +97,9 @@ class Batcher:
             batch.append(waiting)
             rows += waiting.rows
         if queue:  # more than one batch was waiting: the rest go next, without more delay
+            loop = asyncio.get_running_loop()
             self._queues[key] = queue
-            self._timers[key] = asyncio.get_running_loop().call_soon(self._flush, key)
+            self._timers[key] = loop.call_at(loop.time(), self._flush, key)
         if batch:
             task = asyncio.ensure_future(self._run_batch(batch, list(key[0]), rows))
             self._running.add(task)
@@ -105,7 +109,7 @@ class Batcher:
         feeds = batch[0].inputs if len(batch) == 1 else {
             name: np.concatenate([w.inputs[name] for w in batch]) for name in batch[0].inputs}
         try:
-            values = await self.run(feeds, output_names)
+            values = await self.run(batch[0].model, feeds, output_names)
             for name, value in zip(output_names, values):
                 if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != rows:
                     raise FailedPrecondition(

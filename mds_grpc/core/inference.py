@@ -129,8 +129,8 @@ class InferenceEngine:
             key = (record.name, record.version)
             batcher = self._batchers.get(key)
             if batcher is None:
-                batcher = self._batchers[key] = Batcher(record.batching, partial(self._run, loaded, deadline=None))
-            values = await batcher.submit(inputs, names, deadline)
+                batcher = self._batchers[key] = Batcher(record.batching, partial(self._run, deadline=None))
+            values = await batcher.submit(loaded, inputs, names, deadline)
         else:
             values = await self._run(loaded, inputs, names, deadline)
         return Prediction(record.name, record.version, list(zip(names, values)))
