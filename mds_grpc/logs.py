@@ -12,6 +12,9 @@ from pythonjsonlogger.json import JsonFormatter
 
 ACCESS_FLUSH_SECONDS = 0.1
 ACCESS_BATCH_LINES = 512
+# One write to a pipe stays whole up to PIPE_BUF (4 KiB on Linux): `mds serve --workers N` has
+# its processes share stdout, so each record of lines is kept under it.
+ACCESS_RECORD_BYTES = 4000
 
 
 class _Formatter(JsonFormatter):
@@ -49,7 +52,8 @@ class AccessLog:
     """One JSON line per RPC, handed to `logging` in batches (at least every 0.1 s).
 
     Formatting and writing each line through `logging` costs more than a small model's run; a
-    batch is one record, so one format and one write per handler. Call flush() before exiting.
+    batch goes out as few records (each under ACCESS_RECORD_BYTES), so few formats and writes.
+    Call flush() before exiting.
     """
 
     def __init__(self, logger: logging.Logger = logging.getLogger("mds.access")):
@@ -69,7 +73,15 @@ class AccessLog:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
-        if batch and self.logger.isEnabledFor(logging.INFO):
-            lines = "\n".join(json.dumps({"time": _log_time(t), "level": "INFO", "logger": self.logger.name,
-                                          "message": "rpc", **fields}, default=str) for t, fields in batch)
-            self.logger.info(lines, extra={"preformatted": True})
+        if not (batch and self.logger.isEnabledFor(logging.INFO)):
+            return
+        record, size = [], 0
+        for t, fields in batch:
+            line = json.dumps({"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc",
+                               **fields}, default=str)
+            if record and size + len(line) >= ACCESS_RECORD_BYTES:
+                self.logger.info("\n".join(record), extra={"preformatted": True})
+                record, size = [], 0
+            record.append(line)
+            size += len(line) + 1
+        self.logger.info("\n".join(record), extra={"preformatted": True})

@@ -386,7 +386,8 @@ def test_v2_version_strings(v2, version):
                                         timeout=60), grpc.StatusCode.INVALID_ARGUMENT, "must be a version number")
 
 
-def test_predict_with_a_huge_model_name(requests_server):
-    details = assert_status(lambda: requests_server.inference.Predict(ipb.PredictRequest(model="m" * 20_000),
-                                                                      timeout=60), grpc.StatusCode.NOT_FOUND)
+@pytest.mark.parametrize("name", ["m" * 20_000, "€" * 5_000], ids=["ascii", "non-ascii"])
+def test_predict_with_a_huge_model_name(requests_server, name):
+    details = assert_status(lambda: requests_server.inference.Predict(ipb.PredictRequest(model=name), timeout=60),
+                            grpc.StatusCode.NOT_FOUND)
     assert details.endswith("characters in all)") and len(details) < 2100

@@ -26,15 +26,19 @@ def annotate(**fields) -> None:
         current.update(fields)
 
 
-MAX_MESSAGE_CHARS = 2000  # a status message travels in metadata, which gRPC caps at 16 KiB in all
+# A status message travels in metadata, which gRPC caps at 16 KiB in all and where each
+# non-ASCII byte is percent-encoded (3 characters; up to 12 for one character).
+MAX_MESSAGE_CHARS = 2000
+MAX_NON_ASCII_MESSAGE_CHARS = 500
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an error raised while serving a request."""
     if isinstance(error, MdsError):
         message = str(error)
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters in all)"
+        limit = MAX_MESSAGE_CHARS if message.isascii() else MAX_NON_ASCII_MESSAGE_CHARS
+        if len(message) > limit:
+            message = message[:limit] + f"... ({len(message)} characters in all)"
         return grpc.StatusCode[error.status], message
     incident = uuid.uuid4().hex[:12]
     errors_log.error("internal error %s", incident, exc_info=error)
@@ -97,7 +101,9 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog 
     message_class = getattr(handler.request_deserializer, "__self__", None)
     present = message_class.DESCRIPTOR.fields_by_name if message_class and (
         handler.unary_unary or handler.unary_stream) else {}
-    route = _Route(method, guard, access, tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present))
+    logged = tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present
+                   and not (pair[0] == "id" and method.startswith("/inference.")))  # there `id` is a request id
+    route = _Route(method, guard, access, logged)
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 

@@ -1,4 +1,4 @@
-"""Which RPC needs which scope, and the check the interceptor runs before every guarded RPC."""
+"""Which RPC needs which scope, and the guard every wrapped RPC runs first (see access_log.ServedServer)."""
 
 import asyncio
 import contextvars

@@ -114,7 +114,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancels a queued or running job (a running job stops before its next batch).
+        """Cancels a queued or running job (a running job stops at its next recorded
+        result, within about MDS_JOB_COMMIT_MS).
         Cancelling a finished job is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -49,7 +49,8 @@ type JobServiceClient interface {
 	GetJob(ctx context.Context, in *GetJobRequest, opts ...grpc.CallOption) (*Job, error)
 	// Jobs newest first, optionally filtered by state and model.
 	ListJobs(ctx context.Context, in *ListJobsRequest, opts ...grpc.CallOption) (*ListJobsResponse, error)
-	// Cancels a queued or running job (a running job stops before its next batch).
+	// Cancels a queued or running job (a running job stops at its next recorded
+	// result, within about MDS_JOB_COMMIT_MS).
 	// Cancelling a finished job is FAILED_PRECONDITION.
 	CancelJob(ctx context.Context, in *CancelJobRequest, opts ...grpc.CallOption) (*Job, error)
 	// The job now, then again whenever its state or progress changes, until it
@@ -181,7 +182,8 @@ type JobServiceServer interface {
 	GetJob(context.Context, *GetJobRequest) (*Job, error)
 	// Jobs newest first, optionally filtered by state and model.
 	ListJobs(context.Context, *ListJobsRequest) (*ListJobsResponse, error)
-	// Cancels a queued or running job (a running job stops before its next batch).
+	// Cancels a queued or running job (a running job stops at its next recorded
+	// result, within about MDS_JOB_COMMIT_MS).
 	// Cancelling a finished job is FAILED_PRECONDITION.
 	CancelJob(context.Context, *CancelJobRequest) (*Job, error)
 	// The job now, then again whenever its state or progress changes, until it

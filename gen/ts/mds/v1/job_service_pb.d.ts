@@ -472,7 +472,8 @@ export declare const JobService: GenService<{
     output: typeof ListJobsResponseSchema;
   },
   /**
-   * Cancels a queued or running job (a running job stops before its next batch).
+   * Cancels a queued or running job (a running job stops at its next recorded
+   * result, within about MDS_JOB_COMMIT_MS).
    * Cancelling a finished job is FAILED_PRECONDITION.
    *
    * @generated from rpc mds.v1.JobService.CancelJob
