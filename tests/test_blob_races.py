@@ -20,6 +20,7 @@ from harness import wait_until
 from mds_grpc.config import load_settings
 from mds_grpc.core import garbage
 from mds_grpc.core.errors import Unavailable
+from mds_grpc.core.job_records import JobInputRecord, JobTensor
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.uploads import UploadHeader
@@ -167,6 +168,18 @@ async def test_a_deletion_slower_than_half_its_lease_gives_up(open_stores, tmp_p
     monkeypatch.undo()
     assert garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256)
     assert not stores.blobs.exists(sha256)
+
+
+async def test_gc_keeps_a_blob_a_job_input_recorded_after_its_snapshot(open_stores, tmp_path):
+    """gc lists references once; a job input recorded after that (a retried upload of the same rows) is seen
+    under the deletion mark, so its blob stays."""
+    stores = open_stores()
+    await orphan_or_last_use("gc", stores, tmp_path / "a")
+    (sha256,) = stores.blobs.list_blobs(older_than=FOREVER)
+    rows = JobInputRecord(uuid.uuid4().hex, 1, (JobTensor("x", "FP32", (), sha256),), datetime.now(timezone.utc))
+    stores.jobs.create_input(rows)
+    assert not garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256, jobs=stores.jobs)
+    assert stores.blobs.exists(sha256)
 
 
 @pytest.mark.parametrize("stopped_in", ["create", "release_blob"])

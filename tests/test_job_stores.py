@@ -36,6 +36,7 @@ def test_a_job_round_trips_and_records_each_batch_once(jobs):
     assert jobs.record_batch(job.id, first) is None  # offset 0 again: already recorded
     assert jobs.get(job.id).results == (first,)
     assert "d" * 64 in jobs.referenced_blobs()
+    assert jobs.blob_in_use("d" * 64) and jobs.blob_in_use("c" * 64) and not jobs.blob_in_use("e" * 64)
 
 
 def test_counts_by_state_follow_transitions(jobs):

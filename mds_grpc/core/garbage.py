@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
 from mds_grpc.storage import Storage
-from mds_grpc.storage.base import BlobStore, MetadataStore
+from mds_grpc.storage.base import BlobStore, JobStore, MetadataStore
 
 log = logging.getLogger("mds.gc")
 
@@ -64,8 +64,9 @@ def _release(metadata: MetadataStore, sha256s: list[str]) -> None:
 
 
 def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
-                        claims_stale_before: datetime | None = None) -> bool:
-    """Delete the blob unless a record references it or a publish holds it; True when deleted."""
+                        claims_stale_before: datetime | None = None, jobs: JobStore | None = None) -> bool:
+    """Delete the blob unless a record (in `jobs` too, when given) references it or a write holds it;
+    True when deleted."""
     token = uuid.uuid4().hex
     now = datetime.now(timezone.utc)
     if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE,
@@ -73,7 +74,8 @@ def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
         return False
     give_up = time.monotonic() + DELETION_LEASE.total_seconds() / 2  # well before a claim may take the mark over
     try:
-        if metadata.blob_in_use(sha256) or time.monotonic() > give_up:
+        in_use = metadata.blob_in_use(sha256) or jobs is not None and jobs.blob_in_use(sha256)
+        if in_use or time.monotonic() > give_up:
             return False
         blobs.delete(sha256)
         return True
@@ -101,5 +103,5 @@ def collect_garbage(storage: Storage, grace_seconds: float) -> dict[str, list[st
     candidates = storage.blobs.list_blobs(cutoff)
     referenced = storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
     orphans = [sha for sha in candidates if sha not in referenced
-               and delete_unreferenced(storage.metadata, storage.blobs, sha, min(cutoff, started))]
+               and delete_unreferenced(storage.metadata, storage.blobs, sha, min(cutoff, started), storage.jobs)]
     return {"orphan_blobs": orphans, "partial_writes": partial}

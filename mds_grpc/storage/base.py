@@ -132,6 +132,9 @@ class JobStore(Protocol):
     def referenced_blobs(self) -> set[str]:
         """Every blob a job input or job result references."""
 
+    def blob_in_use(self, sha256: str) -> bool:
+        """Whether a job input or job result references the blob."""
+
     def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         """Append `result` if the job is RUNNING with rows_done == result.offset (exactly once).
 

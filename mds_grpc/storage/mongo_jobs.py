@@ -85,5 +85,10 @@ class MongoJobStore:
             return (set(self.inputs.distinct("tensors.sha256")) | set(self.jobs.distinct("input.tensors.sha256"))
                     | set(self.jobs.distinct("results.sha256")))
 
+    def blob_in_use(self, sha256: str) -> bool:
+        with self.connection.reachable():
+            return (self.inputs.find_one({"tensors.sha256": sha256}, {"_id": 1}) is not None or self.jobs.find_one(
+                {"$or": [{"input.tensors.sha256": sha256}, {"results.sha256": sha256}]}, {"_id": 1}) is not None)
+
     def ping(self) -> None:
         self.connection.ping()

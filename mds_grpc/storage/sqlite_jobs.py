@@ -109,5 +109,10 @@ class SqliteJobStore:
         return ({t.sha256 for i in inputs for t in i.tensors} | {r.sha256 for j in jobs for r in j.results}
                 | {t.sha256 for j in jobs for t in j.input.tensors})
 
+    def blob_in_use(self, sha256: str) -> bool:
+        pattern = f'%"{sha256}"%'  # records are JSON: a blob appears as a quoted hex string
+        return bool(self.db.query("SELECT 1 FROM job_inputs WHERE record LIKE ? UNION ALL "
+                                  "SELECT 1 FROM jobs WHERE record LIKE ? LIMIT 1", (pattern, pattern)))
+
     def ping(self) -> None:
         self.db.query("SELECT 1")
