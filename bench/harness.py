@@ -62,8 +62,8 @@ class Target:
         self.start()
 
     def start(self) -> None:
-        output = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.argv, env=self.env, stdout=output, stderr=subprocess.STDOUT)
+        self.output = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.argv, env=self.env, stdout=self.output, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", -1)])
         ready = grpc.channel_ready_future(self.channel)
         deadline = time.monotonic() + 120
@@ -78,6 +78,8 @@ class Target:
         self.channel.close()
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
+        if self.log:
+            self.output.close()
 
     def call(self, method: str, request, response_type, **kwargs):
         """One unary call of METHOD ("package.Service/Method") with this target's credentials."""

@@ -62,7 +62,10 @@ def serve_processes(settings: Settings) -> None:
             child.terminate()  # SIGTERM: each drains its in-flight RPCs
     for child in children:
         if child.pid is not None:  # started
-            child.join()
+            child.join(settings.shutdown_grace_seconds + 30)
+            if child.is_alive():  # stuck past its grace period: do not hang the supervisor with it
+                child.kill()
+                child.join()
     codes = {c.name: c.exitcode for c in children}
     log.info("stopped", extra={"reason": reason, "exit_codes": codes})
     if reason.startswith("a serving") or any(codes.values()):
