@@ -26,12 +26,12 @@ T = TypeVar("T")
 
 
 def store_and_record(metadata: MetadataStore, blobs: BlobStore, writes: list[tuple[str, Callable[[], bool]]],
-                     record: Callable[[], T], undo: bool = True) -> T:
+                     record: Callable[[], T], jobs: JobStore | None = None) -> T:
     """Run each (sha256, write) — a write returns True when it created the blob — then `record()`.
 
-    Every blob is claimed throughout, so no deletion races it. On failure, with `undo`, the blobs
-    this call created are deleted again; otherwise (job blobs, which blob_in_use does not see in
-    other jobs) they are left to `mds gc`. Returns what `record` returns.
+    Every blob is claimed throughout, so no deletion races it. When anything fails, the blobs this
+    call created are deleted again unless a record (in `jobs` too, when given) uses them by then.
+    Returns what `record` returns.
     """
     held: list[str] = []
     created: list[str] = []
@@ -47,8 +47,7 @@ def store_and_record(metadata: MetadataStore, blobs: BlobStore, writes: list[tup
     except BaseException:
         _release(metadata, held)
         held = []
-        if undo:
-            delete_if_possible(metadata, blobs, created)
+        delete_if_possible(metadata, blobs, created, jobs)
         raise
     finally:
         _release(metadata, held)
@@ -83,11 +82,11 @@ def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
         metadata.end_blob_deletion(sha256, token)
 
 
-def delete_if_possible(metadata: MetadataStore, blobs: BlobStore, sha256s) -> None:
+def delete_if_possible(metadata: MetadataStore, blobs: BlobStore, sha256s, jobs: JobStore | None = None) -> None:
     """delete_unreferenced for each blob, leaving any that cannot be reached now to `mds gc`."""
     for sha256 in sha256s:
         try:
-            delete_unreferenced(metadata, blobs, sha256)
+            delete_unreferenced(metadata, blobs, sha256, jobs=jobs)
         except Exception as error:  # the record change is already made; the blob is only garbage now
             log.warning("blob left for mds gc", extra={"sha256": sha256, "error": str(error)})
 

@@ -114,17 +114,31 @@ class JobRunner:
 
     def _record(self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]):
         """Store the outputs of rows [offset, offset + rows) and record them; the job as it now is."""
+        current = self.storage.jobs.get(job.id)
+        if current.state != JobState.RUNNING or current.rows_done != offset:
+            return current  # cancelled, or another worker got there first: store nothing
         outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches)]
         result_path = folder / f"result-{offset}.npz"
         np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
         sha256 = sha256_of(result_path)
-        # None: another worker recorded these rows first, or the job was cancelled; look again.
-        recorded = store_and_record(self.storage.metadata, self.storage.blobs,
-                                    [(sha256, partial(self.storage.blobs.put_file, result_path, sha256))],
-                                    partial(self.storage.jobs.record_batch, job.id, JobResult(offset, rows, sha256)),
-                                    undo=False)
-        return recorded or self.storage.jobs.get(job.id)
+
+        def record() -> JobRecord:
+            recorded = self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256))
+            if recorded is None:  # it changed since the look above
+                raise _NotRecorded
+            return recorded
+
+        try:
+            return store_and_record(self.storage.metadata, self.storage.blobs,
+                                    [(sha256, partial(self.storage.blobs.put_file, result_path, sha256))], record,
+                                    jobs=self.storage.jobs)
+        except _NotRecorded:  # the result blob is gone again (unless another job uses the same bytes)
+            return self.storage.jobs.get(job.id)
 
 
 class _JobFailed(Exception):
     """The job cannot succeed; the message says why."""
+
+
+class _NotRecorded(Exception):
+    """The job was cancelled, or its rows recorded by another worker, while a result was stored."""

@@ -133,7 +133,7 @@ class JobManager:
             writes = [(sha256, partial(self.storage.blobs.put_file, path, sha256))
                       for (_, path), sha256 in zip(columns, hashes)]
             await asyncio.to_thread(store_and_record, self.storage.metadata, self.storage.blobs, writes,
-                                    partial(self.storage.jobs.create_input, record), undo=False)
+                                    partial(self.storage.jobs.create_input, record), jobs=self.storage.jobs)
             return record
         finally:
             if writer is not None:
