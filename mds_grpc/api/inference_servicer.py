@@ -24,12 +24,13 @@ def wants_raw(request: pb.PredictRequest) -> bool:
     return request.output_encoding == tensor_pb2.TENSOR_ENCODING_RAW
 
 
-def encode_prediction(prediction: Prediction, request: pb.PredictRequest) -> pb.PredictResponse:
-    response = pb.PredictResponse(model=prediction.model, version=prediction.version, request_id=request.request_id)
+def encode_prediction(prediction: Prediction, request: pb.PredictRequest, response: pb.PredictResponse) -> None:
+    """Fill `response` in place (appending a built message to a reply would copy it)."""
+    response.model, response.version, response.request_id = prediction.model, prediction.version, request.request_id
     raw = wants_raw(request)
     for name, value in prediction.outputs:
         if isinstance(value, np.ndarray):
-            response.outputs.append(from_array(name, value, raw))
+            from_array(name, value, raw, into=response.outputs.add())
         else:  # sequences and maps, e.g. ZipMap: JSON-like values with string keys
             response.structured_outputs[name].CopyFrom(json_format.ParseDict(_jsonable(value), struct_pb2.Value()))
     return response
@@ -58,26 +59,27 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self.stream_max_in_flight = stream_max_in_flight
         self.limits = limits
 
-    async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+    async def _predict(self, request: pb.PredictRequest, deadline: float | None, response: pb.PredictResponse) -> None:
         prediction = await self.engine.predict(
             request.model, request.version, to_arrays(request.inputs, self.limits), list(request.output_names), deadline
         )
-        return encode_prediction(prediction, request)
+        encode_prediction(prediction, request, response)
 
     async def Predict(self, request, context):
-        response = await self._predict(request, deadline_of(context))
+        response = pb.PredictResponse()
+        await self._predict(request, deadline_of(context), response)
         annotate(version=response.version)
         return response
 
     async def _stream_item(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictStreamResponse:
+        reply = pb.PredictStreamResponse(request_id=request.request_id)
         try:
             check_model(request.model)
-            response = await self._predict(request, deadline)
+            await self._predict(request, deadline, reply.response)
         except Exception as error:
             code, message = status_of(error)
-            status = status_pb2.Status(code=code.value[0], message=message)
-            return pb.PredictStreamResponse(request_id=request.request_id, error=status)
-        return pb.PredictStreamResponse(request_id=request.request_id, response=response)
+            reply.error.CopyFrom(status_pb2.Status(code=code.value[0], message=message))  # replaces `response`
+        return reply
 
     async def PredictStream(self, request_iterator, context):
         deadline = deadline_of(context)

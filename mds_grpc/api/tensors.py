@@ -112,13 +112,16 @@ def _strings(tensor: tensor_pb2.Tensor, limits: TensorLimits) -> np.ndarray:
     return np.array(decoded, dtype=object).reshape(tensor.shape)
 
 
-def from_array(name: str, array: np.ndarray, raw: bool) -> tensor_pb2.Tensor:
-    """Encode one array; FP16/BF16 always raw, STRING always as bytes_contents."""
+def from_array(name: str, array: np.ndarray, raw: bool, into: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    """Encode one array (into a new Tensor, or `into`, which saves a copy when it is part of a reply);
+    FP16/BF16 always raw, STRING always as bytes_contents."""
     array = np.asarray(array)
     dtype = dtypes.of_array(array)
     if dtype is None:
         raise TypeError(f"output {name!r} has unsupported dtype {array.dtype}")
-    tensor = tensor_pb2.Tensor(name=name, dtype=WIRE_OF[dtype.name], shape=array.shape)
+    tensor = tensor_pb2.Tensor() if into is None else into
+    tensor.name, tensor.dtype = name, WIRE_OF[dtype.name]
+    tensor.shape.extend(array.shape)
     if dtype.name == "STRING":
         tensor.contents.bytes_contents.extend(
             v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.ravel()
