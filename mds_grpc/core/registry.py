@@ -1,7 +1,6 @@
 """Model versions: upload, look up, list and delete, over a blob store and a metadata store."""
 
 import asyncio
-import logging
 import shutil
 import time
 from collections.abc import AsyncIterable
@@ -18,7 +17,6 @@ from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
 from mds_grpc.storage.base import BlobStore, MetadataStore
 
-log = logging.getLogger("mds.registry")
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
 # loaded on first use, so an upload's memory stays flat whatever the model's size.
 WARM_MAX_BYTES = 64 << 20
