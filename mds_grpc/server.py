@@ -87,9 +87,8 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(broker, JobRunner(storage, job_work_dir(data / "jobs"),
                                                         settings.ort_intra_op_threads, settings.job_commit_ms / 1000))
-    # Result messages stay under 3 MiB: most gRPC clients accept 4 MiB by default.
     limits = JobLimits(settings.job_batch_rows, settings.max_job_batch_rows, settings.max_job_input_bytes,
-                       min(settings.max_message_bytes // 2, 3 << 20))
+                       min(settings.max_message_bytes // 2, JobLimits.result_message_bytes))
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits)
     return Core(storage, registry, broker, run_job, jobs)
 

@@ -10,7 +10,8 @@ class JobLimits:
     default_batch_rows: int = 4096  # rows per onnxruntime run when a job does not say
     max_batch_rows: int = 1 << 20  # the most a job may ask for
     max_input_bytes: int = 16 << 30  # one uploaded job input, all columns together
-    result_message_bytes: int = 3 << 20  # outputs per GetJobResults message, roughly
+    # Outputs per GetJobResults message, roughly: most gRPC clients accept 4 MiB by default.
+    result_message_bytes: int = 3 << 20
 
     def check_batch_rows(self, batch_rows: int) -> None:
         if not 0 <= batch_rows <= self.max_batch_rows:
