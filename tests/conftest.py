@@ -10,6 +10,9 @@ import pytest
 
 from harness import ServerProcess
 
+from mds_grpc.config import load_settings
+from mds_grpc.server import build_core
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,3 +56,9 @@ def unique(request) -> str:
     """A model name no other test uses."""
     digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
     return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:80].strip("-") + "-" + digest
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """The core's model registry on embedded storage in a folder of its own, caching one model at most."""
+    return build_core(load_settings(data_dir=tmp_path, model_cache_bytes=1)).registry

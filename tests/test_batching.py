@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from harness import upload_requests
 from prometheus_client import REGISTRY
-from test_core import parts, registry  # noqa: F401  (a fixture)
+from test_core import parts
 from test_predict import outputs_of, request
 from test_upload import assert_status
 
@@ -31,7 +31,7 @@ def runs_and_rows(model: str) -> tuple[float, float]:
             REGISTRY.get_sample_value("mds_inference_batch_rows_sum", labels) or 0)
 
 
-async def batching_engine(registry, name: str, max_rows: int, delay_us: int) -> InferenceEngine:  # noqa: F811
+async def batching_engine(registry, name: str, max_rows: int, delay_us: int) -> InferenceEngine:
     policy = BatchingPolicy(max_rows, delay_us)
     await registry.upload(UploadHeader(name=name, batching=policy), parts(onnx_models.dense()))
     return InferenceEngine(registry, ThreadPoolExecutor(2))
@@ -45,7 +45,7 @@ def expected(x: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(onnx_models.dense()).run(["scores", "label"], x)
 
 
-async def test_concurrent_requests_share_one_run_and_get_their_own_rows(registry):  # noqa: F811
+async def test_concurrent_requests_share_one_run_and_get_their_own_rows(registry):
     engine = await batching_engine(registry, "dense-batched", 4, 1_000_000)
     requests = [rows(1), rows(2), rows(1)]  # 4 rows: the batch is full, so nobody waits the full second
     results = await asyncio.gather(*(engine.predict("dense-batched", 0, x) for x in requests))
@@ -60,7 +60,7 @@ async def test_concurrent_requests_share_one_run_and_get_their_own_rows(registry
     assert runs_and_rows("dense-batched") == (2, 10)
 
 
-async def test_requests_for_different_outputs_do_not_share_a_run(registry):  # noqa: F811
+async def test_requests_for_different_outputs_do_not_share_a_run(registry):
     engine = await batching_engine(registry, "dense-split", 8, 0)
     scores, label = await asyncio.gather(engine.predict("dense-split", 0, rows(1), ["scores"]),
                                          engine.predict("dense-split", 0, rows(1), ["label"]))
@@ -68,7 +68,7 @@ async def test_requests_for_different_outputs_do_not_share_a_run(registry):  # n
     assert runs_and_rows("dense-split") == (2, 2)
 
 
-async def test_deadlines_hold_while_waiting_for_a_batch(registry):  # noqa: F811
+async def test_deadlines_hold_while_waiting_for_a_batch(registry):
     engine = await batching_engine(registry, "dense-deadline", 64, 1_000_000)
     with pytest.raises(DeadlineExceeded, match="before the model ran"):
         await engine.predict("dense-deadline", 0, rows(1), deadline=time.monotonic() - 0.001)
@@ -77,7 +77,7 @@ async def test_deadlines_hold_while_waiting_for_a_batch(registry):  # noqa: F811
     assert result.outputs[0][1].shape == (1, 3)
 
 
-async def test_a_cancelled_request_leaves_its_batch(registry):  # noqa: F811
+async def test_a_cancelled_request_leaves_its_batch(registry):
     engine = await batching_engine(registry, "dense-cancel", 2, 1_000_000)
     leaving = asyncio.ensure_future(engine.predict("dense-cancel", 0, rows(1)))
     while not engine._batchers:  # event-loop turns until it is queued (it creates the batcher as it queues)
@@ -89,7 +89,7 @@ async def test_a_cancelled_request_leaves_its_batch(registry):  # noqa: F811
     assert runs_and_rows("dense-cancel") == (1, 2)
 
 
-async def test_requests_that_disagree_on_rows_are_refused(registry):  # noqa: F811
+async def test_requests_that_disagree_on_rows_are_refused(registry):
     await registry.upload(UploadHeader(name="identity-batched", batching=BatchingPolicy(4, 0)),
                           parts(onnx_models.identity_all_dtypes(("FP32", "INT64"))))
     engine = InferenceEngine(registry, ThreadPoolExecutor(1))
@@ -118,7 +118,7 @@ def test_batching_is_stored_served_and_refused_for_fixed_first_dimensions(server
         grpc.StatusCode.INVALID_ARGUMENT, "max_queue_delay_us must be at most 1000000")
 
 
-async def test_requests_left_for_the_next_batch_are_joined_by_newcomers(registry):  # noqa: F811
+async def test_requests_left_for_the_next_batch_are_joined_by_newcomers(registry):
     """5 + 5 rows overflow a batch of 8: the second request waits for the next run, which a third joins."""
     engine = await batching_engine(registry, "dense-overflow", 8, 100_000)
     await engine.predict("dense-overflow", 0, rows(8))  # a full batch; the model's lookup is cached from now on

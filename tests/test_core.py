@@ -20,11 +20,6 @@ async def parts(data: bytes):
     yield "model.onnx", data
 
 
-@pytest.fixture
-def registry(tmp_path):
-    return build_core(load_settings(data_dir=tmp_path, model_cache_bytes=1)).registry
-
-
 async def test_a_request_past_its_deadline_is_not_run(registry):
     await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
     engine = InferenceEngine(registry, ThreadPoolExecutor(1))
