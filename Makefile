@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen services services-stop envoy bench soak clean
+.PHONY: run test install install-test gen settings-docs services services-stop envoy bench soak clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -47,6 +47,10 @@ gen: install
 	scripts/install_go_tools.sh
 	npm ci --no-audit --no-fund --silent
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+## Regenerate .env.example and docs/configuration.md from the settings declared in mds_grpc/config.py.
+settings-docs: install
+	$(BIN)/python scripts/gen_settings_docs.py
 
 clean:
 	rm -rf data logs .pytest_cache

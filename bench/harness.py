@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of the process and its live descendants (`mds serve --workers N` serves from children)."""
+    """CPU time of the process and its live descendants (`mds serve --processes N` serves from children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]

@@ -79,7 +79,7 @@ class Bench:
     def mds(self, load, processes: int = 1) -> Target:
         """MDS on its embedded storage (with `processes` serving processes), serving LOAD's model."""
         target = self.server(("MDS", processes), lambda: self.mds_server(
-            f"mds-{processes}", {"MDS_WORKERS": str(processes)}, "MDS" if processes == 1 else f"MDS ×{processes} processes"))
+            f"mds-{processes}", {"MDS_PROCESSES": str(processes)}, "MDS" if processes == 1 else f"MDS ×{processes} processes"))
         if (processes, load.model, load.path) not in self.uploaded:
             upload(target, load.model, load.path, batching=load.batching)
             self.uploaded.add((processes, load.model, load.path))

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from mds_grpc.config import Settings, env_name, load_settings, parse
+from mds_grpc.config import RENAMED, Settings, env_name, load_settings, parse, warn_renamed
 
 CHUNK_BYTES = 1 << 20
 
@@ -31,7 +31,7 @@ def _serve(args) -> None:
     from mds_grpc.server import serve
 
     settings = _settings(args)
-    if settings.workers > 1:
+    if settings.processes > 1:
         serve_processes(settings)
     else:
         asyncio.run(serve(settings))
@@ -276,6 +276,16 @@ def _jobs(args) -> None:
             print(out / f"{name}.npy")
 
 
+class _Renamed(argparse.Action):
+    """A deprecated settings flag: warns, and sets its new name unless that flag was given first."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        new_flag = "--" + self.dest.replace("_", "-")
+        warn_renamed(option_string, new_flag, ignored=getattr(namespace, self.dest) is not None)
+        if getattr(namespace, self.dest) is None:
+            setattr(namespace, self.dest, value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mds", description="MDS, the Model Deployment Service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,7 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         settings.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
                               type=functools.partial(parse, type(f.default)),
-                              help=f"default: ${env_name(f.name)} or {f.default}")
+                              help=f"{f.metadata['doc']} Default: ${env_name(f.name)} or {f.default}.")
+    for old, new in RENAMED.items():
+        settings.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed, help=argparse.SUPPRESS,
+                              type=functools.partial(parse, type(getattr(Settings, new))))
     sub.add_parser("serve", parents=[settings], help="run the gRPC server (settings: MDS_* variables, .env, "
                    "these flags)").set_defaults(run=_serve)
     sub.add_parser("worker", parents=[settings], help="run bulk jobs from Redis (needs MDS_REDIS_URL)"

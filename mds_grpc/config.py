@@ -1,72 +1,128 @@
-"""Settings from MDS_* environment variables (and a .env file), overridable by CLI flags."""
+"""Settings from MDS_* environment variables (and a .env file), overridable by CLI flags.
 
+Each setting's name, default and meaning are declared here, once; `make settings-docs` writes
+`.env.example` and `docs/configuration.md` from them.
+"""
+
+import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 from dotenv import dotenv_values, find_dotenv
 
 GiB = 1 << 30
 MiB = 1 << 20
+T = TypeVar("T")
+log = logging.getLogger("mds.config")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A topic the settings reference lists its settings under."""
+
+    title: str
+    intro: str
+
+
+SERVER = Group("Server", "Where `mds serve` listens, how many serving processes share the port, logs and metrics.")
+AUTH = Group("Auth and TLS", "API keys are managed with `mds keys create|list|revoke`.")
+STORAGE = Group("Storage", "Empty MongoDB and S3 settings mean the embedded default: SQLite and a local folder in "
+                "MDS_DATA_DIR. `make services` prints the values for local MinIO, FerretDB and Redis.")
+LIMITS = Group("Limits", "Past a limit a request fails with RESOURCE_EXHAUSTED; per-request limits are checked "
+               "before anything is allocated.")
+INFERENCE = Group("Inference", "How models are loaded and run.")
+JOBS = Group("Jobs", "Bulk jobs run in `mds serve` itself or, with MDS_REDIS_URL, in `mds worker` processes "
+             "(any number, on any machine with the same settings).")
+
+
+def setting(default: T, doc: str, group: Group, shown: str = "") -> T:
+    """A Settings field with its one-line meaning; `shown` describes a default that depends on the machine."""
+    return field(default=default, metadata={"doc": doc, "group": group, "shown": shown})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Each field `x` is read from `MDS_X`; `.env.example` documents them all."""
+    """Each field `x` is read from `MDS_X`."""
 
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    workers: int = 1  # serving processes sharing the port (SO_REUSEPORT), each with its own models loaded
-    data_dir: Path = Path("data")
-    log_dir: Path = Path("logs")
-    log_level: str = "INFO"
-    # API keys: "on", "off", or "auto" (on whenever MongoDB is configured, off for the embedded default).
-    auth: str = "auto"
-    auth_cache_seconds: float = 5.0  # a revoked key is refused within this long
-    auth_open_probes: bool = True  # health, reflection and V2 live/ready/metadata answer without a key
-    # TLS: PEM files. With a client CA, clients must present a certificate it signed (mutual TLS).
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
-    max_model_bytes: int = 4 * GiB
-    model_cache_bytes: int = 2 * GiB
-    max_message_bytes: int = 64 * MiB
-    stream_max_in_flight: int = 8
-    # Per request, checked before anything is allocated (RESOURCE_EXHAUSTED past them).
-    max_inputs: int = 64
-    max_rank: int = 16
-    max_elements: int = 1 << 28
-    max_string_bytes: int = 1 << 20
-    inference_threads: int = os.cpu_count() or 2
-    ort_intra_op_threads: int = 0
-    inline_run_max_us: int = 250  # models whose runs average under this run on the event loop
-    shutdown_grace_seconds: float = 10.0
-    backend_check_seconds: float = 2.0
-    resolve_ttl_seconds: float = 1.0  # how long a (model, version) lookup is reused by Predict
-    metrics_port: int = 0  # Prometheus /metrics on grpc_host:metrics_port; 0 turns it off
-    # Production backends; empty means the embedded default (SQLite, local folder).
-    mongo_uri: str = ""
-    mongo_database: str = "mds"
-    s3_endpoint: str = ""
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    s3_bucket: str = "mds-models"
-    s3_secure: bool = False
-    s3_region: str = ""
-    # Bulk jobs: Redis for the Dramatiq queue (empty: the server runs jobs itself, in-process).
-    redis_url: str = ""
-    redis_namespace: str = "mds"
-    job_batch_rows: int = 4096
-    max_job_batch_rows: int = 1 << 20  # the most rows per run a job may ask for
-    job_workers: int = 1
-    job_heartbeat_ms: int = 15000
-    job_commit_ms: int = 1000  # batches run this long (or to 16 MiB of outputs) between recorded results; 0: each
-    max_job_input_bytes: int = 16 * GiB
+    grpc_host: str = setting("127.0.0.1", "Address the gRPC server listens on: 127.0.0.1 keeps it local, "
+                             "0.0.0.0 exposes it.", SERVER)
+    grpc_port: int = setting(50051, "Port of the gRPC server (mds.v1, V2, health, reflection).", SERVER)
+    processes: int = setting(1, "Serving processes sharing the port (SO_REUSEPORT), each with its own models "
+                             "loaded; process i logs to MDS_LOG_DIR/mds-i.log, with metrics on MDS_METRICS_PORT + i.",
+                             SERVER)
+    log_dir: Path = setting(Path("logs"), "JSON log lines go to stdout and to MDS_LOG_DIR/mds.log "
+                            "(rotated at 50 MiB, 5 kept).", SERVER)
+    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", SERVER)
+    metrics_port: int = setting(0, "Prometheus /metrics on MDS_GRPC_HOST at this port; 0 turns it off.", SERVER)
+    shutdown_grace_seconds: float = setting(10.0, "On SIGTERM or SIGINT: stop accepting, let in-flight RPCs "
+                                            "finish for this many seconds, exit 0.", SERVER)
+    backend_check_seconds: float = setting(2.0, "How often health re-checks the backends, in seconds.", SERVER)
+
+    auth: str = setting("auto", "API keys: on, off, or auto (on whenever MDS_MONGO_URI is set).", AUTH)
+    auth_cache_seconds: float = setting(5.0, "Seconds a key is trusted before it is read again: a revocation "
+                                        "takes effect within it.", AUTH)
+    auth_open_probes: bool = setting(True, "Health, reflection and V2 live/ready/metadata answer without a key; "
+                                     "false: they need a valid key too.", AUTH)
+    tls_cert_file: str = setting("", "PEM certificate for TLS on the gRPC port; empty serves plaintext.", AUTH)
+    tls_key_file: str = setting("", "PEM private key of the TLS certificate.", AUTH)
+    tls_client_ca_file: str = setting("", "PEM CA certificate; when set, clients must present a certificate "
+                                      "it signed (mutual TLS).", AUTH)
+
+    data_dir: Path = setting(Path("data"), "Embedded storage: blobs in MDS_DATA_DIR/blobs, metadata in "
+                             "MDS_DATA_DIR/mds.sqlite3, model folders in MDS_DATA_DIR/models, uploads in progress "
+                             "in MDS_DATA_DIR/tmp.", STORAGE)
+    mongo_uri: str = setting("", "MongoDB for metadata, keys and jobs; empty: SQLite in MDS_DATA_DIR.", STORAGE)
+    mongo_database: str = setting("mds", "Database to use on MongoDB.", STORAGE)
+    s3_endpoint: str = setting("", "S3 or MinIO endpoint (host:port) for model files; empty: a local folder in "
+                               "MDS_DATA_DIR.", STORAGE)
+    s3_access_key: str = setting("", "S3 access key.", STORAGE)
+    s3_secret_key: str = setting("", "S3 secret key.", STORAGE)
+    s3_bucket: str = setting("mds-models", "Bucket for model files; created if missing.", STORAGE)
+    s3_secure: bool = setting(False, "Talk to S3 over HTTPS.", STORAGE)
+    s3_region: str = setting("", "S3 region; empty lets the client find it.", STORAGE)
+
+    max_model_bytes: int = setting(4 * GiB, "Largest upload (main file plus external-data side files), in bytes; "
+                                   "an upload fails as soon as it crosses it.", LIMITS)
+    max_message_bytes: int = setting(64 * MiB, "Largest gRPC message in either direction, in bytes.", LIMITS)
+    stream_max_in_flight: int = setting(8, "Requests of one PredictStream worked on at once.", LIMITS)
+    max_inputs: int = setting(64, "Input tensors per request.", LIMITS)
+    max_rank: int = setting(16, "Dimensions per tensor.", LIMITS)
+    max_elements: int = setting(1 << 28, "Elements per request (all tensors together), and the largest "
+                                "dimension.", LIMITS)
+    max_string_bytes: int = setting(1 * MiB, "Bytes per STRING element.", LIMITS)
+
+    model_cache_bytes: int = setting(2 * GiB, "Loaded onnxruntime sessions are kept in an LRU bounded by the sum "
+                                     "of their model file sizes, in bytes.", INFERENCE)
+    inference_threads: int = setting(os.cpu_count() or 2, "Threads that run onnxruntime.", INFERENCE,
+                                     shown="the number of CPUs")
+    ort_intra_op_threads: int = setting(0, "onnxruntime's intra-op threads per session; 0 lets onnxruntime "
+                                        "decide.", INFERENCE)
+    inline_run_max_us: int = setting(250, "Models whose recent runs average under this many microseconds run on "
+                                     "the event loop (no thread hop); 0 always uses the inference threads.", INFERENCE)
+    resolve_ttl_seconds: float = setting(1.0, "Predict reuses a (model, version) lookup this many seconds; "
+                                         "changes made through another server sharing the storage show within it.",
+                                         INFERENCE)
+
+    redis_url: str = setting("", "Redis for the job queue, with `mds worker` processes running the jobs; "
+                             "empty: `mds serve` runs jobs itself.", JOBS)
+    redis_namespace: str = setting("mds", "Prefix of the job queue's Redis keys.", JOBS)
+    job_threads: int = setting(1, "Threads running jobs in each worker (or in `mds serve`, without Redis).", JOBS)
+    job_batch_rows: int = setting(4096, "Rows per batch when a job does not say.", JOBS)
+    max_job_batch_rows: int = setting(1 << 20, "The most rows per batch a job may ask for "
+                                      "(CreateJob.batch_rows).", JOBS)
+    job_heartbeat_ms: int = setting(15000, "Milliseconds until the jobs of a worker that stopped answering go "
+                                    "to another worker.", JOBS)
+    job_commit_ms: int = setting(1000, "Batches run this many milliseconds (or until 16 MiB of outputs) between "
+                                 "stored results and progress updates; 0 stores every batch on its own.", JOBS)
+    max_job_input_bytes: int = setting(16 * GiB, "Largest job input, in bytes.", JOBS)
 
 
-AT_LEAST_ONE = ("workers", "max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight", "max_inputs",
-                "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows", "max_job_batch_rows", "job_workers",
-                "max_job_input_bytes")
+AT_LEAST_ONE = ("processes", "max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight",
+                "max_inputs", "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows",
+                "max_job_batch_rows", "job_threads", "max_job_input_bytes")
+RENAMED = {"workers": "processes", "job_workers": "job_threads"}  # old name: new name; the old one still works
 
 
 def parse(kind: type, raw: str):
@@ -83,17 +139,33 @@ def env_name(field_name: str) -> str:
     return "MDS_" + field_name.upper()
 
 
+def warn_renamed(old: str, new: str, ignored: bool = False) -> None:
+    """One warning line for a deprecated setting name (`old`, an env variable or flag) still in use."""
+    log.warning(f"{old} is deprecated, use {new}" + (f"; ignored because {new} is set" if ignored else ""))
+
+
+def _raw_values(environment: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """Each set setting's (variable, text); a renamed setting's old variable counts when the new one is unset."""
+    raw = {f.name: (env_name(f.name), environment.get(env_name(f.name))) for f in fields(Settings)}
+    for old, new in RENAMED.items():
+        if old_raw := environment.get(env_name(old)):
+            new_set = bool(raw[new][1])
+            warn_renamed(env_name(old), env_name(new), ignored=new_set)
+            if not new_set:
+                raw[new] = (env_name(old), old_raw)
+    return {name: (variable, text) for name, (variable, text) in raw.items() if text}
+
+
 def load_settings(**overrides) -> Settings:
     """Defaults < .env file (found from the working folder up) < environment < `overrides` (None ignored)."""
     environment = {**dotenv_values(find_dotenv(usecwd=True)), **os.environ}
+    kinds = {f.name: type(f.default) for f in fields(Settings)}
     values = {}
-    for f in fields(Settings):
-        raw = environment.get(env_name(f.name))
-        if raw is not None and raw != "":
-            try:
-                values[f.name] = parse(type(f.default), raw)
-            except ValueError:
-                raise SystemExit(f"error: {env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}")
+    for name, (variable, raw) in _raw_values(environment).items():
+        try:
+            values[name] = parse(kinds[name], raw)
+        except ValueError:
+            raise SystemExit(f"error: {variable}={raw!r} is not a valid {kinds[name].__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
     if settings.auth not in ("auto", "on", "off"):

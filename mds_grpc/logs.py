@@ -12,8 +12,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 ACCESS_FLUSH_SECONDS = 0.1
 ACCESS_BATCH_LINES = 512
-# One write to a pipe stays whole up to PIPE_BUF (4 KiB on Linux): `mds serve --workers N` has
-# its processes share stdout, so each record of lines is kept under it.
+# One write to a pipe stays whole up to PIPE_BUF (4 KiB on Linux): `mds serve --processes N` has
+# its serving processes share stdout, so each record of lines is kept under it.
 ACCESS_RECORD_BYTES = 4000
 
 

@@ -1,4 +1,4 @@
-"""`mds serve --workers N`: N serving processes on one port (SO_REUSEPORT), supervised by this one.
+"""`mds serve --processes N`: N serving processes on one port (SO_REUSEPORT), supervised by this one.
 
 The kernel spreads connections over the processes. Each loads its own models, so memory for
 sessions grows N times; storage, keys and jobs are shared through the configured stores.
@@ -38,13 +38,13 @@ def _serve_one(settings: Settings, process: int) -> None:
 
 
 def serve_processes(settings: Settings) -> None:
-    """Run `settings.workers` servers until SIGTERM or SIGINT, or until one of them exits."""
+    """Run `settings.processes` servers until SIGTERM or SIGINT, or until one of them exits."""
     if settings.grpc_port == 0:
-        raise SystemExit("error: MDS_WORKERS > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
+        raise SystemExit("error: MDS_PROCESSES > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
     build_core(settings).registry.sweep_local_copies()  # once, before any process stages an upload
     spawn = multiprocessing.get_context("spawn")
     children = [spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}")
-                for i in range(settings.workers)]
+                for i in range(settings.processes)]
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     reason = "a serving process exited"

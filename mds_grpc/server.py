@@ -125,7 +125,7 @@ async def watch_backends(core: Core, health_servicer, interval: float) -> None:
 
 def start_embedded_worker(core: Core, settings: Settings, requeue: bool) -> dramatiq.Worker:
     """Without Redis the server runs jobs itself; with `requeue`, jobs a previous run left unfinished go again."""
-    worker = job_queue.start_worker(core.broker, settings.job_workers)
+    worker = job_queue.start_worker(core.broker, settings.job_threads)
     for state in (JobState.QUEUED, JobState.RUNNING) if requeue else ():
         after = None
         while page := core.storage.jobs.list_page(state, None, after, 1000):
@@ -209,8 +209,8 @@ def run_worker(settings: Settings) -> None:
         raise SystemExit("error: mds worker needs MDS_REDIS_URL; without Redis, `mds serve` runs jobs itself")
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # held for sigwait; worker threads inherit the mask
-    worker = job_queue.start_worker(build_core(settings).broker, settings.job_workers)
-    log.info("worker started", extra={"threads": settings.job_workers})
+    worker = job_queue.start_worker(build_core(settings).broker, settings.job_threads)
+    log.info("worker started", extra={"threads": settings.job_threads})
     signal.sigwait(stop_signals)
     worker.stop(int(settings.shutdown_grace_seconds * 1000))  # unfinished jobs go back to the queue
     log.info("worker stopped")

@@ -1,4 +1,4 @@
-"""`mds serve --workers 2`: two processes share the port, the stores and the models; SIGTERM stops both."""
+"""`mds serve --processes 2`: two serving processes share the port, the stores and the models; SIGTERM stops both."""
 
 import json
 import os
@@ -29,7 +29,7 @@ def started_pids(server: ServerProcess) -> list[int]:
 
 
 def test_two_processes_share_the_port_and_the_models(tmp_path):
-    server = ServerProcess(tmp_path, mds_workers=2).start()
+    server = ServerProcess(tmp_path, mds_processes=2).start()
     try:
         server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=120)
         ones = np.ones(2, np.float32)
@@ -48,7 +48,8 @@ def test_two_processes_share_the_port_and_the_models(tmp_path):
 
 
 def test_when_one_process_dies_the_others_stop_and_the_supervisor_fails(tmp_path):
-    server = ServerProcess(tmp_path, mds_workers=2).start()
+    server = ServerProcess(tmp_path, mds_workers=2).start()  # the deprecated name still works, and warns once
+    assert server.root.joinpath("stdout.log").read_text().count("MDS_WORKERS is deprecated, use MDS_PROCESSES") == 1
     first, second = started_pids(server)
     os.kill(first, signal.SIGKILL)
     assert server.process.wait(60) == 1
