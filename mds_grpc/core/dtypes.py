@@ -13,6 +13,12 @@ class DType:
     onnx: str  # element type inside onnxruntime's "tensor(...)"
     onnx_enum: int  # onnx.TensorProto data type number
 
+    @property
+    def extension(self) -> bool:
+        """A type numpy knows only through ml_dtypes (raw 'V' bytes to numpy itself, e.g. BF16): it travels
+        only as raw bytes, and onnxruntime's numpy API and .npz files do not know it by its dtype."""
+        return self.numpy.kind == "V"
+
 
 DTYPES = (
     DType("BOOL", np.dtype(np.bool_), "bool", 9),

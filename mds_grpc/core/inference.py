@@ -1,7 +1,6 @@
-"""Running a model: inputs checked against its signature, onnxruntime off the event loop."""
+"""Running a model: inputs checked against its signature, runs off the event loop unless known to be short."""
 
 import asyncio
-import ctypes
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -10,17 +9,15 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from mds_grpc import metrics
 from mds_grpc.core import dtypes
 from mds_grpc.core.batching import Batcher
-from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unimplemented
-from mds_grpc.core.records import ModelRecord, TensorSpec
+from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from mds_grpc.core.model_cache import LoadedModel
+from mds_grpc.core.records import ModelRecord, TensorSpec
 from mds_grpc.core.registry import ModelRegistry
-
-BF16 = dtypes.BY_NAME["BF16"]
+from mds_grpc.core.runtime import Cancellation, RunFailed
 
 
 @dataclass(frozen=True)
@@ -71,52 +68,19 @@ def select_outputs(record: ModelRecord, requested: Sequence[str]) -> list[str]:
     return [name for name in names if name in requested] if requested else names
 
 
-def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
-    if array.dtype == BF16.numpy:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), BF16.onnx_enum)
-    return ort.OrtValue.ortvalue_from_numpy(array)
-
-
-def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
-    if value.data_type() == "tensor(bfloat16)":
-        raw = (ctypes.c_char * value.tensor_size_in_bytes()).from_address(value.data_ptr())
-        return np.frombuffer(bytes(raw), dtype=BF16.numpy).reshape(value.shape())
-    return value.numpy()
-
-
-def involves_bf16(record: ModelRecord, output_names, inputs: dict[str, np.ndarray]) -> bool:
-    """Whether a run takes or gives BF16 tensors (and so needs run_session's OrtValue form)."""
-    return any(a.dtype == BF16.numpy for a in inputs.values()) or any(
-        spec.dtype == BF16.name for spec in record.outputs if spec.name in output_names)
-
-
-def run_session(session: ort.InferenceSession, output_names: list[str], feeds: dict[str, np.ndarray],
-                options: ort.RunOptions | None, uses_bf16: bool) -> list:
-    """session.run, or its OrtValue form when BF16 tensors are involved."""
-    if uses_bf16:  # numpy-facing run() cannot take or give bfloat16
-        if any(array.dtype == object for array in feeds.values()):
-            raise Unimplemented("onnxruntime's Python API cannot run a model with both STRING inputs and BF16 tensors")
-        values = {name: _to_ort_value(array) for name, array in feeds.items()}
-        return [_from_ort_value(v) for v in session.run_with_ort_values(output_names, values, options)]
-    return session.run(output_names, feeds, options)
-
-
 class InferenceEngine:
     """Runs models on an executor, or inline on the event loop when a model's runs are known to be short.
 
     A thread hop costs more than a tiny model's whole run; blocking the loop for at most
-    `inline_max_seconds` (estimated from the model's recent runs and the request's size) costs less.
-    Models uploaded with a batching policy run their concurrent requests together.
+    `inline_max_seconds` (the session's estimate for the request's size) costs less.
+    Models uploaded with a batching policy run their concurrent requests together, through the
+    batcher of their loaded version.
     """
 
     def __init__(self, registry: ModelRegistry, executor: Executor, inline_max_seconds: float = 0.0):
         self.registry = registry
         self.executor = executor
         self.inline_max_seconds = inline_max_seconds
-        # Moving average of run time per input element, per (model, version): the estimate of a
-        # request's run time that decides whether it runs inline.
-        self._seconds_per_element: dict[tuple[str, int], float] = {}
-        self._batchers: dict[tuple[str, int], Batcher] = {}
 
     async def predict(self, model: str, version: int, inputs: dict[str, np.ndarray],
                       output_names: Sequence[str] = (), deadline: float | None = None) -> Prediction:
@@ -126,38 +90,32 @@ class InferenceEngine:
         check_inputs(record, inputs)
         names = select_outputs(record, output_names)
         if record.batching.enabled:
-            key = (record.name, record.version)
-            batcher = self._batchers.get(key)
-            if batcher is None:
-                batcher = self._batchers[key] = Batcher(record.batching, partial(self._run, deadline=None))
-            values = await batcher.submit(loaded, inputs, names, deadline)
+            if loaded.batcher is None:
+                loaded.batcher = Batcher(record.batching, partial(self._run, deadline=None))
+            values = await loaded.batcher.submit(loaded, inputs, names, deadline)
         else:
             values = await self._run(loaded, inputs, names, deadline)
         return Prediction(record.name, record.version, list(zip(names, values)))
 
     async def _run(self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str],
                    deadline: float | None) -> list:
-        record = loaded.record
-        uses_bf16 = involves_bf16(record, names, inputs)
-        key = (record.name, record.version)
+        record, session = loaded.record, loaded.session
         elements = max(1, sum(a.size for a in inputs.values()))
-        on_loop = self._seconds_per_element.get(key, float("inf")) * elements <= self.inline_max_seconds
-        options = None if on_loop else ort.RunOptions()  # a run on a thread stops when its client leaves
+        on_loop = session.estimate_seconds(elements) <= self.inline_max_seconds
+        cancellation = None if on_loop else Cancellation()  # a run on a thread stops when its client leaves
         submitted = time.perf_counter()
 
         def run() -> list:
-            if options is not None and options.terminate:
+            if cancellation is not None and cancellation.cancelled:
                 raise Cancelled("the request was cancelled before the model ran")
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
             started = time.perf_counter()
             cpu_started = 0.0 if on_loop else time.thread_time()
             try:
-                values = run_session(loaded.session, names, inputs, options, uses_bf16)
-            except Unimplemented:
-                raise
-            except Exception as error:  # onnxruntime raises its own exception types for bad inputs
-                if options is not None and options.terminate:
+                values = session.run(names, inputs, cancellation)
+            except RunFailed as error:
+                if cancellation is not None and cancellation.cancelled:
                     raise Cancelled("the request was cancelled while the model ran") from None
                 raise InvalidArgument(
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
@@ -165,8 +123,7 @@ class InferenceEngine:
             computed = time.perf_counter() - started
             # On a thread, CPU time rather than wall time: that run also waits for the GIL while the
             # loop is busy, and counting the wait would keep a short model off the loop for good.
-            per_element = (computed if on_loop else time.thread_time() - cpu_started) / elements
-            self._seconds_per_element[key] = 0.8 * self._seconds_per_element.get(key, per_element) + 0.2 * per_element
+            session.observe(computed if on_loop else time.thread_time() - cpu_started, elements)
             metrics.observe_run(record.name, None if on_loop else started - submitted, computed, next(
                 (a.shape[0] for a in inputs.values() if a.ndim), 1))
             return values
@@ -177,5 +134,5 @@ class InferenceEngine:
         try:
             return await future
         except asyncio.CancelledError:
-            options.terminate = True  # stops a run in progress; the client is gone
+            cancellation.cancel()  # stops a run in progress; the client is gone
             raise

@@ -5,17 +5,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-from mds_grpc.core import dtypes
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.records import TensorSpec
+from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.core.uploads import check_relative_path, quoted
 
 MAX_REASON_CHARS = 2000  # of onnxruntime's reason, which may quote any name in the model
-
-ort.set_default_logger_severity(3)  # errors only; warnings about unused initializers are noise
 
 
 @dataclass(frozen=True)
@@ -26,34 +23,6 @@ class ModelInfo:
     producer_name: str
     producer_version: str
     ir_version: int
-
-
-def open_session(path: Path, intra_op_threads: int = 0, lean: bool = False) -> ort.InferenceSession:
-    """An onnxruntime CPU session loaded by path (so external data resolves next to the file).
-
-    No custom-op library is ever registered. No memory arena either: after a run fails to allocate a
-    huge tensor, onnxruntime's arena makes the next run touch hundreds of MB, and it never gives memory back.
-    A `lean` session, for checking a model only, does not prepack weights: external data then stays
-    memory-mapped and untouched, where prepacking would copy every weight (slower runs without it).
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.enable_cpu_mem_arena = False
-    if lean:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _spec(arg) -> TensorSpec:
-    dtype = dtypes.of_onnx_type(arg.type)
-    dims = list(arg.shape or []) if dtype else []
-    return TensorSpec(
-        name=arg.name,
-        dtype=dtype.name if dtype else None,
-        shape=tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims),
-        onnx_type=arg.type,
-        dim_names=tuple(d if isinstance(d, str) else "" for d in dims),
-    )
 
 
 def _check_external_data(graph: onnx.ModelProto, folder: Path, uploaded: set[str]) -> None:
@@ -83,10 +52,10 @@ def _check_external_data(graph: onnx.ModelProto, folder: Path, uploaded: set[str
 
 
 def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0,
-                  serve: bool = True) -> tuple[ort.InferenceSession, ModelInfo]:
+                  serve: bool = True) -> tuple[OnnxSession, ModelInfo]:
     """Load the model at `path` to validate it; raise InvalidArgument naming the problem.
 
-    With `serve`, the session can then serve; without, it is lean (see open_session) and only checks.
+    With `serve`, the session can then serve; without, it is lean (see OnnxSession) and only checks.
     """
     try:
         graph = onnx.load(str(path), load_external_data=False)
@@ -94,12 +63,12 @@ def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0,
         raise InvalidArgument(f"not an ONNX model: {error}") from None
     _check_external_data(graph, path.parent, side_files)
     try:
-        session = open_session(path, intra_op_threads, lean=not serve)
+        session = OnnxSession(path, intra_op_threads, lean=not serve)
     except Exception as error:  # onnxruntime's own exception types carry the reason
         raise InvalidArgument(f"onnxruntime cannot load the model: {str(error)[:MAX_REASON_CHARS]}") from None
     info = ModelInfo(
-        inputs=tuple(_spec(a) for a in session.get_inputs()),
-        outputs=tuple(_spec(a) for a in session.get_outputs()),
+        inputs=session.inputs,
+        outputs=session.outputs,
         opsets=tuple((o.domain, o.version) for o in graph.opset_import),
         producer_name=graph.producer_name,
         producer_version=graph.producer_version,

@@ -1,4 +1,4 @@
-"""Running a bulk job in a worker: batches of rows through onnxruntime, each result recorded once."""
+"""Running a bulk job: batches of rows through the model's session, each result recorded once."""
 
 import logging
 import shutil
@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mds_grpc.core import dtypes
+from mds_grpc.core import dtypes, result_files
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.garbage import store_and_record
-from mds_grpc.core.inference import involves_bf16, run_session
-from mds_grpc.core.inspection import open_session
 from mds_grpc.core.job_records import JobRecord, JobResult, JobState
 from mds_grpc.core.model_cache import materialize
 from mds_grpc.core.records import MAIN_FILE
+from mds_grpc.core.runtime import OnnxSession, RunFailed
 from mds_grpc.core.uploads import sha256_of
 from mds_grpc.storage import Storage
 
@@ -50,13 +49,16 @@ class JobRunner:
             self._run(job_id, folder)
         except Unavailable:
             raise  # a backend is down: the queue retries the job later, from where it got to
+        except _JobFailed as error:
+            self._fail(job_id, str(error))
         except Exception as error:
-            if not isinstance(error, _JobFailed):
-                log.exception("job failed", extra={"job": job_id})
-                error = f"internal error: {error}"
-            self.storage.jobs.transition(job_id, {JobState.QUEUED, JobState.RUNNING}, JobState.FAILED, str(error))
+            log.exception("job failed", extra={"job": job_id})
+            self._fail(job_id, f"internal error: {error}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        self.storage.jobs.transition(job_id, {JobState.QUEUED, JobState.RUNNING}, JobState.FAILED, reason)
 
     def _run(self, job_id: str, folder: Path) -> None:
         jobs = self.storage.jobs
@@ -72,21 +74,20 @@ class JobRunner:
         record = self.storage.metadata.get(job.model, job.version)
         if record is None:
             raise _JobFailed(f"model {job.model!r} version {job.version} was deleted")
-        session = open_session(materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE,
-                               self.intra_op_threads)
+        session = OnnxSession(materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE,
+                              self.intra_op_threads)
         columns = {}
         for i, tensor in enumerate(job.input.tensors):
             path = folder / f"input-{i}"  # never a client-chosen name in a path
             if job.rows_total:
                 self.storage.blobs.fetch_to(tensor.sha256, path)
             columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
-        uses_bf16 = involves_bf16(record, job.output_names, columns)
 
         def run_batch(offset: int, rows: int) -> list[np.ndarray]:
             feeds = {name: np.ascontiguousarray(column[offset:offset + rows]) for name, column in columns.items()}
             try:
-                return run_session(session, list(job.output_names), feeds, None, uses_bf16)
-            except Exception as error:  # onnxruntime's own exception types
+                return session.run(job.output_names, feeds)
+            except RunFailed as error:
                 raise _JobFailed(f"onnxruntime failed on rows {offset}-{offset + rows - 1}: {error}") from None
 
         while job.rows_done < job.rows_total:
@@ -119,7 +120,7 @@ class JobRunner:
             return current  # cancelled, or another worker got there first: store nothing
         outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches)]
         result_path = folder / f"result-{offset}.npz"
-        np.savez(result_path, *outputs)  # arr_0, arr_1, ... in job.output_names order
+        result_files.save(result_path, outputs)
         sha256 = sha256_of(result_path)
 
         def record() -> JobRecord:

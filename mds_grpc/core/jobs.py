@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mds_grpc.core import dtypes
+from mds_grpc.core import dtypes, result_files
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mds_grpc.core.garbage import store_and_record
 from mds_grpc.core.inference import check_inputs, select_outputs
@@ -25,7 +25,6 @@ from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.uploads import sha256_of
 from mds_grpc.storage import Storage
 
-BF16 = dtypes.BY_NAME["BF16"].numpy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +239,5 @@ class JobManager:
         with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:
             path = Path(folder) / "result.npz"
             self.storage.blobs.fetch_to(result.sha256, path)
-            with np.load(path, allow_pickle=False) as saved:
-                arrays = [saved[f"arr_{i}"] for i in range(len(names))]
-        # .npz keeps bfloat16 as 2-byte voids: view them back.
-        return {name: a.view(BF16) if a.dtype.kind == "V" else a for name, a in zip(names, arrays)}
+            arrays = result_files.load(path, len(names))
+        return dict(zip(names, arrays))

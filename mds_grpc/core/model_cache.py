@@ -1,27 +1,34 @@
-"""Loaded onnxruntime sessions: an LRU bounded by model bytes, loaded lazily from storage."""
+"""Loaded model versions: an LRU bounded by model bytes, loaded lazily from storage."""
 
 import asyncio
 import shutil
+import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from mds_grpc import metrics
 from mds_grpc.core.errors import NotFound
-from mds_grpc.core.inspection import open_session
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
+from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.storage.base import BlobStore
 
+if TYPE_CHECKING:
+    from mds_grpc.core.batching import Batcher
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class LoadedModel:
+    """Everything of one loaded model version; it lives exactly as long as the version stays in the cache."""
+
     record: ModelRecord
-    session: ort.InferenceSession
-
-
+    session: OnnxSession  # with its run statistics
+    batcher: "Batcher | None" = None  # made on first use when the version was uploaded with a batching policy
+    # Until when (time.monotonic()) a lookup of version 0 (the latest) or of this version may answer with
+    # this one without reading the metadata store.
+    trusted_until: dict[int, float] = field(default_factory=dict)
 
 
 def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
@@ -56,6 +63,7 @@ class ModelCache:
         self.capacity_bytes = capacity_bytes
         self.intra_op_threads = intra_op_threads
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._latest: dict[str, LoadedModel] = {}  # the version a lookup of "the latest" last resolved to
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
 
     def _folder(self, key: tuple[str, int]) -> Path:
@@ -71,6 +79,30 @@ class ModelCache:
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._models
+
+    def resolved(self, name: str, version: int) -> LoadedModel | None:
+        """The loaded version a lookup of (name, version) may still trust (see LoadedModel.trusted_until)."""
+        model = self._latest.get(name) if version == 0 else self._models.get((name, version))
+        if model is None or model.trusted_until.get(version, 0.0) <= time.monotonic():
+            return None
+        key = (name, model.record.version)
+        if self._models.get(key) is not model:  # replaced by a fresh load of the same version
+            return None
+        self._models.move_to_end(key)
+        metrics.cache_event("hit")
+        return model
+
+    def trust(self, model: LoadedModel, version: int, seconds: float) -> None:
+        """Let lookups of (name, version), version 0 being the latest, answer with `model` for `seconds`."""
+        if self._models.get((model.record.name, model.record.version)) is not model:
+            return  # evicted or deleted meanwhile
+        model.trusted_until[version] = time.monotonic() + seconds
+        if version == 0:
+            self._latest[model.record.name] = model
+
+    def forget_latest(self, name: str) -> None:
+        """The latest version of `name` changed: the next lookup of it reads the metadata store."""
+        self._latest.pop(name, None)
 
     async def get(self, record: ModelRecord) -> LoadedModel:
         key = (record.name, record.version)
@@ -91,7 +123,7 @@ class ModelCache:
             folder = await asyncio.to_thread(self._materialize, record)
         except FileNotFoundError:
             raise NotFound(f"model {record.name!r} version {record.version} was deleted") from None
-        session = await asyncio.to_thread(open_session, folder / MAIN_FILE, self.intra_op_threads)
+        session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads)
         return self.put(record, session)
 
     def _materialize(self, record: ModelRecord) -> Path:
@@ -103,7 +135,7 @@ class ModelCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
 
-    def put(self, record: ModelRecord, session: ort.InferenceSession) -> LoadedModel:
+    def put(self, record: ModelRecord, session: OnnxSession) -> LoadedModel:
         key = (record.name, record.version)
         model = self._models[key] = LoadedModel(record, session)
         self._models.move_to_end(key)
@@ -117,7 +149,9 @@ class ModelCache:
 
         Runs still using the session keep working: open files outlive their unlinking.
         """
-        self._models.pop(key, None)
+        model = self._models.pop(key, None)
+        if model is not None and self._latest.get(key[0]) is model:
+            del self._latest[key[0]]
         folder = self._folder(key)
         trash = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.trash")
         try:

@@ -2,7 +2,6 @@
 
 import asyncio
 import shutil
-import time
 from collections.abc import AsyncIterable
 from functools import partial
 from pathlib import Path
@@ -32,7 +31,6 @@ class ModelRegistry:
         self.max_model_bytes = max_model_bytes
         self.resolve_ttl = resolve_ttl
         self.warm_max_bytes = warm_max_bytes
-        self._resolved: dict[tuple[str, int], tuple[float, ModelRecord]] = {}  # (name, version) -> (expiry, record)
 
     def sweep_local_copies(self) -> None:
         """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
@@ -72,7 +70,7 @@ class ModelRegistry:
             record = await self._publish(staging, draft)
         finally:
             await asyncio.to_thread(staging.cleanup)
-        self._forget_resolved(record.name)  # "latest" moves on now, not after the TTL
+        self.cache.forget_latest(record.name)  # "latest" moves on now, not after the TTL
         if session is not None:
             self.cache.put(record, session)
         return record
@@ -104,18 +102,11 @@ class ModelRegistry:
         Uploads and deletes through this process take effect at once; those made through
         another process sharing the storage, within `resolve_ttl`.
         """
-        key = (name, version)
-        cached = self._resolved.get(key)
-        if cached is not None and cached[0] > time.monotonic():
-            record = cached[1]
-        else:
-            record = await self.get(name, version)
-            self._resolved[key] = (time.monotonic() + self.resolve_ttl, record)
-        return await self.cache.get(record)
-
-    def _forget_resolved(self, name: str) -> None:
-        for key in [key for key in self._resolved if key[0] == name]:
-            del self._resolved[key]
+        loaded = self.cache.resolved(name, version)
+        if loaded is None:
+            loaded = await self.cache.get(await self.get(name, version))
+            self.cache.trust(loaded, version, self.resolve_ttl)
+        return loaded
 
     async def list_page(self, name: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[ModelRecord], str]:
         limit = page_limit(page_size)
@@ -136,6 +127,6 @@ class ModelRegistry:
         files = dict.fromkeys(stored.sha256 for record in deleted for stored in record.files)
         await asyncio.to_thread(delete_if_possible, self.metadata, self.blobs, files)
         versions = [record.version for record in deleted]
-        self._forget_resolved(name)
+        self.cache.forget_latest(name)
         self.cache.forget(name, versions)
         return versions
