@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,25 +11,18 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from local_machine import BIN
 from mds.oip import grpc_service_pb2 as oip
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import model_service_pb2, model_service_pb2_grpc
 from mds_grpc.api.tensors import to_array
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds"))
-BIN = CACHE / "bin"
 CHUNK_BYTES = 1 << 20
 PREDICT = "mds.v1.InferenceService/Predict"
 PREDICT_STREAM = "mds.v1.InferenceService/PredictStream"
 MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "inference.GRPCInferenceService/ModelStreamInfer"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

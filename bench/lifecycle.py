@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 import models
-from harness import PREDICT, REPO, Target, check_outputs, free_port, memory_kib, session, upload
+from harness import PREDICT, REPO, Target, check_outputs, memory_kib, session, upload
+from local_machine import free_port
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import job_service_pb2 as jobs
 from mds.v1 import job_service_pb2_grpc, tensor_pb2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from harness import CACHE
+from local_machine import CACHE
 
 MODELS = CACHE / "bench-models"
 RAPIDOCR = "1.4.4"

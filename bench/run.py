@@ -25,11 +25,12 @@ from typing import Callable
 
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "scripts")]
 import lifecycle  # noqa: E402
 import peers  # noqa: E402
 import serving  # noqa: E402
-from harness import REPO, Target, free_port, upload  # noqa: E402
+from harness import REPO, Target, upload  # noqa: E402
+from local_machine import free_port  # noqa: E402
 from models import mlp  # noqa: E402
 
 

@@ -24,9 +24,9 @@ from mds.v1 import inference_service_pb2_grpc, job_service_pb2, job_service_pb2_
 from mds.v1 import model_service_pb2, model_service_pb2_grpc
 from mds_grpc.api.tensors import from_array
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "scripts")]
+from local_machine import free_port  # noqa: E402
 from models import mlp  # noqa: E402
-from harness import free_port  # noqa: E402
 
 RSS_TOLERANCE_MIB = 64
 FD_TOLERANCE = 8

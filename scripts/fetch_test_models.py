@@ -4,11 +4,14 @@ Each wheel is downloaded once (`pip download --no-deps`) into the cache, and
 the named model files are extracted next to it. Prints the model folder.
 """
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from local_machine import CACHE
+
+MODELS = CACHE / "test-models"
 
 WHEELS = {
     "magika==1.0.3": {"magika/models/standard_v3_3/model.onnx": "magika.onnx"},
@@ -18,11 +21,6 @@ WHEELS = {
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "ppocr_det.onnx",
     },
 }
-
-
-def models_dir() -> Path:
-    cache = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds"))
-    return cache / "test-models"
 
 
 def fetch(target: Path) -> None:
@@ -48,5 +46,5 @@ def fetch(target: Path) -> None:
 
 
 if __name__ == "__main__":
-    fetch(models_dir())
-    print(models_dir())
+    fetch(MODELS)
+    print(MODELS)

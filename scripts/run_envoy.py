@@ -14,6 +14,8 @@ from pathlib import Path
 import envoy
 import swagger_ui_bundle
 
+from local_machine import CACHE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,8 +36,7 @@ def main() -> None:
     parser.add_argument("--listen-port", type=int, default=int(os.environ.get("MDS_ENVOY_PORT", 8080)))
     parser.add_argument("--grpc-host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("MDS_GRPC_PORT", 50051)))
-    parser.add_argument("--config-out", type=Path,
-                        default=Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "envoy.yaml")
+    parser.add_argument("--config-out", type=Path, default=CACHE / "envoy.yaml")
     args = parser.parse_args()
     config = render(args.listen_host, args.listen_port, args.grpc_host, args.grpc_port,
                     args.config_out.with_name(f"envoy-{args.listen_port}.yaml"))

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness import free_port, wait_until
+from local_machine import BIN
 
-BIN = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin"
 S3_USER, S3_PASSWORD = "faultadmin", "faultadmin-secret"
 
 

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import ServerProcess
+from harness import REPO, ServerProcess, backend_env, wait_until
 
 from mds_grpc.config import load_settings
 from mds_grpc.server import build_core
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +31,6 @@ def services() -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines)
 
 
-def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
-    """Settings for a server on MongoDB, S3 and Redis, in a database, bucket and queue of its own."""
-    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY", "MDS_REDIS_URL")
-    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace,
-            "MDS_REDIS_NAMESPACE": namespace, "MDS_AUTH": "off"}  # test_auth covers keys
-
-
 @pytest.fixture(scope="session", params=["embedded", "mongo-s3-redis"])
 def server(request, tmp_path_factory):
     """One real server per configuration (with a job worker when on Redis); tests using it run on both."""
@@ -56,6 +47,15 @@ def unique(request) -> str:
     """A model name no other test uses."""
     digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
     return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:80].strip("-") + "-" + digest
+
+
+@pytest.fixture
+def nothing_left(server):
+    """After the test: no upload in progress or left in the temp folder, and no new blob."""
+    before = server.blobs()
+    yield
+    wait_until(lambda: not server.leftovers(), what="the server to clean its temp folder")
+    assert server.blobs() == before
 
 
 @pytest.fixture

@@ -1,29 +1,50 @@
-"""Starting real `mds serve` processes for tests, and small client helpers."""
+"""What tests share: real `mds serve` processes and the tools run against them, requests and their checks."""
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import ml_dtypes
+import numpy as np
+import onnx_models
+import onnxruntime as ort
+import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from local_machine import BIN, free_port
 from minio import Minio
 
-from mds.v1 import inference_service_pb2_grpc, job_service_pb2_grpc, model_service_pb2
-from mds.v1 import model_service_pb2_grpc
-
+from mds.oip import grpc_service_pb2
+from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
+from mds.v1 import model_service_pb2, model_service_pb2_grpc, tensor_pb2
+from mds_grpc.api.tensors import from_array, to_array
+from mds_grpc.config import load_settings
+from mds_grpc.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+ONE = np.array([1.0], np.float32)
+DENSE = onnx_models.dense()  # the classifier the job tests run
+SAMPLES = {  # one array of every dtype MDS serves, with its extreme values
+    "BOOL": np.array([[True, False], [False, True]]),
+    "UINT8": np.array([[0, 255], [7, 8]], dtype=np.uint8),
+    "UINT16": np.array([[0, 65535], [7, 8]], dtype=np.uint16),
+    "UINT32": np.array([[0, 2**32 - 1], [7, 8]], dtype=np.uint32),
+    "UINT64": np.array([[0, 2**64 - 1], [7, 8]], dtype=np.uint64),
+    "INT8": np.array([[-128, 127], [0, 1]], dtype=np.int8),
+    "INT16": np.array([[-32768, 32767], [0, 1]], dtype=np.int16),
+    "INT32": np.array([[-(2**31), 2**31 - 1], [0, 1]], dtype=np.int32),
+    "INT64": np.array([[-(2**63), 2**63 - 1], [0, 1]], dtype=np.int64),
+    "FP16": np.array([[0.5, -2.0], [65504, 1e-3]], dtype=np.float16),
+    "FP32": np.array([[0.5, -2.0], [3.4e38, 1e-30]], dtype=np.float32),
+    "FP64": np.array([[0.5, -2.0], [1e300, 1e-300]], dtype=np.float64),
+    "BF16": np.array([[0.5, -2.0], [3.0, 1e-3]], dtype=ml_dtypes.bfloat16),
+    "STRING": np.array([["a", ""], ["émeu", "x" * 300]], dtype=object),
+}
 
 
 class WorkerProcess:
@@ -133,6 +154,77 @@ class ServerProcess:
         return sorted(p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
 
 
+def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
+    """Settings for a server on MongoDB, S3 and Redis, in a database, bucket and queue of its own."""
+    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY", "MDS_REDIS_URL")
+    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace,
+            "MDS_REDIS_NAMESPACE": namespace, "MDS_AUTH": "off"}  # test_auth covers keys
+
+
+def storage_of(server: ServerProcess):
+    """The server's storage (metadata and blobs), opened in this process."""
+    env = {k.removeprefix("MDS_").lower(): v for k, v in server.env.items()
+           if k in ("MDS_MONGO_URI", "MDS_MONGO_DATABASE", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY",
+                    "MDS_S3_SECRET_KEY", "MDS_S3_BUCKET")}
+    return open_storage(load_settings(data_dir=server.data_dir, **env))
+
+
+def wait_for_health(server: ServerProcess, status) -> None:
+    """Follow the health Watch stream until it reports `status`."""
+    for reply in health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=60):
+        if reply.status == status:
+            return
+
+
+def mds_gc(server: ServerProcess) -> dict:
+    """`mds gc` on the server's storage, with no grace period; its JSON report."""
+    result = subprocess.run([sys.executable, "-m", "mds_grpc", "gc", "--grace-seconds", "-60",
+                             "--data-dir", str(server.data_dir), "--log-dir", str(server.root / "gc-logs")],
+                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def mds_keys(server: ServerProcess, *args: str) -> str:
+    """`mds keys ARGS` on the server's data folder; its output."""
+    result = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", *args, "--data-dir", str(server.data_dir),
+                             "--log-dir", str(server.root / "keys-logs")],
+                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def create_key(server, *args) -> tuple[str, str]:
+    """`mds keys create ARGS`: the new key's id and secret."""
+    created = json.loads(mds_keys(server, "create", *args))
+    return created["id"], created["key"]
+
+
+def grpcurl(*args: str) -> str:
+    """grpcurl over plaintext with ARGS; its output."""
+    result = subprocess.run([str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"grpcurl {args[-1]}: {result.stderr}"
+    return result.stdout
+
+
+def grpcurl_call(address: str, method: str, *messages: dict) -> list[dict]:
+    """Call `method` with `messages` (several for client streams) through grpcurl; the replies, one per message."""
+    decoder, text, replies = json.JSONDecoder(), grpcurl("-d", " ".join(json.dumps(m) for m in messages),
+                                                         address, method).strip(), []
+    while text:
+        reply, end = decoder.raw_decode(text)
+        replies.append(reply)
+        text = text[end:].strip()
+    return replies
+
+
+def every_rpc() -> set[str]:
+    """Every method of every service MDS serves, as "package.Service/Method"."""
+    return {f"{service.full_name}/{method.name}"
+            for module in (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+
+
 def upload_requests(name: str, data: bytes, chunk_size: int = 64 * 1024, side_files: dict[str, bytes] | None = None,
                     **header):
     """The request stream of an upload: header, main-file chunks, then side-file chunks."""
@@ -146,6 +238,67 @@ def upload_requests(name: str, data: bytes, chunk_size: int = 64 * 1024, side_fi
             yield model_service_pb2.UploadModelRequest(
                 file_chunk=model_service_pb2.FileChunk(path=path, data=content[offset:offset + chunk_size])
             )
+
+
+def upload(server, name, data, **kwargs):
+    return server.models.UploadModel(upload_requests(name, data, **kwargs), timeout=120)
+
+
+def deploy(server, name: str, data: bytes) -> int:
+    """Upload a model; its version."""
+    return upload(server, name, data).version
+
+
+async def parts(data: bytes):
+    """The core's upload stream of a model in one file."""
+    yield "model.onnx", data
+
+
+def request(name, inputs: dict, raw=True, **fields) -> inference_service_pb2.PredictRequest:
+    return inference_service_pb2.PredictRequest(model=name, inputs=[from_array(k, v, raw) for k, v in inputs.items()],
+                                                **fields)
+
+
+def outputs_of(response: inference_service_pb2.PredictResponse) -> dict:
+    return {t.name: to_array(t) for t in response.outputs}
+
+
+def assert_status(call, code, *fragments):
+    """`call` fails with `code` and a message holding every fragment; the message."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    for fragment in fragments:
+        assert fragment in caught.value.details()
+    return caught.value.details()
+
+
+def watch(server, job_id) -> list[job_service_pb2.Job]:
+    return list(server.jobs.WatchJob(job_service_pb2.WatchJobRequest(id=job_id), timeout=120))
+
+
+def results(server, job_id) -> tuple[list[job_service_pb2.JobResultBatch], dict[str, np.ndarray]]:
+    """A job's result batches, and its outputs by name over all batches."""
+    batches = list(server.jobs.GetJobResults(job_service_pb2.GetJobResultsRequest(id=job_id), timeout=120))
+    names = [t.name for t in batches[0].outputs]
+    return batches, {n: np.concatenate([to_array(t) for b in batches for t in b.outputs if t.name == n]) for n in names}
+
+
+def in_process(model: bytes, x: np.ndarray, batch_rows: int) -> dict[str, np.ndarray]:
+    """onnxruntime in this process, at the job's batch size."""
+    session = ort.InferenceSession(model)
+    runs = [session.run(None, {"x": x[i:i + batch_rows]}) for i in range(0, len(x), batch_rows)]
+    return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(session.get_outputs())}
+
+
+def chunked_input(x: np.ndarray, chunk_rows: int, name: str = "x"):
+    """The UploadJobInput stream of X as FP32, CHUNK_ROWS rows a chunk."""
+    header = job_service_pb2.JobInputHeader(
+        inputs=[tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape)])
+    yield job_service_pb2.UploadJobInputRequest(header=header)
+    for start in range(0, len(x), chunk_rows):
+        chunk = job_service_pb2.JobInputChunk(inputs=[from_array(name, x[start:start + chunk_rows], raw=True)])
+        yield job_service_pb2.UploadJobInputRequest(chunk=chunk)
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition"):

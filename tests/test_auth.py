@@ -1,10 +1,5 @@
 """API keys: every RPC of every service x {no key, wrong key, revoked key, wrong scope, right scope}."""
 
-import json
-import os
-import subprocess
-import sys
-
 import grpc
 import numpy as np
 import pytest
@@ -12,9 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import onnx_models
 from google.protobuf import message_factory
-from harness import ServerProcess, upload_requests
-from test_grpcurl import every_rpc
-from test_upload import assert_status
+from harness import ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
 
 from mds.oip import grpc_service_pb2
 from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
@@ -24,19 +17,6 @@ PUBLIC = {"inference.GRPCInferenceService/ServerLive", "inference.GRPCInferenceS
           "inference.GRPCInferenceService/ServerMetadata"}
 ADMIN = {"mds.v1.ModelService/UploadModel", "mds.v1.ModelService/DeleteModel"}
 MODULES = (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
-
-
-def mds_keys(server: ServerProcess, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", *args, "--data-dir", str(server.data_dir),
-                             "--log-dir", str(server.root / "keys-logs")],
-                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def create_key(server, *args) -> tuple[str, str]:
-    created = json.loads(mds_keys(server, "create", *args))
-    return created["id"], created["key"]
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ import numpy as np
 import onnx_models
 import pytest
 from backends import ferretdb, minio, redis, server_env
-from conftest import backend_env
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import EnvoyProcess, ServerProcess, upload_requests
-from test_predict import ONE, outputs_of, request
-from test_upload import assert_status
+from grpc_health.v1 import health_pb2
+from harness import (ONE, EnvoyProcess, ServerProcess, assert_status, backend_env, outputs_of, request, upload_requests,
+                     wait_for_health)
 
 from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb
@@ -35,13 +33,6 @@ def test_two_servers_share_models_and_versions(services, tmp_path):
                       grpc.StatusCode.NOT_FOUND)
     finally:
         assert first.stop() == 0 and second.stop() == 0
-
-
-def wait_for_health(server: ServerProcess, status) -> None:
-    """Follow the health Watch stream until it reports `status`."""
-    for reply in health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=60):
-        if reply.status == status:
-            return
 
 
 @pytest.fixture

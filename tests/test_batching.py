@@ -9,11 +9,8 @@ import numpy as np
 import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import upload_requests
+from harness import assert_status, outputs_of, parts, request, upload_requests
 from prometheus_client import REGISTRY
-from test_core import parts
-from test_predict import outputs_of, request
-from test_upload import assert_status
 
 from mds.v1 import model_service_pb2
 from mds_grpc.core.errors import DeadlineExceeded, InvalidArgument

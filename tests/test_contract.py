@@ -1,15 +1,15 @@
 """The contract's gate: buf lint, and no breaking change since the previous commit (buf breaking)."""
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from google.rpc import status_pb2
+from harness import REPO
+from local_machine import BIN
 
-REPO = Path(__file__).resolve().parents[1]
-BUF = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin" / "buf"
+BUF = BIN / "buf"
 
 
 def buf(*args: str) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx_models
 import pytest
+from harness import parts
 
 from mds_grpc.config import load_settings
 from mds_grpc.core.errors import DeadlineExceeded
@@ -14,10 +15,6 @@ from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.records import StoredFile
 from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.server import build_core
-
-
-async def parts(data: bytes):
-    yield "model.onnx", data
 
 
 async def test_a_request_past_its_deadline_is_not_run(registry):

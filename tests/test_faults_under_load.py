@@ -18,11 +18,8 @@ import onnx_models
 import pytest
 from backends import private_services, server_env
 from grpc_health.v1 import health_pb2
-from harness import ServerProcess, upload_requests, wait_until
-from test_backends import wait_for_health
-from test_gc import mds_gc, storage_of
-from test_jobs import DENSE, chunked_input, in_process, results, watch
-from test_predict import ONE, outputs_of, request
+from harness import (DENSE, ONE, ServerProcess, chunked_input, in_process, mds_gc, outputs_of, request, results,
+                     storage_of, upload_requests, wait_for_health, wait_until, watch)
 
 from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb

@@ -14,10 +14,9 @@ import grpc
 import onnx_models
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import ServerProcess, upload_requests
+from harness import ServerProcess, assert_status, upload_requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_upload import assert_status
 
 from mds.oip import grpc_service_pb2 as oip_pb
 from mds.oip import grpc_service_pb2_grpc

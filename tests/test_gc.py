@@ -2,38 +2,17 @@
 
 import hashlib
 import io
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 
 import onnx_models
-from harness import ServerProcess, upload_requests, wait_until
-from test_predict import ONE, deploy, outputs_of, request
-from test_upload import assert_status
+from harness import (ONE, ServerProcess, assert_status, deploy, mds_gc, outputs_of, request, storage_of,
+                     upload_requests, wait_until)
 
 import grpc
 from mds.v1 import model_service_pb2 as pb
-from mds_grpc.config import load_settings
-from mds_grpc.storage import open_storage
-
-
-def storage_of(server: ServerProcess):
-    env = {k.removeprefix("MDS_").lower(): v for k, v in server.env.items()
-           if k in ("MDS_MONGO_URI", "MDS_MONGO_DATABASE", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY",
-                    "MDS_S3_SECRET_KEY", "MDS_S3_BUCKET")}
-    return open_storage(load_settings(data_dir=server.data_dir, **env))
-
-
-def mds_gc(server: ServerProcess) -> dict:
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "gc", "--grace-seconds", "-60",
-                             "--data-dir", str(server.data_dir), "--log-dir", str(server.root / "gc-logs")],
-                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_gc_removes_only_orphans(server, unique, tmp_path):

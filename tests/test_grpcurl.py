@@ -1,40 +1,15 @@
 """grpcurl, with nothing but server reflection, calls every RPC of every MDS service."""
 
 import base64
-import json
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import onnx_models
+from harness import every_rpc, grpcurl_call
 
-from mds.oip import grpc_service_pb2
-from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
+from mds.v1 import job_service_pb2
 from mds_grpc.api.tensors import from_array
 
-GRPCURL = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin" / "grpcurl"
 FP32 = "DATA_TYPE_FP32"
-
-
-def grpcurl(address: str, method: str, *messages: dict) -> list[dict]:
-    """Call `method` with `messages` (several for client streams); the replies, one per message."""
-    body = " ".join(json.dumps(m) for m in messages)
-    result = subprocess.run([str(GRPCURL), "-plaintext", "-d", body, address, method],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{method}: {result.stderr}"
-    decoder, text, replies = json.JSONDecoder(), result.stdout.strip(), []
-    while text:
-        reply, end = decoder.raw_decode(text)
-        replies.append(reply)
-        text = text[end:].strip()
-    return replies
-
-
-def every_rpc() -> set[str]:
-    return {f"{service.full_name}/{method.name}"
-            for module in (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
-            for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
 
 
 def test_grpcurl_calls_every_rpc(server, unique):
@@ -42,7 +17,7 @@ def test_grpcurl_calls_every_rpc(server, unique):
 
     def call(method: str, *messages: dict) -> list[dict]:
         called.add(method)
-        return grpcurl(server.address, method, *messages)
+        return grpcurl_call(server.address, method, *messages)
 
     model = base64.b64encode(onnx_models.add_two(2.0)).decode()
     tensor = lambda name, values: {"name": name, "dtype": FP32, "shape": [len(values)],  # noqa: E731

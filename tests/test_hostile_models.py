@@ -5,8 +5,7 @@ import numpy as np
 import onnx_models
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_predict import deploy, outputs_of, request
-from test_upload import assert_status, nothing_left, upload  # noqa: F401 (nothing_left is a fixture)
+from harness import assert_status, deploy, outputs_of, request, upload
 
 from mds.oip import grpc_service_pb2 as oip_pb
 from mds.oip import grpc_service_pb2_grpc

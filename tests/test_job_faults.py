@@ -4,9 +4,8 @@ import signal
 import uuid
 
 import numpy as np
-from conftest import backend_env
-from harness import ServerProcess, WorkerProcess, upload_requests
-from test_jobs import DENSE, chunked_input, in_process, results, watch
+from harness import (DENSE, ServerProcess, WorkerProcess, backend_env, chunked_input, in_process, results,
+                     upload_requests, watch)
 
 from mds.v1 import job_service_pb2 as pb
 

@@ -5,48 +5,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx_models
-import onnxruntime as ort
 import pytest
-from harness import ServerProcess, upload_requests
-from test_upload import assert_status
+from harness import DENSE, ServerProcess, assert_status, chunked_input, in_process, results, upload_requests, watch
 
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import tensor_pb2
-from mds_grpc.api.tensors import from_array, to_array
+from mds_grpc.api.tensors import from_array
 
 RNG = np.random.default_rng(3)
-DENSE = onnx_models.dense()
 
 
 @pytest.fixture(scope="module")
 def dense(server):
     server.models.UploadModel(upload_requests("dense-for-jobs", DENSE))
     return "dense-for-jobs"
-
-
-def watch(server, job_id) -> list[pb.Job]:
-    return list(server.jobs.WatchJob(pb.WatchJobRequest(id=job_id), timeout=120))
-
-
-def results(server, job_id) -> tuple[list[pb.JobResultBatch], dict[str, np.ndarray]]:
-    batches = list(server.jobs.GetJobResults(pb.GetJobResultsRequest(id=job_id), timeout=120))
-    names = [t.name for t in batches[0].outputs]
-    return batches, {n: np.concatenate([to_array(t) for b in batches for t in b.outputs if t.name == n]) for n in names}
-
-
-def in_process(model: bytes, x: np.ndarray, batch_rows: int) -> dict[str, np.ndarray]:
-    """onnxruntime in this process, at the job's batch size."""
-    session = ort.InferenceSession(model)
-    runs = [session.run(None, {"x": x[i:i + batch_rows]}) for i in range(0, len(x), batch_rows)]
-    return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(session.get_outputs())}
-
-
-def chunked_input(x: np.ndarray, chunk_rows: int, name: str = "x"):
-    header = pb.JobInputHeader(inputs=[tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape)])
-    yield pb.UploadJobInputRequest(header=header)
-    for start in range(0, len(x), chunk_rows):
-        chunk = pb.JobInputChunk(inputs=[from_array(name, x[start:start + chunk_rows], raw=True)])
-        yield pb.UploadJobInputRequest(chunk=chunk)
 
 
 def test_inline_job_is_queued_then_succeeds_with_onnxruntime_outputs(server, dense):

@@ -9,8 +9,7 @@ import numpy as np
 import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import upload_requests
-from test_upload import assert_status
+from harness import assert_status, upload_requests
 
 import grpc
 from mds.oip import grpc_service_pb2 as pb

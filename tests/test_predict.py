@@ -9,27 +9,12 @@ import numpy as np
 import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import upload_requests
-from test_tensor_codec import SAMPLES
-from test_upload import assert_status
+from harness import ONE, SAMPLES, assert_status, deploy, outputs_of, request, upload_requests
 
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import tensor_pb2
-from mds_grpc.api.tensors import from_array, to_array
 
 RNG = np.random.default_rng(42)
-
-
-def deploy(server, name: str, data: bytes) -> int:
-    return server.models.UploadModel(upload_requests(name, data), timeout=120).version
-
-
-def request(name, inputs: dict, raw=True, **fields) -> pb.PredictRequest:
-    return pb.PredictRequest(model=name, inputs=[from_array(k, v, raw) for k, v in inputs.items()], **fields)
-
-
-def outputs_of(response: pb.PredictResponse) -> dict:
-    return {t.name: to_array(t) for t in response.outputs}
 
 
 def reference(model, feeds: dict) -> dict:
@@ -170,9 +155,6 @@ def adder(server):
     deploy(server, "adder-for-errors", onnx_models.add_two())
     deploy(server, "fixed-shape", onnx_models.identity_all_dtypes(["FP32", "INT64"]))
     return "adder-for-errors"
-
-
-ONE = np.array([1.0], np.float32)
 
 
 @pytest.mark.parametrize("inputs, fields, code, fragments", [

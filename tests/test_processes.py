@@ -8,8 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx_models
-from harness import ServerProcess, upload_requests, wait_until
-from test_predict import outputs_of, request
+from harness import ServerProcess, outputs_of, request, upload_requests, wait_until
 
 from mds.v1 import inference_service_pb2_grpc
 

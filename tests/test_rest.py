@@ -10,10 +10,9 @@ import onnx_models
 import onnxruntime as ort
 import pytest
 import requests
-from harness import EnvoyProcess, ServerProcess, upload_requests
+from harness import ONE, EnvoyProcess, ServerProcess, create_key, outputs_of, request, upload_requests
 
 from mds.v1 import inference_service_pb2_grpc
-from test_predict import ONE, outputs_of, request
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +147,6 @@ def test_resource_exhausted_becomes_429(small_server):
 
 def test_api_keys_over_rest(tmp_path):
     """The Authorization header reaches the server as gRPC metadata: 401 without a valid key, 403 out of scope."""
-    from test_auth import create_key
-
     server = ServerProcess(tmp_path, mds_auth="on")
     _, admin = create_key(server, "--scope", "admin")  # keys live in the data folder: made before the start
     _, limited = create_key(server, "--scope", "predict", "--prefix", "pub-")

@@ -1,10 +1,7 @@
 """The server as a process: health, reflection through grpcurl, access log, graceful shutdown."""
 
 import json
-import os
-import subprocess
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,16 +9,8 @@ import onnx_models
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import ServerProcess, free_port, upload_requests, wait_until
-from test_predict import ONE, deploy, outputs_of, request
-
-
-
-def grpcurl(*args: str) -> str:
-    binary = Path(os.environ.get("MDS_CACHE", Path.home() / ".cache" / "mds")) / "bin" / "grpcurl"
-    result = subprocess.run([str(binary), "-plaintext", *args], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from harness import (ONE, ServerProcess, assert_status, deploy, free_port, grpcurl, outputs_of, request,
+                     upload_requests, wait_until)
 
 
 @pytest.mark.parametrize("service", ["", "mds.v1.ModelService", "mds.v1.InferenceService"])
@@ -137,7 +126,6 @@ def test_prometheus_metrics(tmp_path):
 def test_request_limits_are_configured_and_enforced_on_every_front_door(tmp_path):
     from mds.oip import grpc_service_pb2 as oip
     from mds.oip import grpc_service_pb2_grpc
-    from test_upload import assert_status
 
     server = ServerProcess(tmp_path, mds_max_elements=4, mds_max_inputs=2).start()
     try:

@@ -1,8 +1,8 @@
 """mds.v1 Tensor <-> numpy: every dtype both ways, and every malformed tensor rejected before allocation."""
 
-import ml_dtypes
 import numpy as np
 import pytest
+from harness import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,23 +10,6 @@ from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import from_array, to_array, to_arrays
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 from mds_grpc.core.limits import TensorLimits
-
-SAMPLES = {
-    "BOOL": np.array([[True, False], [False, True]]),
-    "UINT8": np.array([[0, 255], [7, 8]], dtype=np.uint8),
-    "UINT16": np.array([[0, 65535], [7, 8]], dtype=np.uint16),
-    "UINT32": np.array([[0, 2**32 - 1], [7, 8]], dtype=np.uint32),
-    "UINT64": np.array([[0, 2**64 - 1], [7, 8]], dtype=np.uint64),
-    "INT8": np.array([[-128, 127], [0, 1]], dtype=np.int8),
-    "INT16": np.array([[-32768, 32767], [0, 1]], dtype=np.int16),
-    "INT32": np.array([[-(2**31), 2**31 - 1], [0, 1]], dtype=np.int32),
-    "INT64": np.array([[-(2**63), 2**63 - 1], [0, 1]], dtype=np.int64),
-    "FP16": np.array([[0.5, -2.0], [65504, 1e-3]], dtype=np.float16),
-    "FP32": np.array([[0.5, -2.0], [3.4e38, 1e-30]], dtype=np.float32),
-    "FP64": np.array([[0.5, -2.0], [1e300, 1e-300]], dtype=np.float64),
-    "BF16": np.array([[0.5, -2.0], [3.0, 1e-3]], dtype=ml_dtypes.bfloat16),
-    "STRING": np.array([["a", ""], ["émeu", "x" * 300]], dtype=object),
-}
 
 
 @pytest.mark.parametrize("dtype", SAMPLES)

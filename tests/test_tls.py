@@ -7,8 +7,7 @@ from pathlib import Path
 import grpc
 import onnx_models
 import pytest
-from harness import ServerProcess
-from test_predict import ONE, deploy, outputs_of, request
+from harness import ONE, ServerProcess, deploy, outputs_of, request
 
 from mds.v1 import model_service_pb2
 

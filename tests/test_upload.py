@@ -7,32 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import onnx_models
 import pytest
-from harness import ServerProcess, upload_requests, wait_until
+from harness import ServerProcess, assert_status, upload, upload_requests, wait_until
 
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import tensor_pb2
-
-
-def upload(server, name, data, **kwargs):
-    return server.models.UploadModel(upload_requests(name, data, **kwargs), timeout=120)
-
-
-def assert_status(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    assert caught.value.code() == code, caught.value.details()
-    for fragment in fragments:
-        assert fragment in caught.value.details()
-    return caught.value.details()
-
-
-@pytest.fixture
-def nothing_left(server):
-    """After the test: no upload in progress or left in the temp folder, and no new blob."""
-    before = server.blobs()
-    yield
-    wait_until(lambda: not server.leftovers(), what="the server to clean its temp folder")
-    assert server.blobs() == before
 
 
 def test_upload_records_signature_and_metadata(server, pretrained, unique):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import grpc
 
-from harness import CACHE, Target, free_port
+from harness import Target
+from local_machine import CACHE, free_port
 from mds.oip import grpc_service_pb2 as oip
 
 HERE = Path(__file__).resolve().parent
