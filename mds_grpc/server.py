@@ -18,6 +18,7 @@ from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
                     model_service_pb2, model_service_pb2_grpc)
 from mds_grpc import job_queue, metrics
+from mds_grpc.api import contract
 from mds_grpc.api.access_log import ServedServer
 from mds_grpc.api.auth import Guard
 from mds_grpc.api.inference_servicer import InferenceServicer
@@ -142,6 +143,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     keeps its own model folder and metrics port (MDS_METRICS_PORT + process), and the parent
     has already swept what an earlier run left behind.
     """
+    rpcs = contract.rpcs((*SERVICES, *contract.PROBE_SERVICES))  # exits when a served method declares no scope
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,7 +154,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
-    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds),
+    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds), rpcs,
                   settings.auth_open_probes) if auth_on else None
     if not auth_on and settings.grpc_host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("authentication is off on a non-loopback address: anyone who can reach "
@@ -179,7 +181,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)), probes)
+        (*SERVICES, *contract.PROBE_SERVICES)), probes)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

@@ -1,5 +1,11 @@
 """API keys: every RPC of every service x {no key, wrong key, revoked key, wrong scope, right scope}."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -7,16 +13,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import onnx_models
 from google.protobuf import message_factory
-from harness import ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
+from google.rpc import status_pb2
+from harness import REPO, ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
 
 from mds.oip import grpc_service_pb2
 from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
+from mds_grpc.api import contract
 from mds_grpc.api.tensors import from_array
+from mds_grpc.core.auth import ADMIN
 
-PUBLIC = {"inference.GRPCInferenceService/ServerLive", "inference.GRPCInferenceService/ServerReady",
-          "inference.GRPCInferenceService/ServerMetadata"}
-ADMIN = {"mds.v1.ModelService/UploadModel", "mds.v1.ModelService/DeleteModel"}
 MODULES = (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
+# What the contract declares: each method's scope and its request's model field.
+RPCS = contract.rpcs(sorted({method.split("/")[0] for method in every_rpc()}))
+PUBLIC = sorted(method.removeprefix("/") for method, rpc in RPCS.items() if rpc.scope == contract.PUBLIC)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +43,7 @@ def secured(tmp_path_factory):
 
 
 def request_for(method: str, model: str):
-    """A request of the method's type that names `model` wherever the type has a model field."""
+    """A request of the method's type that names `model` in its declared model field."""
     service, name = method.split("/")
     for module in MODULES:
         for descriptor in module.DESCRIPTOR.services_by_name.values():
@@ -42,9 +51,8 @@ def request_for(method: str, model: str):
                 rpc = descriptor.methods_by_name[name]
                 message_class = _message_class(rpc.input_type)
                 message = message_class()
-                for field in ("model", "name", "model_name"):
-                    if field in message_class.DESCRIPTOR.fields_by_name:
-                        setattr(message, field, model)
+                if field := contract.model_field(message_class.DESCRIPTOR):
+                    setattr(message, field, model)
                 if name == "UploadModel":
                     message.header.name = model
                 return rpc, message
@@ -89,19 +97,20 @@ DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 @pytest.mark.parametrize("method", sorted(every_rpc()))
 def test_every_rpc_checks_its_caller(secured, method):
     server, keys = secured
-    if method in PUBLIC:
+    scope = RPCS[f"/{method}"].scope
+    if scope == contract.PUBLIC:
         assert call(server, method, "pub-model", None) == grpc.StatusCode.OK
         return
     for case in ("none", "wrong", "revoked"):
         assert call(server, method, "pub-model", keys.get(case)) == grpc.StatusCode.UNAUTHENTICATED, case
-    if method in ADMIN:  # a predict key has the wrong scope
+    if scope == ADMIN:  # a predict key has the wrong scope
         assert call(server, method, "pub-model", keys["predict"]) == grpc.StatusCode.PERMISSION_DENIED
         assert call(server, method, "pub-other", keys["admin"]) not in DENIED
     else:
         right = call(server, method, "pub-model", keys["predict"])
         assert right not in DENIED, right
         rpc, message = request_for(method, "x")
-        if any(f in message.DESCRIPTOR.fields_by_name for f in ("model", "name", "model_name")):
+        if contract.model_field(message.DESCRIPTOR):
             # The predict key is limited to models named pub-*.
             assert call(server, method, "private-model", keys["predict"]) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -134,7 +143,7 @@ def test_probes_can_require_a_key(tmp_path):
         assert_status(lambda: list(reflection.ServerReflectionInfo(iter([listing]))), grpc.StatusCode.UNAUTHENTICATED)
         replies = list(reflection.ServerReflectionInfo(iter([listing]), metadata=server.probe_metadata))
         assert "mds.v1.InferenceService" in {s.name for s in replies[0].list_services_response.service}
-        for method in sorted(PUBLIC):
+        for method in PUBLIC:
             assert call(server, method, "", None) == grpc.StatusCode.UNAUTHENTICATED, method
             assert call(server, method, "", key) == grpc.StatusCode.OK, method
         access = [line for line in (server.log_dir / "mds.log").read_text().splitlines() if "mds.access" in line]
@@ -177,3 +186,26 @@ def test_job_ids_and_listings_keep_a_key_to_its_prefixes(secured):
     assert server.jobs.ListJobs(job_service_pb2.ListJobsRequest(model="pub-model"), metadata=limited).jobs == []
     assert "private-jobs" in {m.name for m in server.models.ListModels(model_service_pb2.ListModelsRequest(),
                                                                         metadata=admin).models}
+
+
+def test_a_method_without_a_scope_stops_the_start(tmp_path):
+    """A new RPC in the contract that declares no scope: the server refuses to start rather than guess one."""
+    protos, gen = tmp_path / "protos", tmp_path / "gen"
+    shutil.copytree(REPO / "protos", protos)
+    model_service = protos / "mds" / "v1" / "model_service.proto"
+    model_service.write_text(model_service.read_text().replace(
+        "service ModelService {\n", "service ModelService {\n  rpc RenameModel(GetModelRequest) returns (Model);\n", 1))
+    googleapis = Path(status_pb2.__file__).parents[2]
+    gen.mkdir()
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}", f"-I{googleapis}", f"--python_out={gen}",
+                    f"--grpc_python_out={gen}", *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")]],
+                   check=True, cwd=protos)
+    for package in ("mds", "mds/v1", "mds/oip"):
+        (gen / package / "__init__.py").touch()
+    path = os.pathsep.join(filter(None, (str(gen), os.environ.get("PYTHONPATH"))))  # these stubs before gen/
+    result = subprocess.run([sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", "0",
+                             "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "logs")],
+                            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: /mds.v1.ModelService/RenameModel declares no scope: give it "
+                                     "`option (mds.v1.scope)` in protos/ (see mds/v1/options.proto)")

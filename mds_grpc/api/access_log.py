@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import grpc
 
 from mds_grpc import metrics
+from mds_grpc.api import contract
 from mds_grpc.core.errors import MdsError
 from mds_grpc.logs import AccessLog
 
 errors_log = logging.getLogger("mds.errors")
 _fields: contextvars.ContextVar[dict] = contextvars.ContextVar("access_fields")
-_REQUEST_FIELDS = (("model", "model"), ("name", "model"), ("version", "version"), ("request_id", "request_id"),
-                   ("id", "job"))
+# Besides the field the contract marks as naming the model (logged as `model`):
+_REQUEST_FIELDS = (("version", "version"), ("request_id", "request_id"), ("id", "job"))
 
 
 def annotate(**fields) -> None:
@@ -101,8 +102,10 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog 
     message_class = getattr(handler.request_deserializer, "__self__", None)
     present = message_class.DESCRIPTOR.fields_by_name if message_class and (
         handler.unary_unary or handler.unary_stream) else {}
-    logged = tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present
-                   and not (pair[0] == "id" and method.startswith("/inference.")))  # there `id` is a request id
+    model = contract.model_field(message_class.DESCRIPTOR) if present else None
+    logged = ((model, "model"),) if model else ()
+    logged += tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present
+                    and not (pair[0] == "id" and method.startswith("/inference.")))  # there `id` is a request id
     route = _Route(method, guard, access, logged)
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary

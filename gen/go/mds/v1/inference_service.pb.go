@@ -289,9 +289,9 @@ var File_mds_v1_inference_service_proto protoreflect.FileDescriptor
 
 const file_mds_v1_inference_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x13mds/v1/tensor.proto\"\xeb\x01\n" +
-	"\x0ePredictRequest\x12\x14\n" +
-	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
+	"\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\xf1\x01\n" +
+	"\x0ePredictRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12&\n" +
 	"\x06inputs\x18\x03 \x03(\v2\x0e.mds.v1.TensorR\x06inputs\x12!\n" +
 	"\foutput_names\x18\x04 \x03(\tR\voutputNames\x12\x1d\n" +
@@ -313,10 +313,10 @@ const file_mds_v1_inference_service_proto_rawDesc = "" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x125\n" +
 	"\bresponse\x18\x02 \x01(\v2\x17.mds.v1.PredictResponseH\x00R\bresponse\x12*\n" +
 	"\x05error\x18\x03 \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
-	"\x06result2\x99\x02\n" +
-	"\x10InferenceService\x12\x95\x01\n" +
-	"\aPredict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"Y\x82\xd3\xe4\x93\x02S:\x01*Z2:\x01*\"-/v1/models/{model}/versions/{version}:predict\"\x1a/v1/models/{model}:predict\x12m\n" +
-	"\rPredictStream\x12\x16.mds.v1.PredictRequest\x1a\x1d.mds.v1.PredictStreamResponse\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/predictions:stream(\x010\x01B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
+	"\x06result2\xa1\x02\n" +
+	"\x10InferenceService\x12\x99\x01\n" +
+	"\aPredict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"]\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02S:\x01*Z2:\x01*\"-/v1/models/{model}/versions/{version}:predict\"\x1a/v1/models/{model}:predict\x12q\n" +
+	"\rPredictStream\x12\x16.mds.v1.PredictRequest\x1a\x1d.mds.v1.PredictStreamResponse\"%\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/predictions:stream(\x010\x01B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
 
 var (
 	file_mds_v1_inference_service_proto_rawDescOnce sync.Once
@@ -365,6 +365,7 @@ func file_mds_v1_inference_service_proto_init() {
 	if File_mds_v1_inference_service_proto != nil {
 		return
 	}
+	file_mds_v1_options_proto_init()
 	file_mds_v1_tensor_proto_init()
 	file_mds_v1_inference_service_proto_msgTypes[2].OneofWrappers = []any{
 		(*PredictStreamResponse_Response)(nil),

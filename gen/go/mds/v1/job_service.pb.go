@@ -896,7 +896,7 @@ var File_mds_v1_job_service_proto protoreflect.FileDescriptor
 
 const file_mds_v1_job_service_proto_rawDesc = "" +
 	"\n" +
-	"\x18mds/v1/job_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13mds/v1/tensor.proto\"\x83\x01\n" +
+	"\x18mds/v1/job_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\x83\x01\n" +
 	"\x15UploadJobInputRequest\x120\n" +
 	"\x06header\x18\x01 \x01(\v2\x16.mds.v1.JobInputHeaderH\x00R\x06header\x12-\n" +
 	"\x05chunk\x18\x02 \x01(\v2\x15.mds.v1.JobInputChunkH\x00R\x05chunkB\t\n" +
@@ -908,9 +908,9 @@ const file_mds_v1_job_service_proto_rawDesc = "" +
 	"\bJobInput\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04rows\x18\x02 \x01(\x03R\x04rows\x12*\n" +
-	"\x06inputs\x18\x03 \x03(\v2\x12.mds.v1.TensorSpecR\x06inputs\"\xc7\x01\n" +
-	"\x10CreateJobRequest\x12\x14\n" +
-	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
+	"\x06inputs\x18\x03 \x03(\v2\x12.mds.v1.TensorSpecR\x06inputs\"\xcd\x01\n" +
+	"\x10CreateJobRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12&\n" +
 	"\x06inputs\x18\x03 \x03(\v2\x0e.mds.v1.TensorR\x06inputs\x12\x19\n" +
 	"\binput_id\x18\x04 \x01(\tR\ainputId\x12!\n" +
@@ -935,13 +935,13 @@ const file_mds_v1_job_service_proto_rawDesc = "" +
 	" \x01(\x03R\tbatchRows\x12!\n" +
 	"\foutput_names\x18\v \x03(\tR\voutputNames\"\x1f\n" +
 	"\rGetJobRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x8b\x01\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x91\x01\n" +
 	"\x0fListJobsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x02 \x01(\tR\tpageToken\x12&\n" +
-	"\x05state\x18\x03 \x01(\x0e2\x10.mds.v1.JobStateR\x05state\x12\x14\n" +
-	"\x05model\x18\x04 \x01(\tR\x05model\"[\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x10.mds.v1.JobStateR\x05state\x12\x1a\n" +
+	"\x05model\x18\x04 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\"[\n" +
 	"\x10ListJobsResponse\x12\x1f\n" +
 	"\x04jobs\x18\x01 \x03(\v2\v.mds.v1.JobR\x04jobs\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\"\n" +
@@ -962,17 +962,17 @@ const file_mds_v1_job_service_proto_rawDesc = "" +
 	"\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n" +
 	"\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n" +
 	"\x10JOB_STATE_FAILED\x10\x04\x12\x17\n" +
-	"\x13JOB_STATE_CANCELLED\x10\x052\xd8\x04\n" +
+	"\x13JOB_STATE_CANCELLED\x10\x052\xf4\x04\n" +
 	"\n" +
-	"JobService\x12]\n" +
-	"\x0eUploadJobInput\x12\x1d.mds.v1.UploadJobInputRequest\x1a\x10.mds.v1.JobInput\"\x18\x82\xd3\xe4\x93\x02\x12:\x01*\"\r/v1/jobInputs(\x01\x12G\n" +
-	"\tCreateJob\x12\x18.mds.v1.CreateJobRequest\x1a\v.mds.v1.Job\"\x13\x82\xd3\xe4\x93\x02\r:\x01*\"\b/v1/jobs\x12C\n" +
-	"\x06GetJob\x12\x15.mds.v1.GetJobRequest\x1a\v.mds.v1.Job\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12O\n" +
-	"\bListJobs\x12\x17.mds.v1.ListJobsRequest\x1a\x18.mds.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
-	"\x12\b/v1/jobs\x12S\n" +
-	"\tCancelJob\x12\x18.mds.v1.CancelJobRequest\x1a\v.mds.v1.Job\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/jobs/{id}:cancel\x12O\n" +
-	"\bWatchJob\x12\x17.mds.v1.WatchJobRequest\x1a\v.mds.v1.Job\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12f\n" +
-	"\rGetJobResults\x12\x1c.mds.v1.GetJobResultsRequest\x1a\x16.mds.v1.JobResultBatch\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/jobs/{id}/results0\x01B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
+	"JobService\x12a\n" +
+	"\x0eUploadJobInput\x12\x1d.mds.v1.UploadJobInputRequest\x1a\x10.mds.v1.JobInput\"\x1c\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x12:\x01*\"\r/v1/jobInputs(\x01\x12K\n" +
+	"\tCreateJob\x12\x18.mds.v1.CreateJobRequest\x1a\v.mds.v1.Job\"\x17\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\r:\x01*\"\b/v1/jobs\x12G\n" +
+	"\x06GetJob\x12\x15.mds.v1.GetJobRequest\x1a\v.mds.v1.Job\"\x19\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12S\n" +
+	"\bListJobs\x12\x17.mds.v1.ListJobsRequest\x1a\x18.mds.v1.ListJobsResponse\"\x14\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\n" +
+	"\x12\b/v1/jobs\x12W\n" +
+	"\tCancelJob\x12\x18.mds.v1.CancelJobRequest\x1a\v.mds.v1.Job\"#\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/jobs/{id}:cancel\x12S\n" +
+	"\bWatchJob\x12\x17.mds.v1.WatchJobRequest\x1a\v.mds.v1.Job\"\x1f\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12j\n" +
+	"\rGetJobResults\x12\x1c.mds.v1.GetJobResultsRequest\x1a\x16.mds.v1.JobResultBatch\"!\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/jobs/{id}/results0\x01B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
 
 var (
 	file_mds_v1_job_service_proto_rawDescOnce sync.Once
@@ -1046,6 +1046,7 @@ func file_mds_v1_job_service_proto_init() {
 	if File_mds_v1_job_service_proto != nil {
 		return
 	}
+	file_mds_v1_options_proto_init()
 	file_mds_v1_tensor_proto_init()
 	file_mds_v1_job_service_proto_msgTypes[0].OneofWrappers = []any{
 		(*UploadJobInputRequest_Header)(nil),

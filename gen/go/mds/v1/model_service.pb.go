@@ -914,15 +914,15 @@ var File_mds_v1_model_service_proto protoreflect.FileDescriptor
 
 const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1amds/v1/model_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13mds/v1/tensor.proto\"\x9a\x01\n" +
+	"\x1amds/v1/model_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\x9a\x01\n" +
 	"\x12UploadModelRequest\x12-\n" +
 	"\x06header\x18\x01 \x01(\v2\x13.mds.v1.ModelHeaderH\x00R\x06header\x12\x16\n" +
 	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x122\n" +
 	"\n" +
 	"file_chunk\x18\x03 \x01(\v2\x11.mds.v1.FileChunkH\x00R\tfileChunkB\t\n" +
-	"\apayload\"\x8b\x03\n" +
-	"\vModelHeader\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\apayload\"\x91\x03\n" +
+	"\vModelHeader\x12\x18\n" +
+	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
 	"\x06labels\x18\x03 \x03(\v2\x1f.mds.v1.ModelHeader.LabelsEntryR\x06labels\x123\n" +
 	"\bmetadata\x18\x04 \x01(\v2\x17.google.protobuf.StructR\bmetadata\x12\x16\n" +
@@ -971,32 +971,32 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\bbatching\x18\x10 \x01(\v2\x10.mds.v1.BatchingR\bbatching\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"?\n" +
-	"\x0fGetModelRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"c\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"E\n" +
+	"\x0fGetModelRequest\x12\x18\n" +
+	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\"i\n" +
 	"\x11ListModelsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x02 \x01(\tR\tpageToken\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"c\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\x12\x18\n" +
+	"\x04name\x18\x03 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\"c\n" +
 	"\x12ListModelsResponse\x12%\n" +
 	"\x06models\x18\x01 \x03(\v2\r.mds.v1.ModelR\x06models\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"B\n" +
-	"\x12DeleteModelRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"H\n" +
+	"\x12DeleteModelRequest\x12\x18\n" +
+	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\"T\n" +
 	"\x13DeleteModelResponse\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
-	"\x10deleted_versions\x18\x02 \x03(\x03R\x0fdeletedVersions2\xbd\x03\n" +
-	"\fModelService\x12Q\n" +
-	"\vUploadModel\x12\x1a.mds.v1.UploadModelRequest\x1a\r.mds.v1.Model\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
-	"/v1/models(\x01\x12u\n" +
-	"\bGetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"A\x82\xd3\xe4\x93\x02;Z&\x12$/v1/models/{name}/versions/{version}\x12\x11/v1/models/{name}\x12W\n" +
+	"\x10deleted_versions\x18\x02 \x03(\x03R\x0fdeletedVersions2\xcd\x03\n" +
+	"\fModelService\x12U\n" +
+	"\vUploadModel\x12\x1a.mds.v1.UploadModelRequest\x1a\r.mds.v1.Model\"\x19\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
+	"/v1/models(\x01\x12y\n" +
+	"\bGetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"E\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02;Z&\x12$/v1/models/{name}/versions/{version}\x12\x11/v1/models/{name}\x12[\n" +
 	"\n" +
-	"ListModels\x12\x19.mds.v1.ListModelsRequest\x1a\x1a.mds.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
-	"/v1/models\x12\x89\x01\n" +
-	"\vDeleteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"A\x82\xd3\xe4\x93\x02;Z&*$/v1/models/{name}/versions/{version}*\x11/v1/models/{name}B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
+	"ListModels\x12\x19.mds.v1.ListModelsRequest\x1a\x1a.mds.v1.ListModelsResponse\"\x16\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/models\x12\x8d\x01\n" +
+	"\vDeleteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"E\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02;Z&*$/v1/models/{name}/versions/{version}*\x11/v1/models/{name}B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
 
 var (
 	file_mds_v1_model_service_proto_rawDescOnce sync.Once
@@ -1066,6 +1066,7 @@ func file_mds_v1_model_service_proto_init() {
 	if File_mds_v1_model_service_proto != nil {
 		return
 	}
+	file_mds_v1_options_proto_init()
 	file_mds_v1_tensor_proto_init()
 	file_mds_v1_model_service_proto_msgTypes[0].OneofWrappers = []any{
 		(*UploadModelRequest_Header)(nil),
