@@ -4,18 +4,15 @@ import argparse
 import asyncio
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 from pathlib import Path
 
-import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from mds_grpc.client import Client, JobState, MdsError
 from mds_grpc.config import RENAMED, Settings, env_name, load_settings, parse, warn_renamed
-
-CHUNK_BYTES = 1 << 20
 
 
 def _settings(args) -> Settings:
@@ -72,80 +69,49 @@ def _worker(args) -> None:
     run_worker(_settings(args))
 
 
-class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every call."""
-
-    def __init__(self, key: str):
-        self.metadata = (("authorization", f"Bearer {key}"),)
-
-    def _add(self, continuation, details, request):
-        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
-        return continuation(details, request)
-
-    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _add
+def _client(args) -> Client:
+    return Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                  tls_key=args.tls_key)
 
 
-def _channel(args) -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    if args.tls_ca or args.tls_cert:
-        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
-        channel = grpc.secure_channel(args.server, credentials, options=options)  # no CA given: system roots
-    else:
-        channel = grpc.insecure_channel(args.server, options=options)
-    return grpc.intercept_channel(channel, _ApiKey(args.api_key)) if args.api_key else channel
+class _Bar:
+    """A progress callback `(done, total, status)` drawing a tqdm bar from its first call; closed on exit."""
+
+    def __init__(self, **options):
+        self.options, self.bar = options, None
+
+    def __call__(self, done: int, total: int, status: str = "") -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, **self.options)
+        self.bar.update(done - self.bar.n)
+        if status:
+            self.bar.set_postfix_str(status)
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _state(job) -> str:
+    return JobState.Name(job.state).removeprefix("JOB_STATE_")
 
 
 def _print_message(message) -> None:
     print(json.dumps(json_format.MessageToDict(message), indent=2))
 
 
-def _side_files(model_path: Path) -> list[str]:
-    """Locations of external data the model references, relative to its folder."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    graph = onnx.load(str(model_path), load_external_data=False)
-    return sorted({ExternalDataInfo(t).location for t in _get_all_tensors(graph) if uses_external_data(t)})
-
-
 def _upload(args) -> None:
-    from tqdm import tqdm
-
-    from mds.v1 import model_service_pb2 as pb
-    from mds.v1 import model_service_pb2_grpc
-
-    path = Path(args.path)
-    side = [(name, path.parent / name) for name in _side_files(path)]
-    header = pb.ModelHeader(
-        name=args.name, description=args.description, labels=dict(kv.split("=", 1) for kv in args.label),
-        size_bytes=path.stat().st_size,
-        external_files=[pb.ModelFile(path=name, size_bytes=file.stat().st_size) for name, file in side],
-        batching=pb.Batching(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us),
-    )
-    if args.metadata:
-        header.metadata.update(json.loads(args.metadata))
-    total = path.stat().st_size + sum(file.stat().st_size for _, file in side)
-    progress = tqdm(total=total, unit="B", unit_scale=True, desc=args.name, disable=args.quiet)
-    digest = hashlib.sha256()
-
-    def requests():
-        yield pb.UploadModelRequest(header=header)
-        for name, file in [(None, path), *side]:
-            with open(file, "rb") as handle:
-                while chunk := handle.read(CHUNK_BYTES):
-                    progress.update(len(chunk))
-                    if name is None:
-                        digest.update(chunk)
-                        yield pb.UploadModelRequest(chunk=chunk)
-                    else:
-                        yield pb.UploadModelRequest(file_chunk=pb.FileChunk(path=name, data=chunk))
-
-    model = model_service_pb2_grpc.ModelServiceStub(_channel(args)).UploadModel(requests())
-    progress.close()
-    if model.sha256 != digest.hexdigest():
-        raise SystemExit(f"error: server stored sha256 {model.sha256}, the file hashes to {digest.hexdigest()}")
+    labels = dict(kv.split("=", 1) for kv in args.label)
+    metadata = json.loads(args.metadata) if args.metadata else None
+    with _client(args) as client, _Bar(unit="B", unit_scale=True, desc=args.name, disable=args.quiet) as bar:
+        model = client.upload(args.path, args.name, description=args.description, labels=labels, metadata=metadata,
+                              max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                              progress=bar)
     _print_message(model)
 
 
@@ -160,120 +126,78 @@ def _input_array(spec: str, dtypes_by_input: dict) -> tuple[str, np.ndarray]:
 
 
 def _predict(args) -> None:
-    from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, model_service_pb2, model_service_pb2_grpc
-    from mds_grpc.api.tensors import PREFIX, DataType, from_array, to_array
+    from mds_grpc.api.tensors import BY_WIRE
     from mds_grpc.core import dtypes
 
-    channel = _channel(args)
-    model = model_service_pb2_grpc.ModelServiceStub(channel).GetModel(
-        model_service_pb2.GetModelRequest(name=args.name, version=args.version)
-    )
-    wanted = {spec.name: dtypes.BY_NAME.get(DataType.Name(spec.dtype).removeprefix(PREFIX)) for spec in model.inputs}
-    arrays = dict(_input_array(spec, wanted) for spec in args.input)
-    request = inference_service_pb2.PredictRequest(
-        model=args.name, version=model.version, output_names=args.output,
-        inputs=[from_array(name, array, raw=True) for name, array in arrays.items()],
-    )
-    response = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(request)
-    result = {t.name: {"dtype": dtypes.of_array(a := to_array(t)).name, "shape": list(a.shape), "data": a.tolist()}
-              for t in response.outputs}
-    result.update(json_format.MessageToDict(response)["structuredOutputs"] if response.structured_outputs else {})
-    print(json.dumps({"model": response.model, "version": response.version, "outputs": result}, default=str))
+    with _client(args) as client:
+        model = client.get_model(args.name, args.version)
+        wanted = {spec.name: BY_WIRE.get(spec.dtype) for spec in model.inputs}
+        arrays = dict(_input_array(spec, wanted) for spec in args.input)
+        prediction = client.predict(args.name, arrays, version=model.version, outputs=args.output)
+    result = {name: {"dtype": dtypes.of_array(a).name, "shape": list(a.shape), "data": a.tolist()}
+              for name, a in prediction.outputs.items()}
+    result.update(prediction.structured_outputs)
+    print(json.dumps({"model": prediction.model, "version": prediction.version, "outputs": result}, default=str))
 
 
 def _models(args) -> None:
-    from mds.v1 import model_service_pb2 as pb
-    from mds.v1 import model_service_pb2_grpc
-
-    stub = model_service_pb2_grpc.ModelServiceStub(_channel(args))
-    if args.action == "list":
-        token = ""
-        while True:
-            page = stub.ListModels(pb.ListModelsRequest(name=args.name or "", page_token=token))
-            for model in page.models:
+    with _client(args) as client:
+        if args.action == "list":
+            for model in client.list_models(args.name or ""):
                 print(f"{model.name}\t{model.version}\t{model.size_bytes}\t{model.created_at.ToJsonString()}")
-            if not (token := page.next_page_token):
-                break
-    elif args.action == "get":
-        _print_message(stub.GetModel(pb.GetModelRequest(name=args.name, version=args.version)))
-    else:
-        _print_message(stub.DeleteModel(pb.DeleteModelRequest(name=args.name, version=args.version)))
-
-
-def _job_requests(arrays: dict[str, np.ndarray], chunk_rows: int):
-    """UploadJobInput messages: the header, then chunks of rows read from memory-mapped arrays."""
-    from mds.v1 import job_service_pb2 as jobs
-    from mds.v1 import tensor_pb2
-    from mds_grpc.api.tensors import PREFIX, DataType, from_array
-    from mds_grpc.core import dtypes
-
-    specs = [tensor_pb2.TensorSpec(name=name, dtype=DataType.Value(PREFIX + dtypes.of_array(a).name), shape=a.shape)
-             for name, a in arrays.items()]
-    yield jobs.UploadJobInputRequest(header=jobs.JobInputHeader(inputs=specs))
-    rows = next(iter(arrays.values())).shape[0]
-    for start in range(0, rows, chunk_rows):
-        chunk = [from_array(name, np.asarray(a[start:start + chunk_rows]), raw=True) for name, a in arrays.items()]
-        yield jobs.UploadJobInputRequest(chunk=jobs.JobInputChunk(inputs=chunk))
+        elif args.action == "get":
+            _print_message(client.get_model(args.name, args.version))
+        else:
+            _print_message(client.delete_model(args.name, args.version))
 
 
 def _jobs(args) -> None:
-    from tqdm import tqdm
+    with _client(args) as client:
+        if args.action == "create":
+            arrays = {}
+            for spec in args.input:
+                name, _, path = spec.partition("=")
+                if not path.endswith(".npy"):
+                    raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
+                arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            _print_message(client.create_job(args.target, arrays, version=args.version, outputs=args.output,
+                                             batch_rows=args.batch_rows, chunk_rows=args.chunk_rows))
+        elif args.action == "list":
+            state = JobState.Value("JOB_STATE_" + args.state.upper()) if args.state else 0
+            for job in client.list_jobs(state=state, model=args.target or ""):
+                print(f"{job.id}\t{job.model}\t{job.version}\t{_state(job)}\t"
+                      f"{job.rows_done}/{job.rows_total}")
+        elif args.action == "get":
+            _print_message(client.get_job(args.target))
+        elif args.action == "cancel":
+            _print_message(client.cancel_job(args.target))
+        elif args.action == "watch":
+            with _Bar(unit="rows", disable=args.quiet) as bar:
+                for job in client.watch_job(args.target):
+                    bar(job.rows_done, job.rows_total, _state(job))
+            if job.state != JobState.JOB_STATE_SUCCEEDED:
+                raise SystemExit(f"error: job {job.id} ended {_state(job)}: {job.error}")
+            print(f"job {job.id} SUCCEEDED: {job.rows_done} rows")
+        else:
+            _save_results(client, args.target, Path(args.out))
 
-    from mds.v1 import job_service_pb2 as pb
-    from mds.v1 import job_service_pb2_grpc
-    from mds_grpc.api.tensors import to_array
 
-    stub = job_service_pb2_grpc.JobServiceStub(_channel(args))
-    if args.action == "create":
-        arrays = {}
-        for spec in args.input:
-            name, _, path = spec.partition("=")
-            if not path.endswith(".npy"):
-                raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        row_bytes = sum(a[:1].nbytes for a in arrays.values()) or 1
-        chunk_rows = args.chunk_rows or max(1, CHUNK_BYTES * 16 // row_bytes)  # ~16 MiB messages
-        job_input = stub.UploadJobInput(_job_requests(arrays, chunk_rows))
-        job = stub.CreateJob(pb.CreateJobRequest(model=args.target, version=args.version, input_id=job_input.id,
-                                                 output_names=args.output, batch_rows=args.batch_rows))
-        _print_message(job)
-    elif args.action == "list":
-        state = pb.JobState.Value("JOB_STATE_" + args.state.upper()) if args.state else 0
-        page = stub.ListJobs(pb.ListJobsRequest(state=state, model=args.target or ""))
-        for job in page.jobs:
-            print(f"{job.id}\t{job.model}\t{job.version}\t{pb.JobState.Name(job.state)[10:]}\t"
-                  f"{job.rows_done}/{job.rows_total}")
-    elif args.action == "get":
-        _print_message(stub.GetJob(pb.GetJobRequest(id=args.target)))
-    elif args.action == "cancel":
-        _print_message(stub.CancelJob(pb.CancelJobRequest(id=args.target)))
-    elif args.action == "watch":
-        progress = None
-        for job in stub.WatchJob(pb.WatchJobRequest(id=args.target)):
-            progress = progress or tqdm(total=job.rows_total, unit="rows", disable=args.quiet)
-            progress.update(job.rows_done - progress.n)
-            progress.set_postfix_str(pb.JobState.Name(job.state)[10:])
-        progress.close()
-        if job.state != pb.JOB_STATE_SUCCEEDED:
-            raise SystemExit(f"error: job {job.id} ended {pb.JobState.Name(job.state)[10:]}: {job.error}")
-        print(f"job {job.id} SUCCEEDED: {job.rows_done} rows")
-    else:  # results: one NAME.npy per output, filled batch by batch
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        total = stub.GetJob(pb.GetJobRequest(id=args.target)).rows_total
-        files = {}
-        for batch in stub.GetJobResults(pb.GetJobResultsRequest(id=args.target)):
-            for tensor in batch.outputs:
-                array = to_array(tensor)
-                if Path(tensor.name).name != tensor.name or tensor.name in ("", ".", ".."):
-                    raise SystemExit(f"error: output name {tensor.name!r} cannot be a file name")
-                if tensor.name not in files:
-                    files[tensor.name] = np.lib.format.open_memmap(
-                        out / f"{tensor.name}.npy", mode="w+", dtype=array.dtype, shape=(total, *array.shape[1:]))
-                files[tensor.name][batch.row_offset:batch.row_offset + batch.rows] = array
-        for name, array in files.items():
-            array.flush()
-            print(out / f"{name}.npy")
+def _save_results(client: Client, job_id: str, out: Path) -> None:
+    """One NAME.npy per output of a job, filled batch by batch."""
+    out.mkdir(parents=True, exist_ok=True)
+    total = client.get_job(job_id).rows_total
+    files = {}
+    for batch in client.job_results(job_id):
+        for name, array in batch.outputs.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise SystemExit(f"error: output name {name!r} cannot be a file name")
+            if name not in files:
+                files[name] = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=array.dtype,
+                                                        shape=(total, *array.shape[1:]))
+            files[name][batch.row_offset:batch.row_offset + batch.rows] = array
+    for name, array in files.items():
+        array.flush()
+        print(out / f"{name}.npy")
 
 
 class _Renamed(argparse.Action):
@@ -378,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: mds jobs {args.action} needs a {'model' if args.action == 'create' else 'job id'}")
     try:
         args.run(args)
-    except grpc.RpcError as error:
-        raise SystemExit(f"error: {error.code().name}: {error.details()}") from None
+    except MdsError as error:
+        raise SystemExit(f"error: {error.status}: {error}") from None
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
