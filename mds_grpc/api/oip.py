@@ -1,7 +1,7 @@
 """Open Inference Protocol (V2) messages <-> numpy and core records.
 
-V2 tensor contents share mds.v1's field numbers and types, so typed contents cross over
-by re-parsing and every check of `tensors.to_array` applies to V2 requests too.
+Tensors decode straight to numpy through core.arrays, as mds.v1's do, so every check (limits,
+dtype, shape against data) applies alike; V2 typed contents share mds.v1's field names.
 """
 
 import re
@@ -10,15 +10,15 @@ import struct
 import numpy as np
 
 from mds.oip import grpc_service_pb2 as pb
-from mds.v1 import tensor_pb2
-from mds_grpc.api.tensors import CONTENTS_FIELD, from_array, to_arrays
-from mds_grpc.core import dtypes
+from mds_grpc.api.tensors import CONTENTS_FIELD, fill_typed, from_typed
+from mds_grpc.core import arrays, dtypes
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.limits import TensorLimits
 from mds_grpc.core.records import ModelRecord, TensorSpec
 
 V2_NAMES = {"STRING": "BYTES"}  # core dtype name -> V2 datatype, where they differ
-CORE_NAMES = {v2: core for core, v2 in V2_NAMES.items()}
+# V2 datatypes, and (as ever accepted) the core names where they differ
+BY_DATATYPE = {**dtypes.BY_NAME, **{v2: dtypes.BY_NAME[core] for core, v2 in V2_NAMES.items()}}
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -30,11 +30,11 @@ def parse_version(version: str) -> int:
     return int(version)
 
 
-def _core_dtype(datatype: str, name: str) -> int:
-    try:
-        return tensor_pb2.DataType.Value("DATA_TYPE_" + CORE_NAMES.get(datatype, datatype))
-    except ValueError:
-        raise InvalidArgument(f"input {name!r} has unknown datatype {datatype!r}") from None
+def _dtype(datatype: str, name: str) -> dtypes.DType:
+    dtype = BY_DATATYPE.get(datatype)
+    if dtype is None:
+        raise InvalidArgument(f"input {name!r} has unknown datatype {datatype[:40]!r}")
+    return dtype
 
 
 def split_length_prefixed(data: bytes, name: str) -> list[bytes]:
@@ -56,44 +56,51 @@ def join_length_prefixed(elements) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _as_mds_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> tensor_pb2.Tensor:
-    converted = tensor_pb2.Tensor(name=tensor.name, dtype=_core_dtype(tensor.datatype, tensor.name),
-                                  shape=tensor.shape,
-                                  contents=tensor_pb2.TensorContents.FromString(tensor.contents.SerializeToString()))
-    if raw is not None:
-        if converted.contents.ByteSize():
-            raise InvalidArgument(f"input {tensor.name!r} has both contents and raw_input_contents")
-        if converted.dtype == tensor_pb2.DATA_TYPE_STRING:
-            converted.contents.bytes_contents.extend(split_length_prefixed(raw, tensor.name))
-        else:
-            converted.raw_data = raw
-    return converted
+def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: TensorLimits,
+                 elements_so_far: int) -> np.ndarray:
+    name = tensor.name
+    dtype = _dtype(tensor.datatype, name)
+    shape = arrays.checked_shape(name, tensor.shape, limits)
+    if raw is None:
+        return from_typed(name, dtype, shape, tensor.contents, "raw_input_contents", limits, elements_so_far)
+    if tensor.HasField("contents") and tensor.contents.ByteSize():
+        raise InvalidArgument(f"input {name!r} has both contents and raw_input_contents")
+    if dtype.name == "STRING":
+        return arrays.from_strings(name, shape, split_length_prefixed(raw, name), "raw_input_contents", limits,
+                                   elements_so_far)
+    return arrays.from_raw(name, dtype, shape, raw, "raw_input_contents", limits, elements_so_far)
 
 
 def input_arrays(request: pb.ModelInferRequest, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
+    """Decode a request's inputs by name; a name given twice is INVALID_ARGUMENT; `limits` hold for them all."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    return to_arrays([_as_mds_tensor(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)],
-                     limits)
+    limits.check_inputs(len(request.inputs))
+    decoded: dict[str, np.ndarray] = {}
+    elements = 0
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in decoded:
+            raise InvalidArgument(f"input {tensor.name!r} is given twice")
+        decoded[tensor.name] = _input_array(tensor, raw[i] if raw else None, limits, elements)
+        elements += decoded[tensor.name].size
+    return decoded
 
 
 def infer_response(request: pb.ModelInferRequest, model: str, version: int,
                    outputs: list[tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
     """Outputs raw when the inputs were (or when FP16/BF16 leave no other choice), typed otherwise."""
-    raw = bool(request.raw_input_contents) or any(
-        dtypes.of_array(array).name not in CONTENTS_FIELD for _, array in outputs)
+    found = [(name, array, dtypes.of_array(array)) for name, array in outputs]
+    raw = bool(request.raw_input_contents) or any(dtype.name not in CONTENTS_FIELD for _, _, dtype in found)
     response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
-    for name, array in outputs:
-        tensor = from_array(name, array, raw)
-        datatype = dtypes.of_array(array).name
-        output = response.outputs.add(name=name, datatype=V2_NAMES.get(datatype, datatype), shape=tensor.shape)
+    for name, array, dtype in found:
+        output = response.outputs.add(name=name, datatype=V2_NAMES.get(dtype.name, dtype.name), shape=array.shape)
         if not raw:
-            output.contents.ParseFromString(tensor.contents.SerializeToString())
-        elif tensor.dtype == tensor_pb2.DATA_TYPE_STRING:
-            response.raw_output_contents.append(join_length_prefixed(tensor.contents.bytes_contents))
+            fill_typed(output.contents, dtype, array)
+        elif dtype.name == "STRING":
+            response.raw_output_contents.append(join_length_prefixed(arrays.string_elements(array)))
         else:
-            response.raw_output_contents.append(tensor.raw_data)
+            response.raw_output_contents.append(arrays.raw_bytes(array, dtype))
     return response
 
 

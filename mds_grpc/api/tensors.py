@@ -1,11 +1,11 @@
-"""mds.v1 Tensor <-> numpy, checked against shape and dtype before anything is allocated."""
+"""mds.v1 Tensor <-> numpy, checked (by core.arrays) against shape and dtype before anything is allocated."""
 
-import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from mds.v1 import tensor_pb2
-from mds_grpc.core import dtypes
+from mds_grpc.core import arrays, dtypes
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.limits import TensorLimits
 
@@ -25,10 +25,9 @@ CONTENTS_FIELD = {
 }
 
 
-# Looked up once: protobuf's enum helpers and numpy's newbyteorder cost microseconds per call.
+# Looked up once: protobuf's enum helpers cost microseconds per call.
 WIRE_OF = {d.name: DataType.Value(PREFIX + d.name) for d in dtypes.DTYPES}
 BY_WIRE = {value: dtypes.BY_NAME[name] for name, value in WIRE_OF.items()}
-LITTLE_ENDIAN = {d.name: d.numpy.newbyteorder("<") for d in dtypes.DTYPES}
 
 
 def to_wire_dtype(name: str | None) -> int:
@@ -42,74 +41,61 @@ def from_wire_dtype(value: int, tensor_name: str) -> dtypes.DType:
     return dtype
 
 
+def typed_values(name: str, dtype: dtypes.DType, contents, raw_field: str) -> Sequence:
+    """The values a tensor's typed contents (mds.v1 or V2: same field names) hold for its dtype."""
+    field = CONTENTS_FIELD.get(dtype.name)
+    if field is None:
+        raise InvalidArgument(f"tensor {name!r} is {dtype.name}, which travels only as {raw_field}")
+    stray = [f.name for f, _ in contents.ListFields() if f.name != field]
+    if stray:
+        raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in "
+                              f"contents.{field}, not {stray[0]}")
+    return getattr(contents, field)
+
+
+def from_typed(name: str, dtype: dtypes.DType, shape: tuple[int, ...], contents, raw_field: str,
+               limits: TensorLimits, elements_so_far: int) -> np.ndarray:
+    values = typed_values(name, dtype, contents, raw_field)
+    where = f"contents.{CONTENTS_FIELD[dtype.name]}"
+    if dtype.name == "STRING":
+        return arrays.from_strings(name, shape, values, where, limits, elements_so_far)
+    return arrays.from_values(name, dtype, shape, values, where, limits, elements_so_far)
+
+
+def fill_typed(contents, dtype: dtypes.DType, array: np.ndarray) -> None:
+    """Put an array's elements in the typed contents field of its dtype (which must have one)."""
+    values = arrays.string_elements(array) if dtype.name == "STRING" else array.ravel().tolist()
+    getattr(contents, CONTENTS_FIELD[dtype.name]).extend(values)
+
+
 def to_array(tensor: tensor_pb2.Tensor, limits: TensorLimits = TensorLimits(), elements_so_far: int = 0) -> np.ndarray:
     """Decode one tensor; raise InvalidArgument naming it when shape, dtype and data disagree,
     ResourceExhausted when it goes over `limits` (both before allocating anything)."""
     name = tensor.name
     dtype = from_wire_dtype(tensor.dtype, name)
-    shape = tuple(tensor.shape)
+    shape = arrays.checked_shape(name, tensor.shape, limits)
     raw_data = tensor.raw_data  # read once: each read of a bytes field copies it
-    limits.check_rank(name, shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
-    count = math.prod(shape)
     has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
     if raw_data and has_contents:
         raise InvalidArgument(f"tensor {name!r} sets both raw_data and contents; send exactly one")
     if dtype.name == "STRING" and raw_data:
         raise InvalidArgument(f"tensor {name!r} is STRING: send its elements in contents.bytes_contents")
-    if dtype.name not in CONTENTS_FIELD and dtype.name != "STRING" and has_contents:
-        raise InvalidArgument(f"tensor {name!r} is {dtype.name}, which travels only as raw_data")
-    raw = bool(raw_data) or dtype.name not in CONTENTS_FIELD
-    stray = [] if raw else [f.name for f, _ in tensor.contents.ListFields() if f.name != CONTENTS_FIELD[dtype.name]]
-    if stray:
-        raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in "
-                              f"contents.{CONTENTS_FIELD[dtype.name]}, not {stray[0]}")
-    received = len(raw_data) if raw else len(getattr(tensor.contents, CONTENTS_FIELD[dtype.name]))
-    expected = count * dtype.numpy.itemsize if raw else count
-    if received != expected:
-        where = "bytes of raw_data" if raw else f"values in contents.{CONTENTS_FIELD[dtype.name]}"
-        raise InvalidArgument(f"tensor {name!r} with shape {list(shape)} and dtype {dtype.name} needs "
-                              f"{expected} {where}, got {received}")
-    limits.check_elements(name, shape, count, elements_so_far)  # the data is here: judge its size
-    if dtype.name == "STRING":
-        return _strings(tensor, limits)
-    if raw:
-        return np.frombuffer(raw_data, dtype=LITTLE_ENDIAN[dtype.name]).reshape(shape)
-    return _from_contents(tensor, dtype)
+    if has_contents or not raw_data and dtype.name in CONTENTS_FIELD:
+        return from_typed(name, dtype, shape, tensor.contents, "raw_data", limits, elements_so_far)
+    return arrays.from_raw(name, dtype, shape, raw_data, "raw_data", limits, elements_so_far)
 
 
 def to_arrays(tensors, limits: TensorLimits = TensorLimits()) -> dict[str, np.ndarray]:
     """Decode tensors by name; a name given twice is INVALID_ARGUMENT; `limits` hold for them all."""
     limits.check_inputs(len(tensors))
-    arrays, elements = {}, 0
+    decoded: dict[str, np.ndarray] = {}
+    elements = 0
     for tensor in tensors:
-        if tensor.name in arrays:
+        if tensor.name in decoded:
             raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        arrays[tensor.name] = to_array(tensor, limits, elements)
-        elements += arrays[tensor.name].size
-    return arrays
-
-
-def _from_contents(tensor: tensor_pb2.Tensor, dtype: dtypes.DType) -> np.ndarray:
-    values = getattr(tensor.contents, CONTENTS_FIELD[dtype.name])
-    kind = dtype.numpy.kind
-    wide = np.array(values, dtype={"i": np.int64, "u": np.uint64}.get(kind, dtype.numpy))
-    if kind in "iu" and wide.size:
-        info = np.iinfo(dtype.numpy)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidArgument(f"tensor {tensor.name!r} has values outside the {dtype.name} range")
-    return wide.astype(dtype.numpy, copy=False).reshape(tensor.shape)
-
-
-def _strings(tensor: tensor_pb2.Tensor, limits: TensorLimits) -> np.ndarray:
-    values = tensor.contents.bytes_contents
-    limits.check_string(tensor.name, max(map(len, values), default=0))
-    try:
-        decoded = [v.decode("utf-8") for v in values]
-    except UnicodeDecodeError:
-        raise InvalidArgument(f"tensor {tensor.name!r} has a STRING element that is not UTF-8") from None
-    return np.array(decoded, dtype=object).reshape(tensor.shape)
+        decoded[tensor.name] = to_array(tensor, limits, elements)
+        elements += decoded[tensor.name].size
+    return decoded
 
 
 def from_array(name: str, array: np.ndarray, raw: bool, into: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
@@ -122,12 +108,8 @@ def from_array(name: str, array: np.ndarray, raw: bool, into: tensor_pb2.Tensor 
     tensor = tensor_pb2.Tensor() if into is None else into
     tensor.name, tensor.dtype = name, WIRE_OF[dtype.name]
     tensor.shape.extend(array.shape)
-    if dtype.name == "STRING":
-        tensor.contents.bytes_contents.extend(
-            v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.ravel()
-        )
-    elif raw or dtype.name not in CONTENTS_FIELD:
-        tensor.raw_data = np.ascontiguousarray(array, dtype=LITTLE_ENDIAN[dtype.name]).tobytes()
+    if dtype.name != "STRING" and (raw or dtype.name not in CONTENTS_FIELD):
+        tensor.raw_data = arrays.raw_bytes(array, dtype)
     else:
-        getattr(tensor.contents, CONTENTS_FIELD[dtype.name]).extend(array.ravel().tolist())
+        fill_typed(tensor.contents, dtype, array)
     return tensor
