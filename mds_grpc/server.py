@@ -19,7 +19,7 @@ from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_servi
                     model_service_pb2, model_service_pb2_grpc)
 from mds_grpc import job_queue, metrics
 from mds_grpc.api import contract
-from mds_grpc.api.access_log import ServedServer
+from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.api.auth import Guard
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
@@ -167,9 +167,9 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         ],
     )
     access_log = AccessLog()
-    served = ServedServer(server, guard, access_log)
+    served = ServedServer(server, rpcs, guard, access_log)
     # Health and reflection: open, or (MDS_AUTH_OPEN_PROBES=false) behind the guard; never in the access log.
-    probes = server if settings.auth_open_probes or guard is None else ServedServer(server, guard, None)
+    probes = server if settings.auth_open_probes or guard is None else ServedServer(server, rpcs, guard, None)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), served)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)

@@ -1,4 +1,4 @@
-"""The guard every wrapped RPC runs first (see access_log.ServedServer), with the scopes the contract declares."""
+"""The guard every wrapped RPC runs first (see rpc_wrapper.ServedServer), with the scopes the contract declares."""
 
 import asyncio
 import contextvars

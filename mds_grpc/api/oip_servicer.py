@@ -7,7 +7,8 @@ import numpy as np
 
 from mds.oip import grpc_service_pb2 as pb
 from mds.oip import grpc_service_pb2_grpc
-from mds_grpc.api.access_log import annotate, status_of
+from mds_grpc.api.call_record import annotate
+from mds_grpc.api.statuses import status_of
 from mds_grpc.api.auth import check_model
 from mds_grpc.api.inference_servicer import deadline_of
 from mds_grpc.api.oip import infer_response, input_arrays, model_metadata, parse_version
@@ -58,7 +59,7 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return infer_response(request, prediction.model, prediction.version, tensors)
 
     async def ModelInfer(self, request, context):
-        annotate(model=request.model_name, request_id=request.id)
+        annotate(request_id=request.id)
         response = await self._infer(request, deadline_of(context))
         annotate(version=int(response.model_version))
         return response

@@ -1,49 +1,18 @@
-"""Wraps every mds RPC handler: the guard first, core errors mapped to gRPC statuses, one access line."""
+"""Wraps every served RPC handler at registration: the guard first, errors turned into statuses, a call record."""
 
 import asyncio
-import contextvars
-import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
 
-from mds_grpc import metrics
-from mds_grpc.api import contract
-from mds_grpc.core.errors import MdsError
+from mds_grpc.api import call_record
+from mds_grpc.api.contract import Rpc
+from mds_grpc.api.statuses import status_of
 from mds_grpc.logs import AccessLog
 
-errors_log = logging.getLogger("mds.errors")
-_fields: contextvars.ContextVar[dict] = contextvars.ContextVar("access_fields")
 # Besides the field the contract marks as naming the model (logged as `model`):
 _REQUEST_FIELDS = (("version", "version"), ("request_id", "request_id"), ("id", "job"))
-
-
-def annotate(**fields) -> None:
-    """Add fields (model, version, ...) to the current RPC's access line."""
-    current = _fields.get(None)
-    if current is not None:
-        current.update(fields)
-
-
-# A status message travels in metadata, which gRPC caps at 16 KiB in all and where each
-# non-ASCII byte is percent-encoded (3 characters; up to 12 for one character).
-MAX_MESSAGE_CHARS = 2000
-MAX_NON_ASCII_MESSAGE_CHARS = 500
-
-
-def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message for an error raised while serving a request."""
-    if isinstance(error, MdsError):
-        message = str(error)
-        limit = MAX_MESSAGE_CHARS if message.isascii() else MAX_NON_ASCII_MESSAGE_CHARS
-        if len(message) > limit:
-            message = message[:limit] + f"... ({len(message)} characters in all)"
-        return grpc.StatusCode[error.status], message
-    incident = uuid.uuid4().hex[:12]
-    errors_log.error("internal error %s", incident, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error {incident}; the server log has details"
 
 
 @dataclass(frozen=True)
@@ -68,7 +37,7 @@ class _RpcScope:
         self.start = time.perf_counter()
         self.fields = {target: value for source, target in self.route.logged
                        if (value := getattr(self.request, source))}
-        _fields.set(self.fields)
+        call_record.start(self.fields)
         if self.route.guard is not None:
             try:
                 await self.route.guard(self.route.method, self.request, self.context)
@@ -88,22 +57,18 @@ class _RpcScope:
             self._record((code or self.context.code() or grpc.StatusCode.OK).name)
 
     def _record(self, code: str) -> None:
-        route = self.route
-        if route.access is None:  # a probe: no access line, no metrics
-            return
-        seconds = time.perf_counter() - self.start
-        # Only served models label metrics: names from failed requests are unbounded.
-        metrics.observe_rpc(route.method, str(self.fields.get("model", "")) if code == "OK" else "", code, seconds)
-        route.access.write({"method": route.method, **self.fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
+        if self.route.access is not None:  # else a probe: no access line, no metrics
+            call_record.finish(self.route.access, self.route.method, self.fields, code,
+                               time.perf_counter() - self.start)
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog | None) -> grpc.RpcMethodHandler:
+def _wrap(method: str, rpc: Rpc, handler: grpc.RpcMethodHandler, guard,
+          access: AccessLog | None) -> grpc.RpcMethodHandler:
     # A unary request is a message whose class the deserializer (`Message.FromString`) is bound to.
     message_class = getattr(handler.request_deserializer, "__self__", None)
     present = message_class.DESCRIPTOR.fields_by_name if message_class and (
         handler.unary_unary or handler.unary_stream) else {}
-    model = contract.model_field(message_class.DESCRIPTOR) if present else None
-    logged = ((model, "model"),) if model else ()
+    logged = ((rpc.model_field, "model"),) if rpc.model_field else ()
     logged += tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present
                     and not (pair[0] == "id" and method.startswith("/inference.")))  # there `id` is a request id
     route = _Route(method, guard, access, logged)
@@ -131,19 +96,23 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler, guard, access: AccessLog 
 class ServedServer:
     """Stands in for the server while a generated `add_*Servicer_to_server` runs, wrapping each handler.
 
-    Wrapping at registration costs nothing per call, unlike a server interceptor. `guard(method,
+    Wrapping at registration costs nothing per call, unlike a server interceptor. `rpcs` is the
+    contract's table (contract.rpcs): a method missing from it is refused at start. `guard(method,
     request, context)`, when given, runs first (authentication and authorization); without
     `access`, calls leave no access line and no metrics.
     """
 
-    def __init__(self, server: grpc.aio.Server, guard, access: AccessLog | None):
-        self.server, self.guard, self.access = server, guard, access
+    def __init__(self, server: grpc.aio.Server, rpcs: dict[str, Rpc], guard, access: AccessLog | None):
+        self.server, self.rpcs, self.guard, self.access = server, rpcs, guard, access
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         """Ignored: add_registered_method_handlers receives the same handlers and adds the wrapped ones."""
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: _wrap(f"/{service}/{name}", handler, self.guard, self.access)
-                   for name, handler in handlers.items()}
+        missing = [f"/{service}/{name}" for name in handlers if f"/{service}/{name}" not in self.rpcs]
+        if missing:
+            raise SystemExit(f"error: {missing[0]} is served but not in the contract's table of scopes")
+        wrapped = {name: _wrap(f"/{service}/{name}", self.rpcs[f"/{service}/{name}"], handler, self.guard,
+                               self.access) for name, handler in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         self.server.add_registered_method_handlers(service, wrapped)
