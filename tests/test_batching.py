@@ -77,7 +77,8 @@ async def test_deadlines_hold_while_waiting_for_a_batch(registry):
 async def test_a_cancelled_request_leaves_its_batch(registry):
     engine = await batching_engine(registry, "dense-cancel", 2, 1_000_000)
     leaving = asyncio.ensure_future(engine.predict("dense-cancel", 0, rows(1)))
-    while not engine._batchers:  # event-loop turns until it is queued (it creates the batcher as it queues)
+    loaded = await registry.load("dense-cancel")
+    while loaded.batcher is None:  # event-loop turns until it is queued (it creates the batcher as it queues)
         await asyncio.sleep(0)
     leaving.cancel()
     staying = rows(2)

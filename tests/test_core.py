@@ -1,5 +1,7 @@
 """The protocol-neutral core driven directly: deadlines, the model cache bound, settings."""
 
+import asyncio
+import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,9 +12,12 @@ import pytest
 from harness import parts
 
 from mds_grpc.config import load_settings
-from mds_grpc.core.errors import DeadlineExceeded
+from mds_grpc.core.batching import Batcher
+from mds_grpc.core.errors import DeadlineExceeded, NotFound
 from mds_grpc.core.inference import InferenceEngine
-from mds_grpc.core.records import StoredFile
+from mds_grpc.core.model_cache import LoadedModel
+from mds_grpc.core.records import BatchingPolicy, StoredFile
+from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.server import build_core
 
@@ -58,7 +63,7 @@ async def test_the_session_warmed_by_an_upload_uses_the_configured_threads(tmp_p
     registry = build_core(load_settings(data_dir=tmp_path, ort_intra_op_threads=1)).registry
     await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
     loaded = await registry.load("adder")
-    assert loaded.session.get_session_options().intra_op_num_threads == 1
+    assert loaded.session.intra_op_threads == 1
 
 
 class CountingExecutor(ThreadPoolExecutor):
@@ -107,3 +112,40 @@ async def test_a_big_upload_is_checked_lean_and_loaded_on_first_use(registry, tm
     x = np.ones((1, 2048), np.float32)
     result = await engine.predict("big", 0, {"x": x})
     assert result.outputs[0][1].shape == (1, 4096) and ("big", 1) in registry.cache
+
+
+def live(kind: type) -> int:
+    """Instances of `kind` still reachable after a full collection."""
+    gc.collect()
+    return sum(isinstance(o, kind) for o in gc.get_objects())
+
+
+async def test_evicted_and_deleted_versions_leave_nothing_reachable(registry):
+    """Under concurrent predictions (batched and not) across six versions in a one-model cache, and deletes
+    of half of them, every version that left the cache takes its session, batcher and statistics with it."""
+    before = {kind: live(kind) for kind in (LoadedModel, OnnxSession, Batcher)}
+    for seed in range(3):
+        await registry.upload(UploadHeader(name="churn-batched", batching=BatchingPolicy(4, 500)),
+                              parts(onnx_models.dense(seed=seed)))
+        await registry.upload(UploadHeader(name="churn-plain"), parts(onnx_models.dense(seed=seed)))
+    engine = InferenceEngine(registry, ThreadPoolExecutor(2), inline_max_seconds=1.0)
+    x = {"x": np.ones((2, 8), np.float32)}
+
+    async def predict(name: str, version: int) -> str:
+        try:
+            await engine.predict(name, version, x)
+        except NotFound:
+            return "deleted"
+        return "ok"
+
+    calls = [predict(name, 1 + i % 3) for i in range(60) for name in ("churn-batched", "churn-plain")]
+    results = await asyncio.gather(*calls[:60], registry.delete("churn-batched", 2),
+                                   registry.delete("churn-plain", 3), *calls[60:])
+    assert results[60:62] == [[2], [3]]
+    outcomes = results[:60] + results[62:]
+    assert set(outcomes) <= {"ok", "deleted"} and outcomes.count("ok") > 60
+    keys = [(name, version) for name in ("churn-batched", "churn-plain") for version in (1, 2, 3)]
+    assert sum(key in registry.cache for key in keys) == 1
+    assert live(LoadedModel) - before[LoadedModel] == 1
+    assert live(OnnxSession) - before[OnnxSession] == 1
+    assert live(Batcher) - before[Batcher] <= 1

@@ -58,7 +58,7 @@ def test_symlink_inside_the_folder_is_accepted(tmp_path):
     (path.parent / "model.onnx.data").rename(path.parent / "real.bin")
     (path.parent / "model.onnx.data").symlink_to("real.bin")
     session, _ = inspect_model(path, {"model.onnx.data"})
-    assert [o.name for o in session.get_outputs()] == ["y"]
+    assert [o.name for o in session.outputs] == ["y"]
 
 
 @pytest.mark.usefixtures("nothing_left", "no_allocation")
