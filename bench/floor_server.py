@@ -1,6 +1,6 @@
 """The Python gRPC floor: a bare grpc.aio server with MDS's wire contract doing only decode -> run -> encode.
 
-    python bench/floor_server.py PORT MODEL.onnx
+python bench/floor_server.py PORT MODEL.onnx
 """
 
 import asyncio
@@ -25,8 +25,7 @@ class Floor(inference_service_pb2_grpc.InferenceServiceServicer):
         tensor = request.inputs[0]
         x = np.frombuffer(tensor.raw_data, dtype="<f4").reshape(tensor.shape)
         (y,) = self.session.run([self.output], {tensor.name: x})
-        out = tensor_pb2.Tensor(name=self.output, dtype=tensor_pb2.DATA_TYPE_FP32, shape=y.shape,
-                                raw_data=y.tobytes())
+        out = tensor_pb2.Tensor(name=self.output, dtype=tensor_pb2.DATA_TYPE_FP32, shape=y.shape, raw_data=y.tobytes())
         return pb.PredictResponse(model=request.model, version=1, outputs=[out], request_id=request.request_id)
 
     async def Predict(self, request, context):

@@ -28,8 +28,7 @@ MODEL_STREAM_INFER = "inference.GRPCInferenceService/ModelStreamInfer"
 def cpu_seconds(pid: int) -> float:
     """CPU time of the process and its live descendants (`mds serve --processes N` serves from children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
 
 
@@ -44,8 +43,9 @@ def memory_kib(pid: int, field: str) -> int:
 class Target:
     """A server under load: its process, address and (for MDS) API key."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None, api_key: str = "",
-                 log: Path | None = None):
+    def __init__(
+        self, name: str, argv: list[str], port: int, env: dict | None = None, api_key: str = "", log: Path | None = None
+    ):
         self.name, self.argv, self.port, self.api_key = name, argv, port, api_key
         self.env = {**os.environ, **(env or {})}
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
@@ -75,17 +75,37 @@ class Target:
 
     def call(self, method: str, request, response_type, **kwargs):
         """One unary call of METHOD ("package.Service/Method") with this target's credentials."""
-        stub = self.channel.unary_unary(f"/{method}", request_serializer=type(request).SerializeToString,
-                                        response_deserializer=response_type.FromString)
+        stub = self.channel.unary_unary(
+            f"/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
         return stub(request, metadata=self.metadata, **kwargs)
 
 
-def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: float,
-        stream_messages: int = 0) -> dict:
+def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: float, stream_messages: int = 0) -> dict:
     """Load from ghz for `duration` seconds: req/s, latency percentiles, the server's CPU per request."""
-    argv = [str(BIN / "ghz"), "--insecure", "--protoset", str(REPO / "gen" / "mds.protoset"), "--call", call,
-            "-B", str(payload), "-c", str(concurrency), "--connections", str(min(concurrency, 8)),
-            "-z", f"{duration}s", "--duration-stop", "wait", "-O", "json", "--count-errors"]
+    argv = [
+        str(BIN / "ghz"),
+        "--insecure",
+        "--protoset",
+        str(REPO / "gen" / "mds.protoset"),
+        "--call",
+        call,
+        "-B",
+        str(payload),
+        "-c",
+        str(concurrency),
+        "--connections",
+        str(min(concurrency, 8)),
+        "-z",
+        f"{duration}s",
+        "--duration-stop",
+        "wait",
+        "-O",
+        "json",
+        "--count-errors",
+    ]
     if stream_messages:
         argv += ["--stream-call-count", str(stream_messages)]
     if target.api_key:
@@ -94,22 +114,33 @@ def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: fl
     report = json.loads(subprocess.run(argv + [target.address], capture_output=True, text=True, check=True).stdout)
     cpu = cpu_seconds(target.process.pid) - before
     # ghz times whole calls: for streams that is a stream of `stream_messages` requests, not one request.
-    latencies = {} if stream_messages else {
-        d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
+    latencies = (
+        {}
+        if stream_messages
+        else {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
+    )
     ok = report.get("statusCodeDistribution", {}).get("OK", 0)
     calls = report["count"]
     messages = calls * max(stream_messages, 1)
-    return {"target": target.name, "call": call.rsplit("/", 1)[1], "concurrency": concurrency,
-            "requests_per_s": messages / (report["total"] / 1e9), "p50_ms": latencies.get(50),
-            "p99_ms": latencies.get(99), "cpu_us_per_request": 1e6 * cpu / max(messages, 1), "errors": calls - ok}
+    return {
+        "target": target.name,
+        "call": call.rsplit("/", 1)[1],
+        "concurrency": concurrency,
+        "requests_per_s": messages / (report["total"] / 1e9),
+        "p50_ms": latencies.get(50),
+        "p99_ms": latencies.get(99),
+        "cpu_us_per_request": 1e6 * cpu / max(messages, 1),
+        "errors": calls - ok,
+    }
 
 
 def session(model: bytes | Path) -> ort.InferenceSession:
     """An onnxruntime session as every server here runs it: CPU, one intra-op thread."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def in_process(model: bytes | Path, feeds: dict[str, np.ndarray], duration: float) -> dict:
@@ -122,15 +153,26 @@ def in_process(model: bytes | Path, feeds: dict[str, np.ndarray], duration: floa
         count += 1
     seconds = time.perf_counter() - start
     name = "onnxruntime in-process" + (f" (batch {rows})" if rows > 1 else "")
-    return {"target": name, "call": "session.run", "concurrency": 1, "requests_per_s": count * rows / seconds,
-            "p50_ms": 1000 * seconds / count, "p99_ms": None, "cpu_us_per_request": 1e6 * seconds / (count * rows),
-            "errors": 0}
+    return {
+        "target": name,
+        "call": "session.run",
+        "concurrency": 1,
+        "requests_per_s": count * rows / seconds,
+        "p50_ms": 1000 * seconds / count,
+        "p99_ms": None,
+        "cpu_us_per_request": 1e6 * seconds / (count * rows),
+        "errors": 0,
+    }
 
 
 def v2_outputs(reply: oip.ModelInferResponse) -> list[np.ndarray]:
     """A V2 reply's FP32 outputs, whether they came as raw_output_contents or typed contents."""
-    return [np.frombuffer(reply.raw_output_contents[i], "<f4").reshape(o.shape) if reply.raw_output_contents
-            else np.array(o.contents.fp32_contents, np.float32).reshape(o.shape) for i, o in enumerate(reply.outputs)]
+    return [
+        np.frombuffer(reply.raw_output_contents[i], "<f4").reshape(o.shape)
+        if reply.raw_output_contents
+        else np.array(o.contents.fp32_contents, np.float32).reshape(o.shape)
+        for i, o in enumerate(reply.outputs)
+    ]
 
 
 def check_outputs(target: Target, call: str, request, want: np.ndarray) -> None:
@@ -142,19 +184,33 @@ def check_outputs(target: Target, call: str, request, want: np.ndarray) -> None:
     np.testing.assert_array_equal(got, want, err_msg=f"{target.name} {call}")
 
 
-def upload(target: Target, name: str, path: Path, side_files: tuple[str, ...] = (),
-           batching: model_service_pb2.Batching | None = None) -> model_service_pb2.Model:
+def upload(
+    target: Target,
+    name: str,
+    path: Path,
+    side_files: tuple[str, ...] = (),
+    batching: model_service_pb2.Batching | None = None,
+) -> model_service_pb2.Model:
     """UploadModel of PATH and its external-data SIDE_FILES (next to it), in 1 MiB chunks read from disk."""
-    header = model_service_pb2.ModelHeader(name=name, batching=batching, external_files=[
-        model_service_pb2.ModelFile(path=s, size_bytes=(path.parent / s).stat().st_size) for s in side_files])
+    header = model_service_pb2.ModelHeader(
+        name=name,
+        batching=batching,
+        external_files=[
+            model_service_pb2.ModelFile(path=s, size_bytes=(path.parent / s).stat().st_size) for s in side_files
+        ],
+    )
 
     def requests():
         yield model_service_pb2.UploadModelRequest(header=header)
         for location in [None, *side_files]:
             with open(path if location is None else path.parent / location, "rb") as handle:
                 while chunk := handle.read(CHUNK_BYTES):
-                    yield (model_service_pb2.UploadModelRequest(chunk=chunk) if location is None else
-                           model_service_pb2.UploadModelRequest(
-                               file_chunk=model_service_pb2.FileChunk(path=location, data=chunk)))
+                    yield (
+                        model_service_pb2.UploadModelRequest(chunk=chunk)
+                        if location is None
+                        else model_service_pb2.UploadModelRequest(
+                            file_chunk=model_service_pb2.FileChunk(path=location, data=chunk)
+                        )
+                    )
 
     return model_service_pb2_grpc.ModelServiceStub(target.channel).UploadModel(requests(), metadata=target.metadata)

@@ -27,12 +27,18 @@ JOB_CHUNK_ROWS = 65536
 def production(bench) -> Target:
     """MDS on MinIO + FerretDB started by scripts/services.sh in a private folder on free ports."""
     if ("MDS", "production") not in bench.servers:
-        env = {**os.environ, "MDS_SERVICES_DIR": str(bench.work / "services"), "MDS_MINIO_PORT": str(free_port()),
-               "MDS_FERRETDB_PORT": str(free_port()), "MDS_REDIS_PORT": str(free_port())}
+        env = {
+            **os.environ,
+            "MDS_SERVICES_DIR": str(bench.work / "services"),
+            "MDS_MINIO_PORT": str(free_port()),
+            "MDS_FERRETDB_PORT": str(free_port()),
+            "MDS_REDIS_PORT": str(free_port()),
+        }
 
         def services(action: str) -> str:
-            return subprocess.run([str(REPO / "scripts" / "services.sh"), action], env=env, check=True,
-                                  capture_output=True, text=True).stdout
+            return subprocess.run(
+                [str(REPO / "scripts" / "services.sh"), action], env=env, check=True, capture_output=True, text=True
+            ).stdout
 
         bench.stack.callback(services, "stop")
         services("start")
@@ -55,8 +61,7 @@ def upload_rate(bench) -> list[dict]:
     path = models.big_model(*big_shape(bench))
     files = [path, path.parent / models.BIG_DATA]
     size = sum(f.stat().st_size for f in files)
-    client = Minio(mds.env["MDS_S3_ENDPOINT"], mds.env["MDS_S3_ACCESS_KEY"], mds.env["MDS_S3_SECRET_KEY"],
-                   secure=False)
+    client = Minio(mds.env["MDS_S3_ENDPOINT"], mds.env["MDS_S3_ACCESS_KEY"], mds.env["MDS_S3_SECRET_KEY"], secure=False)
     client.make_bucket("bench-raw")
     start = time.perf_counter()
     for file in files:
@@ -68,8 +73,10 @@ def upload_rate(bench) -> list[dict]:
     upload(mds, "big", path, (models.BIG_DATA,))
     seconds = time.perf_counter() - start
     growth = (memory_kib(mds.process.pid, "VmHWM") - rss) / 1024
-    return [{"target": name, "mib": size / 2**20, "seconds": s, "mb_per_s": size / 1e6 / s, "rss_growth_mib": g}
-            for name, s, g in ((RAW_PUT, raw, None), ("MDS UploadModel", seconds, growth))]
+    return [
+        {"target": name, "mib": size / 2**20, "seconds": s, "mb_per_s": size / 1e6 / s, "rss_growth_mib": g}
+        for name, s, g in ((RAW_PUT, raw, None), ("MDS UploadModel", seconds, growth))
+    ]
 
 
 def bulk_job(bench) -> list[dict]:
@@ -80,34 +87,52 @@ def bulk_job(bench) -> list[dict]:
     x = np.random.default_rng(0).standard_normal((rows, 64)).astype(np.float32)
     runner = session(path)
     start = time.perf_counter()
-    want = np.concatenate([runner.run(None, {"x": x[i:i + JOB_BATCH_ROWS]})[0] for i in range(0, rows, JOB_BATCH_ROWS)])
+    want = np.concatenate(
+        [runner.run(None, {"x": x[i : i + JOB_BATCH_ROWS]})[0] for i in range(0, rows, JOB_BATCH_ROWS)]
+    )
     in_process = time.perf_counter() - start
 
     mds = production(bench)
     upload(mds, "mlp64", path)
     stub = job_service_pb2_grpc.JobServiceStub(mds.channel)
-    header = jobs.JobInputHeader(inputs=[tensor_pb2.TensorSpec(
-        name="x", dtype=tensor_pb2.DataType.DATA_TYPE_FP32, shape=x.shape)])
-    chunks = (jobs.UploadJobInputRequest(chunk=jobs.JobInputChunk(
-        inputs=[from_array("x", x[i:i + JOB_CHUNK_ROWS], raw=True)])) for i in range(0, rows, JOB_CHUNK_ROWS))
+    header = jobs.JobInputHeader(
+        inputs=[tensor_pb2.TensorSpec(name="x", dtype=tensor_pb2.DataType.DATA_TYPE_FP32, shape=x.shape)]
+    )
+    chunks = (
+        jobs.UploadJobInputRequest(
+            chunk=jobs.JobInputChunk(inputs=[from_array("x", x[i : i + JOB_CHUNK_ROWS], raw=True)])
+        )
+        for i in range(0, rows, JOB_CHUNK_ROWS)
+    )
     start = time.perf_counter()
-    job_input = stub.UploadJobInput(itertools.chain([jobs.UploadJobInputRequest(header=header)], chunks),
-                                    metadata=mds.metadata)
+    job_input = stub.UploadJobInput(
+        itertools.chain([jobs.UploadJobInputRequest(header=header)], chunks), metadata=mds.metadata
+    )
     created = time.perf_counter()
-    job = stub.CreateJob(jobs.CreateJobRequest(model="mlp64", input_id=job_input.id, batch_rows=JOB_BATCH_ROWS),
-                         metadata=mds.metadata)
+    job = stub.CreateJob(
+        jobs.CreateJobRequest(model="mlp64", input_id=job_input.id, batch_rows=JOB_BATCH_ROWS), metadata=mds.metadata
+    )
     for job in stub.WatchJob(jobs.WatchJobRequest(id=job.id), metadata=mds.metadata):
         pass
     done = time.perf_counter()
     if job.state != jobs.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"job {job.id} ended {jobs.JobState.Name(job.state)}: {job.error}")
-    got = np.concatenate([to_array(batch.outputs[0]) for batch in stub.GetJobResults(
-        jobs.GetJobResultsRequest(id=job.id), metadata=mds.metadata)])
+    got = np.concatenate(
+        [
+            to_array(batch.outputs[0])
+            for batch in stub.GetJobResults(jobs.GetJobResultsRequest(id=job.id), metadata=mds.metadata)
+        ]
+    )
     read = time.perf_counter()
     np.testing.assert_array_equal(got, want, err_msg="MDS job results")
-    return [{"target": name, "rows": rows, "batch_rows": JOB_BATCH_ROWS, "seconds": s, "rows_per_s": rows / s}
-            for name, s in ((IN_PROCESS_JOB, in_process), ("MDS job: CreateJob → SUCCEEDED", done - created),
-                            ("MDS job: input upload → results read", read - start))]
+    return [
+        {"target": name, "rows": rows, "batch_rows": JOB_BATCH_ROWS, "seconds": s, "rows_per_s": rows / s}
+        for name, s in (
+            (IN_PROCESS_JOB, in_process),
+            ("MDS job: CreateJob → SUCCEEDED", done - created),
+            ("MDS job: input upload → results read", read - start),
+        )
+    ]
 
 
 def cold_start(bench) -> list[dict]:
@@ -142,7 +167,12 @@ def cold_start(bench) -> list[dict]:
         mds.start()
         check_outputs(mds, PREDICT, request, want)
         restarted = time.perf_counter() - start
-        results += [{"target": target, "model": name, "seconds": seconds}
-                    for target, seconds in ((ORT_LOAD, loaded), ("MDS upload → first prediction", uploaded),
-                                            ("MDS restart → first prediction", restarted))]
+        results += [
+            {"target": target, "model": name, "seconds": seconds}
+            for target, seconds in (
+                (ORT_LOAD, loaded),
+                ("MDS upload → first prediction", uploaded),
+                ("MDS restart → first prediction", restarted),
+            )
+        ]
     return results

@@ -26,13 +26,19 @@ def mlp(inputs: int = 784, hidden: int = 256, outputs: int = 10, seed: int = 0) 
         numpy_helper.from_array(np.zeros(outputs, np.float32), "b2"),
     ]
     nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        helper.make_node("Relu", ["h1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["l0"]),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["l0"]),
         helper.make_node("Add", ["l0", "b2"], ["logits"]),
     ]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs])],
-                              initializer=weights)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs])],
+        initializer=weights,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mds-bench")
     model.ir_version = 8
     return model.SerializeToString()
@@ -44,8 +50,20 @@ def ocr_detector() -> Path:
     path = MODELS / f"rapidocr-onnxruntime-{RAPIDOCR}" / "ch_PP-OCRv4_det_infer.onnx"
     if not path.exists():
         with tempfile.TemporaryDirectory() as folder:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", folder,
-                            f"rapidocr-onnxruntime=={RAPIDOCR}"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "-d",
+                    folder,
+                    f"rapidocr-onnxruntime=={RAPIDOCR}",
+                ],
+                check=True,
+            )
             (wheel,) = Path(folder).glob("*.whl")
             path.parent.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(wheel) as archive:
@@ -67,14 +85,18 @@ def big_model(rows: int = 8192, columns: int = 32768) -> Path:
     with open(folder / BIG_DATA, "wb") as data:
         for _ in range(0, rows, 256):
             data.write((rng.standard_normal((256, columns), np.float32) / np.sqrt(rows)).astype("<f4").tobytes())
-    weights = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[rows, columns],
-                          data_location=TensorProto.EXTERNAL)
+    weights = TensorProto(
+        name="w", data_type=TensorProto.FLOAT, dims=[rows, columns], data_location=TensorProto.EXTERNAL
+    )
     for key, value in {"location": BIG_DATA, "offset": "0", "length": str(rows * columns * 4)}.items():
         weights.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", columns])],
-                              initializer=[weights])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", columns])],
+        initializer=[weights],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mds-bench")
     model.ir_version = 8
     path.with_suffix(".part").write_bytes(model.SerializeToString())

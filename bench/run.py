@@ -57,8 +57,9 @@ class Bench:
     def floor(self, load) -> Target:
         def start() -> Target:
             port = free_port()
-            return Target("floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(port),
-                                    str(load.path)], port)
+            return Target(
+                "floor", [sys.executable, str(REPO / "bench" / "floor_server.py"), str(port), str(load.path)], port
+            )
 
         return self.server(("floor", load.path), start)
 
@@ -69,18 +70,41 @@ class Bench:
         """An MDS server with API keys on, its own data folder and the settings in ENV."""
         folder = self.work / name
         folder.mkdir()
-        env = {**env, "MDS_DATA_DIR": str(folder / "data"), "MDS_LOG_DIR": str(folder / "logs"), "MDS_AUTH": "on",
-               "MDS_ORT_INTRA_OP_THREADS": "1", "MDS_METRICS_PORT": str(free_port())}
-        created = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin"],
-                                 env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
+        env = {
+            **env,
+            "MDS_DATA_DIR": str(folder / "data"),
+            "MDS_LOG_DIR": str(folder / "logs"),
+            "MDS_AUTH": "on",
+            "MDS_ORT_INTRA_OP_THREADS": "1",
+            "MDS_METRICS_PORT": str(free_port()),
+        }
+        created = subprocess.run(
+            [sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         port = free_port()
-        return Target(label, [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port)], port, env=env,
-                      api_key=json.loads(created)["key"], log=folder / "server.log")
+        return Target(
+            label,
+            [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port)],
+            port,
+            env=env,
+            api_key=json.loads(created)["key"],
+            log=folder / "server.log",
+        )
 
     def mds(self, load, processes: int = 1) -> Target:
         """MDS on its embedded storage (with `processes` serving processes), serving LOAD's model."""
-        target = self.server(("MDS", processes), lambda: self.mds_server(
-            f"mds-{processes}", {"MDS_PROCESSES": str(processes)}, "MDS" if processes == 1 else f"MDS ×{processes} processes"))
+        target = self.server(
+            ("MDS", processes),
+            lambda: self.mds_server(
+                f"mds-{processes}",
+                {"MDS_PROCESSES": str(processes)},
+                "MDS" if processes == 1 else f"MDS ×{processes} processes",
+            ),
+        )
         if (processes, load.model, load.path) not in self.uploaded:
             upload(target, load.model, load.path, batching=load.batching)
             self.uploaded.add((processes, load.model, load.path))
@@ -96,30 +120,72 @@ class Workload:
     ratios: list[tuple[str, str]]  # column, baseline target
 
 
-REQUESTS = [("target", "target", ""), ("call", "call", ""), ("concurrency", "concurrency", "d"),
-            ("req/s", "requests_per_s", ",.0f"), ("p50 ms", "p50_ms", ".3f"), ("p99 ms", "p99_ms", ".3f"),
-            ("server CPU µs/req", "cpu_us_per_request", ",.0f")]
+REQUESTS = [
+    ("target", "target", ""),
+    ("call", "call", ""),
+    ("concurrency", "concurrency", "d"),
+    ("req/s", "requests_per_s", ",.0f"),
+    ("p50 ms", "p50_ms", ".3f"),
+    ("p99 ms", "p99_ms", ".3f"),
+    ("server CPU µs/req", "cpu_us_per_request", ",.0f"),
+]
 FLOOR = ("× floor req/s", "floor")
 WORKLOADS = {
-    "a": Workload("(a) MLP 784-256-10, batch 1, unary", serving.unary, REQUESTS, "requests_per_s",
-                  [FLOOR, ("× KServe", "KServe"), ("× MLServer", "MLServer")]),
-    "b": Workload(f"(b) MLP batch 1 over bidi streams of {serving.STREAM_MESSAGES} requests (concurrency: streams)",
-                  serving.streams, REQUESTS, "requests_per_s", [FLOOR, ("× MLServer", "MLServer")]),
-    "c": Workload("(c) PP-OCRv4 text detector, one 3x160x160 image per request (req/s: images/s; in-process and "
-                  "the floor run one image at a time, MDS one per core)", serving.heavy,
-                  REQUESTS, "requests_per_s",
-                  [FLOOR, ("× in-process batched", f"onnxruntime in-process (batch {serving.HEAVY_BATCH})")]),
-    "d": Workload("(d) model upload to MDS on MinIO + FerretDB", lifecycle.upload_rate,
-                  [("target", "target", ""), ("MiB", "mib", ",.0f"), ("seconds", "seconds", ".2f"),
-                   ("MB/s", "mb_per_s", ",.0f"), ("server peak RSS growth MiB", "rss_growth_mib", ",.0f")],
-                  "mb_per_s", [("× minio client", lifecycle.RAW_PUT)]),
-    "e": Workload("(e) bulk job on MDS (MinIO + FerretDB)", lifecycle.bulk_job,
-                  [("target", "target", ""), ("rows", "rows", ",d"), ("batch rows", "batch_rows", ",d"),
-                   ("seconds", "seconds", ".2f"), ("rows/s", "rows_per_s", ",.0f")],
-                  "rows_per_s", [("× in-process", lifecycle.IN_PROCESS_JOB)]),
-    "f": Workload("(f) cold start to the first prediction (lower is better)", lifecycle.cold_start,
-                  [("target", "target", ""), ("model", "model", ""), ("seconds", "seconds", ".3f")],
-                  "seconds", [("× onnxruntime read + load", lifecycle.ORT_LOAD)]),
+    "a": Workload(
+        "(a) MLP 784-256-10, batch 1, unary",
+        serving.unary,
+        REQUESTS,
+        "requests_per_s",
+        [FLOOR, ("× KServe", "KServe"), ("× MLServer", "MLServer")],
+    ),
+    "b": Workload(
+        f"(b) MLP batch 1 over bidi streams of {serving.STREAM_MESSAGES} requests (concurrency: streams)",
+        serving.streams,
+        REQUESTS,
+        "requests_per_s",
+        [FLOOR, ("× MLServer", "MLServer")],
+    ),
+    "c": Workload(
+        "(c) PP-OCRv4 text detector, one 3x160x160 image per request (req/s: images/s; in-process and "
+        "the floor run one image at a time, MDS one per core)",
+        serving.heavy,
+        REQUESTS,
+        "requests_per_s",
+        [FLOOR, ("× in-process batched", f"onnxruntime in-process (batch {serving.HEAVY_BATCH})")],
+    ),
+    "d": Workload(
+        "(d) model upload to MDS on MinIO + FerretDB",
+        lifecycle.upload_rate,
+        [
+            ("target", "target", ""),
+            ("MiB", "mib", ",.0f"),
+            ("seconds", "seconds", ".2f"),
+            ("MB/s", "mb_per_s", ",.0f"),
+            ("server peak RSS growth MiB", "rss_growth_mib", ",.0f"),
+        ],
+        "mb_per_s",
+        [("× minio client", lifecycle.RAW_PUT)],
+    ),
+    "e": Workload(
+        "(e) bulk job on MDS (MinIO + FerretDB)",
+        lifecycle.bulk_job,
+        [
+            ("target", "target", ""),
+            ("rows", "rows", ",d"),
+            ("batch rows", "batch_rows", ",d"),
+            ("seconds", "seconds", ".2f"),
+            ("rows/s", "rows_per_s", ",.0f"),
+        ],
+        "rows_per_s",
+        [("× in-process", lifecycle.IN_PROCESS_JOB)],
+    ),
+    "f": Workload(
+        "(f) cold start to the first prediction (lower is better)",
+        lifecycle.cold_start,
+        [("target", "target", ""), ("model", "model", ""), ("seconds", "seconds", ".3f")],
+        "seconds",
+        [("× onnxruntime read + load", lifecycle.ORT_LOAD)],
+    ),
 }
 
 
@@ -128,12 +194,16 @@ def add_ratios(rows: list[dict], workload: Workload) -> None:
     for row in rows:
         row["ratios"] = {}
         for column, baseline in workload.ratios:
-            if row["target"] == baseline or not (row["target"].startswith("MDS") or
-                                                 (baseline == "floor" and row["target"] in peers.NAMES)):
+            if row["target"] == baseline or not (
+                row["target"].startswith("MDS") or (baseline == "floor" and row["target"] in peers.NAMES)
+            ):
                 continue
             candidates = [r for r in rows if r["target"] == baseline]
-            same = [r for r in candidates if (r.get("concurrency"), r.get("model")) ==
-                    (row.get("concurrency"), row.get("model"))]
+            same = [
+                r
+                for r in candidates
+                if (r.get("concurrency"), r.get("model")) == (row.get("concurrency"), row.get("model"))
+            ]
             base = (same or (candidates if len(candidates) == 1 else [None]))[0]
             if base and base[workload.value]:
                 row["ratios"][column] = row[workload.value] / base[workload.value]
@@ -142,9 +212,14 @@ def add_ratios(rows: list[dict], workload: Workload) -> None:
 def markdown(rows: list[dict], workload: Workload) -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     headers = [h for h, _, _ in workload.columns] + [c for c, _ in workload.ratios]
-    lines = [f"### {workload.title}", "", "| " + " | ".join(headers) + " |",
-             "|" + "|".join(["---:" if spec else "---" for _, _, spec in workload.columns]
-                            + ["---:"] * len(workload.ratios)) + "|"]
+    lines = [
+        f"### {workload.title}",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|"
+        + "|".join(["---:" if spec else "---" for _, _, spec in workload.columns] + ["---:"] * len(workload.ratios))
+        + "|",
+    ]
     for r in rows:
         cells = [fmt(r.get(key), spec) for _, key, spec in workload.columns]
         cells += [fmt(r["ratios"].get(column), ".2f") for column, _ in workload.ratios]
@@ -161,11 +236,15 @@ def chart(results: dict[str, list[dict]], path: Path) -> None:
     figure, axes = plt.subplots(len(results), 1, figsize=(12, 5 * len(results)), squeeze=False)
     for ax, (key, rows) in zip(axes[:, 0], results.items()):
         workload = WORKLOADS[key]
-        labels = [" ".join(str(r[k]) for k in ("target", "call", "model") if r.get(k))
-                  + (f" c={r['concurrency']}" if "concurrency" in r else "") for r in rows]
+        labels = [
+            " ".join(str(r[k]) for k in ("target", "call", "model") if r.get(k))
+            + (f" c={r['concurrency']}" if "concurrency" in r else "")
+            for r in rows
+        ]
         values = [r[workload.value] for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=["#e8772e" if r["target"].startswith("MDS") else "#3b7dd8"
-                                                      for r in rows])
+        bars = ax.bar(
+            range(len(rows)), values, color=["#e8772e" if r["target"].startswith("MDS") else "#3b7dd8" for r in rows]
+        )
         ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 10 else f"{v:.2f}" for v in values], fontsize=7)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(dict((k, h) for h, k, _ in workload.columns)[workload.value])
@@ -177,8 +256,12 @@ def chart(results: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a short run proving the harness: one 1 s point "
-                        "per target, small sizes, no peers, no heavy model (workloads a, b, d, e, f)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short run proving the harness: one 1 s point "
+        "per target, small sizes, no peers, no heavy model (workloads a, b, d, e, f)",
+    )
     parser.add_argument("--only", help="comma-separated workloads to run, e.g. a,b (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="leave KServe and MLServer out")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -199,13 +282,18 @@ def main() -> None:
             results[key] = WORKLOADS[key].run(bench)
             print(f"{WORKLOADS[key].title}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
             add_ratios(results[key], WORKLOADS[key])
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-               f"onnxruntime {ort.__version__}")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"onnxruntime {ort.__version__}"
+    )
     rows = [{"workload": key, **row} for key, rows in results.items() for row in rows]
-    (args.out / "results.json").write_text(json.dumps(
-        {"machine": machine, "duration_s": bench.duration, "smoke": args.smoke, "rows": rows}, indent=2))
-    (args.out / "results.md").write_text(f"Machine: {machine}; {bench.duration:g} s per point.\n\n" + "\n".join(
-        markdown(rows, WORKLOADS[key]) for key, rows in results.items()))
+    (args.out / "results.json").write_text(
+        json.dumps({"machine": machine, "duration_s": bench.duration, "smoke": args.smoke, "rows": rows}, indent=2)
+    )
+    (args.out / "results.md").write_text(
+        f"Machine: {machine}; {bench.duration:g} s per point.\n\n"
+        + "\n".join(markdown(rows, WORKLOADS[key]) for key, rows in results.items())
+    )
     chart(results, args.out / "results.png")
     print((args.out / "results.md").read_text())
 

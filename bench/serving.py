@@ -4,8 +4,17 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import (MODEL_INFER, MODEL_STREAM_INFER, PREDICT, PREDICT_STREAM, Target, check_outputs, ghz,
-                     in_process, session)
+from harness import (
+    MODEL_INFER,
+    MODEL_STREAM_INFER,
+    PREDICT,
+    PREDICT_STREAM,
+    Target,
+    check_outputs,
+    ghz,
+    in_process,
+    session,
+)
 from mds.oip import grpc_service_pb2 as oip
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1.model_service_pb2 import Batching
@@ -27,8 +36,11 @@ class Payloads:
         self.input = session(path).get_inputs()[0].name
         self.want = session(path).run(None, {self.input: x})[0]
         self.predict = pb.PredictRequest(model=model, inputs=[from_array(self.input, x, raw=True)])
-        self.infer = oip.ModelInferRequest(model_name=model, inputs=[oip.ModelInferRequest.InferInputTensor(
-            name=self.input, datatype="FP32", shape=x.shape)], raw_input_contents=[x.tobytes()])
+        self.infer = oip.ModelInferRequest(
+            model_name=model,
+            inputs=[oip.ModelInferRequest.InferInputTensor(name=self.input, datatype="FP32", shape=x.shape)],
+            raw_input_contents=[x.tobytes()],
+        )
         self.files = {PREDICT: work / f"{model}-predict.bin", MODEL_INFER: work / f"{model}-infer.bin"}
         self.files[PREDICT].write_bytes(self.predict.SerializeToString())
         self.files[MODEL_INFER].write_bytes(self.infer.SerializeToString())
@@ -39,8 +51,9 @@ class Payloads:
     def load(self, target: Target, call: str, concurrency: int, duration: float, streams: bool = False) -> dict:
         """ghz against TARGET; stream calls (PredictStream, ModelStreamInfer) carry the unary call's body."""
         unary = {PREDICT_STREAM: PREDICT, MODEL_STREAM_INFER: MODEL_INFER}.get(call, call)
-        return ghz(target, call, self.files[unary], concurrency, duration,
-                   stream_messages=STREAM_MESSAGES if streams else 0)
+        return ghz(
+            target, call, self.files[unary], concurrency, duration, stream_messages=STREAM_MESSAGES if streams else 0
+        )
 
 
 def mlp_payloads(bench) -> Payloads:
@@ -71,8 +84,11 @@ def streams(bench) -> list[dict]:
         calls.append((bench.peer("MLServer", load), MODEL_STREAM_INFER))
     for target, call in calls:
         load.check(target, PREDICT if call == PREDICT_STREAM else MODEL_INFER)
-    return [load.load(target, call, count, bench.duration, streams=True)
-            for count in ([1] if bench.smoke else [1, 8]) for target, call in calls]
+    return [
+        load.load(target, call, count, bench.duration, streams=True)
+        for count in ([1] if bench.smoke else [1, 8])
+        for target, call in calls
+    ]
 
 
 def heavy(bench) -> list[dict]:
@@ -82,10 +98,16 @@ def heavy(bench) -> list[dict]:
 
     x = np.random.default_rng(0).random(HEAVY_SHAPE, np.float32)
     plain = Payloads(bench.work, "ocr-det", models.ocr_detector(), x)
-    batched = Payloads(bench.work, "ocr-det-batched", plain.path, x, Batching(
-        max_batch_size=HEAVY_BATCH, max_queue_delay_us=HEAVY_QUEUE_DELAY_US))
-    rows = [in_process(plain.path, {plain.input: np.repeat(x, batch, axis=0)}, bench.duration)
-            for batch in (1, HEAVY_BATCH)]
+    batched = Payloads(
+        bench.work,
+        "ocr-det-batched",
+        plain.path,
+        x,
+        Batching(max_batch_size=HEAVY_BATCH, max_queue_delay_us=HEAVY_QUEUE_DELAY_US),
+    )
+    rows = [
+        in_process(plain.path, {plain.input: np.repeat(x, batch, axis=0)}, bench.duration) for batch in (1, HEAVY_BATCH)
+    ]
     for load, target in ((plain, bench.floor(plain)), (plain, bench.mds(plain)), (batched, bench.mds(batched))):
         load.check(target, PREDICT)
         rows.append(load.load(target, PREDICT, HEAVY_CONCURRENCY, bench.duration))

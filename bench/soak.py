@@ -52,8 +52,9 @@ class Load:
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(channel)
         self.jobs = job_service_pb2_grpc.JobServiceStub(channel)
         self.model = model
-        self.request = pb.PredictRequest(model="soak", inputs=[
-            from_array("x", np.ones((1, 784), np.float32), raw=True)])
+        self.request = pb.PredictRequest(
+            model="soak", inputs=[from_array("x", np.ones((1, 784), np.float32), raw=True)]
+        )
         self.stop = threading.Event()
         self.counts = {"predict": 0, "stream": 0, "upload": 0, "job": 0}
         self.failures: list[str] = []
@@ -77,22 +78,37 @@ class Load:
 
     def upload(self) -> None:
         header = model_service_pb2.ModelHeader(name="soak-upload")
-        model = self.models.UploadModel(iter([model_service_pb2.UploadModelRequest(header=header),
-                                              model_service_pb2.UploadModelRequest(chunk=self.model)]), timeout=60)
+        model = self.models.UploadModel(
+            iter(
+                [
+                    model_service_pb2.UploadModelRequest(header=header),
+                    model_service_pb2.UploadModelRequest(chunk=self.model),
+                ]
+            ),
+            timeout=60,
+        )
         self.models.DeleteModel(model_service_pb2.DeleteModelRequest(name="soak-upload", version=model.version))
 
     def job(self) -> None:
         rows = np.ones((64, 784), np.float32)
-        job = self.jobs.CreateJob(job_service_pb2.CreateJobRequest(model="soak", batch_rows=16,
-                                                                   inputs=[from_array("x", rows, raw=True)]))
+        job = self.jobs.CreateJob(
+            job_service_pb2.CreateJobRequest(model="soak", batch_rows=16, inputs=[from_array("x", rows, raw=True)])
+        )
         final = list(self.jobs.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), timeout=60))[-1]
         if final.state != job_service_pb2.JOB_STATE_SUCCEEDED:
             raise RuntimeError(f"job ended {final.state}: {final.error}")
 
     def start(self) -> list[threading.Thread]:
-        threads = [threading.Thread(target=self._repeat, args=(kind, action), daemon=True)
-                   for kind, action in (("predict", self.predict), ("predict", self.predict),
-                                        ("stream", self.stream), ("upload", self.upload), ("job", self.job))]
+        threads = [
+            threading.Thread(target=self._repeat, args=(kind, action), daemon=True)
+            for kind, action in (
+                ("predict", self.predict),
+                ("predict", self.predict),
+                ("stream", self.stream),
+                ("upload", self.upload),
+                ("job", self.job),
+            )
+        ]
         for thread in threads:
             thread.start()
         return threads
@@ -105,16 +121,35 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mds-soak-"))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(port),
-                               "--data-dir", str(work / "data"), "--log-dir", str(work / "logs")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mds_grpc",
+            "serve",
+            "--grpc-port",
+            str(port),
+            "--data-dir",
+            str(work / "data"),
+            "--log-dir",
+            str(work / "logs"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         address = f"127.0.0.1:{port}"
         grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=60)
         model = mlp()
         load = Load(address, model)
-        load.models.UploadModel(iter([model_service_pb2.UploadModelRequest(
-            header=model_service_pb2.ModelHeader(name="soak")), model_service_pb2.UploadModelRequest(chunk=model)]))
+        load.models.UploadModel(
+            iter(
+                [
+                    model_service_pb2.UploadModelRequest(header=model_service_pb2.ModelHeader(name="soak")),
+                    model_service_pb2.UploadModelRequest(chunk=model),
+                ]
+            )
+        )
         threads = load.start()
         warmup = args.seconds * 0.2
         time.sleep(warmup)  # this is a load generator's clock, not a test's synchronisation
@@ -127,15 +162,23 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(60)
-    report = {"seconds": args.seconds, "after_warmup": start, "end": end, "requests": load.counts,
-              "failures": load.failures[:20], "failure_count": len(load.failures),
-              "rss_growth_mib": end["rss_mib"] - start["rss_mib"], "fd_growth": end["open_fds"] - start["open_fds"],
-              "tolerance": {"rss_mib": RSS_TOLERANCE_MIB, "fds": FD_TOLERANCE}}
+    report = {
+        "seconds": args.seconds,
+        "after_warmup": start,
+        "end": end,
+        "requests": load.counts,
+        "failures": load.failures[:20],
+        "failure_count": len(load.failures),
+        "rss_growth_mib": end["rss_mib"] - start["rss_mib"],
+        "fd_growth": end["open_fds"] - start["open_fds"],
+        "tolerance": {"rss_mib": RSS_TOLERANCE_MIB, "fds": FD_TOLERANCE},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    healthy = (not load.failures and report["rss_growth_mib"] <= RSS_TOLERANCE_MIB
-               and report["fd_growth"] <= FD_TOLERANCE)
+    healthy = (
+        not load.failures and report["rss_growth_mib"] <= RSS_TOLERANCE_MIB and report["fd_growth"] <= FD_TOLERANCE
+    )
     sys.exit(0 if healthy else 1)
 
 

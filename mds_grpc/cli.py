@@ -49,12 +49,24 @@ def _keys(args) -> None:
     if args.action == "create":
         token, key = new_key(args.scope, args.prefix, args.description)
         store.create_key(key)
-        print(json.dumps({"id": key.id, "key": token, "scopes": key.scopes, "prefixes": key.prefixes,
-                          "note": "the key is shown only now; MDS keeps only its hash"}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "id": key.id,
+                    "key": token,
+                    "scopes": key.scopes,
+                    "prefixes": key.prefixes,
+                    "note": "the key is shown only now; MDS keeps only its hash",
+                },
+                indent=2,
+            )
+        )
     elif args.action == "list":
         for key in store.list_keys():
-            print(f"{key.id}\t{','.join(key.scopes)}\t{','.join(key.prefixes) or '*'}\t"
-                  f"{'revoked' if key.revoked else 'active'}\t{key.created_at.isoformat()}\t{key.description}")
+            print(
+                f"{key.id}\t{','.join(key.scopes)}\t{','.join(key.prefixes) or '*'}\t"
+                f"{'revoked' if key.revoked else 'active'}\t{key.created_at.isoformat()}\t{key.description}"
+            )
     elif not args.id:
         raise SystemExit("error: mds keys revoke needs a key id")
     elif not store.revoke_key(args.id):
@@ -70,8 +82,7 @@ def _worker(args) -> None:
 
 
 def _client(args) -> Client:
-    return Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                  tls_key=args.tls_key)
+    return Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 class _Bar:
@@ -109,9 +120,16 @@ def _upload(args) -> None:
     labels = dict(kv.split("=", 1) for kv in args.label)
     metadata = json.loads(args.metadata) if args.metadata else None
     with _client(args) as client, _Bar(unit="B", unit_scale=True, desc=args.name, disable=args.quiet) as bar:
-        model = client.upload(args.path, args.name, description=args.description, labels=labels, metadata=metadata,
-                              max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                              progress=bar)
+        model = client.upload(
+            args.path,
+            args.name,
+            description=args.description,
+            labels=labels,
+            metadata=metadata,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            progress=bar,
+        )
     _print_message(model)
 
 
@@ -134,8 +152,10 @@ def _predict(args) -> None:
         wanted = {spec.name: BY_WIRE.get(spec.dtype) for spec in model.inputs}
         arrays = dict(_input_array(spec, wanted) for spec in args.input)
         prediction = client.predict(args.name, arrays, version=model.version, outputs=args.output)
-    result = {name: {"dtype": dtypes.of_array(a).name, "shape": list(a.shape), "data": a.tolist()}
-              for name, a in prediction.outputs.items()}
+    result = {
+        name: {"dtype": dtypes.of_array(a).name, "shape": list(a.shape), "data": a.tolist()}
+        for name, a in prediction.outputs.items()
+    }
     result.update(prediction.structured_outputs)
     print(json.dumps({"model": prediction.model, "version": prediction.version, "outputs": result}, default=str))
 
@@ -160,13 +180,20 @@ def _jobs(args) -> None:
                 if not path.endswith(".npy"):
                     raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
                 arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-            _print_message(client.create_job(args.target, arrays, version=args.version, outputs=args.output,
-                                             batch_rows=args.batch_rows, chunk_rows=args.chunk_rows))
+            _print_message(
+                client.create_job(
+                    args.target,
+                    arrays,
+                    version=args.version,
+                    outputs=args.output,
+                    batch_rows=args.batch_rows,
+                    chunk_rows=args.chunk_rows,
+                )
+            )
         elif args.action == "list":
             state = JobState.Value("JOB_STATE_" + args.state.upper()) if args.state else 0
             for job in client.list_jobs(state=state, model=args.target or ""):
-                print(f"{job.id}\t{job.model}\t{job.version}\t{_state(job)}\t"
-                      f"{job.rows_done}/{job.rows_total}")
+                print(f"{job.id}\t{job.model}\t{job.version}\t{_state(job)}\t{job.rows_done}/{job.rows_total}")
         elif args.action == "get":
             _print_message(client.get_job(args.target))
         elif args.action == "cancel":
@@ -192,9 +219,10 @@ def _save_results(client: Client, job_id: str, out: Path) -> None:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise SystemExit(f"error: output name {name!r} cannot be a file name")
             if name not in files:
-                files[name] = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=array.dtype,
-                                                        shape=(total, *array.shape[1:]))
-            files[name][batch.row_offset:batch.row_offset + batch.rows] = array
+                files[name] = np.lib.format.open_memmap(
+                    out / f"{name}.npy", mode="w+", dtype=array.dtype, shape=(total, *array.shape[1:])
+                )
+            files[name][batch.row_offset : batch.row_offset + batch.rows] = array
     for name, array in files.items():
         array.flush()
         print(out / f"{name}.npy")
@@ -216,42 +244,80 @@ def _parser() -> argparse.ArgumentParser:
 
     settings = argparse.ArgumentParser(add_help=False)
     for f in dataclasses.fields(Settings):
-        settings.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
-                              type=functools.partial(parse, type(f.default)),
-                              help=f"{f.metadata['doc']} Default: ${env_name(f.name)} or {f.default}.")
+        settings.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=functools.partial(parse, type(f.default)),
+            help=f"{f.metadata['doc']} Default: ${env_name(f.name)} or {f.default}.",
+        )
     for old, new in RENAMED.items():
-        settings.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed, help=argparse.SUPPRESS,
-                              type=functools.partial(parse, type(getattr(Settings, new))))
-    sub.add_parser("serve", parents=[settings], help="run the gRPC server (settings: MDS_* variables, .env, "
-                   "these flags)").set_defaults(run=_serve)
-    sub.add_parser("worker", parents=[settings], help="run bulk jobs from Redis (needs MDS_REDIS_URL)"
-                   ).set_defaults(run=_worker)
-    gc = sub.add_parser("gc", parents=[settings], help="remove blobs no record references and interrupted "
-                        "writes (same storage settings as the server)")
-    gc.add_argument("--grace-seconds", type=float, default=3600,
-                    help="only what is older than this (default: an hour; uploads in flight are younger)")
+        settings.add_argument(
+            "--" + old.replace("_", "-"),
+            dest=new,
+            action=_Renamed,
+            help=argparse.SUPPRESS,
+            type=functools.partial(parse, type(getattr(Settings, new))),
+        )
+    sub.add_parser(
+        "serve", parents=[settings], help="run the gRPC server (settings: MDS_* variables, .env, these flags)"
+    ).set_defaults(run=_serve)
+    sub.add_parser("worker", parents=[settings], help="run bulk jobs from Redis (needs MDS_REDIS_URL)").set_defaults(
+        run=_worker
+    )
+    gc = sub.add_parser(
+        "gc",
+        parents=[settings],
+        help="remove blobs no record references and interrupted writes (same storage settings as the server)",
+    )
+    gc.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=3600,
+        help="only what is older than this (default: an hour; uploads in flight are younger)",
+    )
     gc.set_defaults(run=_gc)
-    keys = sub.add_parser("keys", parents=[settings], help="API keys: create (shown once), list, revoke "
-                          "(same storage settings as the server)")
+    keys = sub.add_parser(
+        "keys",
+        parents=[settings],
+        help="API keys: create (shown once), list, revoke (same storage settings as the server)",
+    )
     keys.add_argument("action", choices=["create", "list", "revoke"])
     keys.add_argument("id", nargs="?", help="the key to revoke")
-    keys.add_argument("--scope", action="append", default=[], choices=["admin", "predict"],
-                      help="admin: upload, delete and everything predict may do; predict: inference and jobs")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        choices=["admin", "predict"],
+        help="admin: upload, delete and everything predict may do; predict: inference and jobs",
+    )
     keys.add_argument("--prefix", action="append", default=[], help="limit the key to model names with this prefix")
     keys.add_argument("--description", default="")
     keys.set_defaults(run=_keys)
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", default=os.environ.get("MDS_SERVER", "localhost:50051"),
-                        help="host:port of the server (default: $MDS_SERVER or localhost:50051)")
-    client.add_argument("--api-key", default=os.environ.get("MDS_API_KEY"),
-                        help="API key sent as 'authorization: Bearer <key>' (default: $MDS_API_KEY)")
-    client.add_argument("--tls-ca", default=os.environ.get("MDS_TLS_CA"),
-                        help="connect over TLS, trusting this CA (PEM; default: $MDS_TLS_CA)")
-    client.add_argument("--tls-cert", default=os.environ.get("MDS_TLS_CERT"),
-                        help="client certificate for mutual TLS (PEM; default: $MDS_TLS_CERT)")
-    client.add_argument("--tls-key", default=os.environ.get("MDS_TLS_KEY"),
-                        help="its private key (PEM; default: $MDS_TLS_KEY)")
+    client.add_argument(
+        "--server",
+        default=os.environ.get("MDS_SERVER", "localhost:50051"),
+        help="host:port of the server (default: $MDS_SERVER or localhost:50051)",
+    )
+    client.add_argument(
+        "--api-key",
+        default=os.environ.get("MDS_API_KEY"),
+        help="API key sent as 'authorization: Bearer <key>' (default: $MDS_API_KEY)",
+    )
+    client.add_argument(
+        "--tls-ca",
+        default=os.environ.get("MDS_TLS_CA"),
+        help="connect over TLS, trusting this CA (PEM; default: $MDS_TLS_CA)",
+    )
+    client.add_argument(
+        "--tls-cert",
+        default=os.environ.get("MDS_TLS_CERT"),
+        help="client certificate for mutual TLS (PEM; default: $MDS_TLS_CERT)",
+    )
+    client.add_argument(
+        "--tls-key", default=os.environ.get("MDS_TLS_KEY"), help="its private key (PEM; default: $MDS_TLS_KEY)"
+    )
 
     upload = sub.add_parser("upload", parents=[client], help="upload an .onnx file (and its external data)")
     upload.add_argument("path")
@@ -259,10 +325,15 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--description", default="")
     upload.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     upload.add_argument("--metadata", help="free-form JSON object")
-    upload.add_argument("--max-batch-size", type=int, default=0,
-                        help="dynamic batching: most rows per run (default 0: off)")
-    upload.add_argument("--max-queue-delay-us", type=int, default=0,
-                        help="dynamic batching: how long a batch waits for more requests, in µs")
+    upload.add_argument(
+        "--max-batch-size", type=int, default=0, help="dynamic batching: most rows per run (default 0: off)"
+    )
+    upload.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="dynamic batching: how long a batch waits for more requests, in µs",
+    )
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
     upload.set_defaults(run=_upload)
 

@@ -28,13 +28,22 @@ class Group:
 
 SERVER = Group("Server", "Where `mds serve` listens, how many serving processes share the port, logs and metrics.")
 AUTH = Group("Auth and TLS", "API keys are managed with `mds keys create|list|revoke`.")
-STORAGE = Group("Storage", "Empty MongoDB and S3 settings mean the embedded default: SQLite and a local folder in "
-                "MDS_DATA_DIR. `make services` prints the values for local MinIO, FerretDB and Redis.")
-LIMITS = Group("Limits", "Past a limit a request fails with RESOURCE_EXHAUSTED; per-request limits are checked "
-               "before anything is allocated.")
+STORAGE = Group(
+    "Storage",
+    "Empty MongoDB and S3 settings mean the embedded default: SQLite and a local folder in "
+    "MDS_DATA_DIR. `make services` prints the values for local MinIO, FerretDB and Redis.",
+)
+LIMITS = Group(
+    "Limits",
+    "Past a limit a request fails with RESOURCE_EXHAUSTED; per-request limits are checked "
+    "before anything is allocated.",
+)
 INFERENCE = Group("Inference", "How models are loaded and run.")
-JOBS = Group("Jobs", "Bulk jobs run in `mds serve` itself or, with MDS_REDIS_URL, in `mds worker` processes "
-             "(any number, on any machine with the same settings).")
+JOBS = Group(
+    "Jobs",
+    "Bulk jobs run in `mds serve` itself or, with MDS_REDIS_URL, in `mds worker` processes "
+    "(any number, on any machine with the same settings).",
+)
 
 
 def setting(default: T, doc: str, group: Group, shown: str = "") -> T:
@@ -46,82 +55,136 @@ def setting(default: T, doc: str, group: Group, shown: str = "") -> T:
 class Settings:
     """Each field `x` is read from `MDS_X`."""
 
-    grpc_host: str = setting("127.0.0.1", "Address the gRPC server listens on: 127.0.0.1 keeps it local, "
-                             "0.0.0.0 exposes it.", SERVER)
+    grpc_host: str = setting(
+        "127.0.0.1", "Address the gRPC server listens on: 127.0.0.1 keeps it local, 0.0.0.0 exposes it.", SERVER
+    )
     grpc_port: int = setting(50051, "Port of the gRPC server (mds.v1, V2, health, reflection).", SERVER)
-    processes: int = setting(1, "Serving processes sharing the port (SO_REUSEPORT), each with its own models "
-                             "loaded; process i logs to MDS_LOG_DIR/mds-i.log, with metrics on MDS_METRICS_PORT + i.",
-                             SERVER)
-    log_dir: Path = setting(Path("logs"), "JSON log lines go to stdout and to MDS_LOG_DIR/mds.log "
-                            "(rotated at 50 MiB, 5 kept).", SERVER)
+    processes: int = setting(
+        1,
+        "Serving processes sharing the port (SO_REUSEPORT), each with its own models "
+        "loaded; process i logs to MDS_LOG_DIR/mds-i.log, with metrics on MDS_METRICS_PORT + i.",
+        SERVER,
+    )
+    log_dir: Path = setting(
+        Path("logs"), "JSON log lines go to stdout and to MDS_LOG_DIR/mds.log (rotated at 50 MiB, 5 kept).", SERVER
+    )
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", SERVER)
     metrics_port: int = setting(0, "Prometheus /metrics on MDS_GRPC_HOST at this port; 0 turns it off.", SERVER)
-    shutdown_grace_seconds: float = setting(10.0, "On SIGTERM or SIGINT: stop accepting, let in-flight RPCs "
-                                            "finish for this many seconds, exit 0.", SERVER)
+    shutdown_grace_seconds: float = setting(
+        10.0, "On SIGTERM or SIGINT: stop accepting, let in-flight RPCs finish for this many seconds, exit 0.", SERVER
+    )
     backend_check_seconds: float = setting(2.0, "How often health re-checks the backends, in seconds.", SERVER)
 
     auth: str = setting("auto", "API keys: on, off, or auto (on whenever MDS_MONGO_URI is set).", AUTH)
-    auth_cache_seconds: float = setting(5.0, "Seconds a key is trusted before it is read again: a revocation "
-                                        "takes effect within it.", AUTH)
-    auth_open_probes: bool = setting(True, "Health, reflection and V2 live/ready/metadata answer without a key; "
-                                     "false: they need a valid key too.", AUTH)
+    auth_cache_seconds: float = setting(
+        5.0, "Seconds a key is trusted before it is read again: a revocation takes effect within it.", AUTH
+    )
+    auth_open_probes: bool = setting(
+        True,
+        "Health, reflection and V2 live/ready/metadata answer without a key; false: they need a valid key too.",
+        AUTH,
+    )
     tls_cert_file: str = setting("", "PEM certificate for TLS on the gRPC port; empty serves plaintext.", AUTH)
     tls_key_file: str = setting("", "PEM private key of the TLS certificate.", AUTH)
-    tls_client_ca_file: str = setting("", "PEM CA certificate; when set, clients must present a certificate "
-                                      "it signed (mutual TLS).", AUTH)
+    tls_client_ca_file: str = setting(
+        "", "PEM CA certificate; when set, clients must present a certificate it signed (mutual TLS).", AUTH
+    )
 
-    data_dir: Path = setting(Path("data"), "Embedded storage: blobs in MDS_DATA_DIR/blobs, metadata in "
-                             "MDS_DATA_DIR/mds.sqlite3, model folders in MDS_DATA_DIR/models, uploads in progress "
-                             "in MDS_DATA_DIR/tmp.", STORAGE)
+    data_dir: Path = setting(
+        Path("data"),
+        "Embedded storage: blobs in MDS_DATA_DIR/blobs, metadata in "
+        "MDS_DATA_DIR/mds.sqlite3, model folders in MDS_DATA_DIR/models, uploads in progress "
+        "in MDS_DATA_DIR/tmp.",
+        STORAGE,
+    )
     mongo_uri: str = setting("", "MongoDB for metadata, keys and jobs; empty: SQLite in MDS_DATA_DIR.", STORAGE)
     mongo_database: str = setting("mds", "Database to use on MongoDB.", STORAGE)
-    s3_endpoint: str = setting("", "S3 or MinIO endpoint (host:port) for model files; empty: a local folder in "
-                               "MDS_DATA_DIR.", STORAGE)
+    s3_endpoint: str = setting(
+        "", "S3 or MinIO endpoint (host:port) for model files; empty: a local folder in MDS_DATA_DIR.", STORAGE
+    )
     s3_access_key: str = setting("", "S3 access key.", STORAGE)
     s3_secret_key: str = setting("", "S3 secret key.", STORAGE)
     s3_bucket: str = setting("mds-models", "Bucket for model files; created if missing.", STORAGE)
     s3_secure: bool = setting(False, "Talk to S3 over HTTPS.", STORAGE)
     s3_region: str = setting("", "S3 region; empty lets the client find it.", STORAGE)
 
-    max_model_bytes: int = setting(4 * GiB, "Largest upload (main file plus external-data side files), in bytes; "
-                                   "an upload fails as soon as it crosses it.", LIMITS)
+    max_model_bytes: int = setting(
+        4 * GiB,
+        "Largest upload (main file plus external-data side files), in bytes; an upload fails as soon as it crosses it.",
+        LIMITS,
+    )
     max_message_bytes: int = setting(64 * MiB, "Largest gRPC message in either direction, in bytes.", LIMITS)
     stream_max_in_flight: int = setting(8, "Requests of one PredictStream worked on at once.", LIMITS)
     max_inputs: int = setting(64, "Input tensors per request.", LIMITS)
     max_rank: int = setting(16, "Dimensions per tensor.", LIMITS)
-    max_elements: int = setting(1 << 28, "Elements per request (all tensors together), and the largest "
-                                "dimension.", LIMITS)
+    max_elements: int = setting(
+        1 << 28, "Elements per request (all tensors together), and the largest dimension.", LIMITS
+    )
     max_string_bytes: int = setting(1 * MiB, "Bytes per STRING element.", LIMITS)
 
-    model_cache_bytes: int = setting(2 * GiB, "Loaded onnxruntime sessions are kept in an LRU bounded by the sum "
-                                     "of their model file sizes, in bytes.", INFERENCE)
-    inference_threads: int = setting(os.cpu_count() or 2, "Threads that run onnxruntime.", INFERENCE,
-                                     shown="the number of CPUs")
-    ort_intra_op_threads: int = setting(0, "onnxruntime's intra-op threads per session; 0 lets onnxruntime "
-                                        "decide.", INFERENCE)
-    inline_run_max_us: int = setting(250, "Models whose recent runs average under this many microseconds run on "
-                                     "the event loop (no thread hop); 0 always uses the inference threads.", INFERENCE)
-    resolve_ttl_seconds: float = setting(1.0, "Predict reuses a (model, version) lookup this many seconds; "
-                                         "changes made through another server sharing the storage show within it.",
-                                         INFERENCE)
+    model_cache_bytes: int = setting(
+        2 * GiB,
+        "Loaded onnxruntime sessions are kept in an LRU bounded by the sum of their model file sizes, in bytes.",
+        INFERENCE,
+    )
+    inference_threads: int = setting(
+        os.cpu_count() or 2, "Threads that run onnxruntime.", INFERENCE, shown="the number of CPUs"
+    )
+    ort_intra_op_threads: int = setting(
+        0, "onnxruntime's intra-op threads per session; 0 lets onnxruntime decide.", INFERENCE
+    )
+    inline_run_max_us: int = setting(
+        250,
+        "Models whose recent runs average under this many microseconds run on "
+        "the event loop (no thread hop); 0 always uses the inference threads.",
+        INFERENCE,
+    )
+    resolve_ttl_seconds: float = setting(
+        1.0,
+        "Predict reuses a (model, version) lookup this many seconds; "
+        "changes made through another server sharing the storage show within it.",
+        INFERENCE,
+    )
 
-    redis_url: str = setting("", "Redis for the job queue, with `mds worker` processes running the jobs; "
-                             "empty: `mds serve` runs jobs itself.", JOBS)
+    redis_url: str = setting(
+        "",
+        "Redis for the job queue, with `mds worker` processes running the jobs; empty: `mds serve` runs jobs itself.",
+        JOBS,
+    )
     redis_namespace: str = setting("mds", "Prefix of the job queue's Redis keys.", JOBS)
     job_threads: int = setting(1, "Threads running jobs in each worker (or in `mds serve`, without Redis).", JOBS)
     job_batch_rows: int = setting(4096, "Rows per batch when a job does not say.", JOBS)
-    max_job_batch_rows: int = setting(1 << 20, "The most rows per batch a job may ask for "
-                                      "(CreateJob.batch_rows).", JOBS)
-    job_heartbeat_ms: int = setting(15000, "Milliseconds until the jobs of a worker that stopped answering go "
-                                    "to another worker.", JOBS)
-    job_commit_ms: int = setting(1000, "Batches run this many milliseconds (or until 16 MiB of outputs) between "
-                                 "stored results and progress updates; 0 stores every batch on its own.", JOBS)
+    max_job_batch_rows: int = setting(
+        1 << 20, "The most rows per batch a job may ask for (CreateJob.batch_rows).", JOBS
+    )
+    job_heartbeat_ms: int = setting(
+        15000, "Milliseconds until the jobs of a worker that stopped answering go to another worker.", JOBS
+    )
+    job_commit_ms: int = setting(
+        1000,
+        "Batches run this many milliseconds (or until 16 MiB of outputs) between "
+        "stored results and progress updates; 0 stores every batch on its own.",
+        JOBS,
+    )
     max_job_input_bytes: int = setting(16 * GiB, "Largest job input, in bytes.", JOBS)
 
 
-AT_LEAST_ONE = ("processes", "max_model_bytes", "model_cache_bytes", "max_message_bytes", "stream_max_in_flight",
-                "max_inputs", "max_rank", "max_elements", "max_string_bytes", "inference_threads", "job_batch_rows",
-                "max_job_batch_rows", "job_threads", "max_job_input_bytes")
+AT_LEAST_ONE = (
+    "processes",
+    "max_model_bytes",
+    "model_cache_bytes",
+    "max_message_bytes",
+    "stream_max_in_flight",
+    "max_inputs",
+    "max_rank",
+    "max_elements",
+    "max_string_bytes",
+    "inference_threads",
+    "job_batch_rows",
+    "max_job_batch_rows",
+    "job_threads",
+    "max_job_input_bytes",
+)
 RENAMED = {"workers": "processes", "job_workers": "job_threads"}  # old name: new name; the old one still works
 
 

@@ -21,9 +21,14 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
 
         # Messages of a worker that died are handed to others once its heartbeat is
         # job_heartbeat_ms old; maintenance runs on 10% of broker calls to notice soon.
-        return RedisBroker(url=settings.redis_url, namespace=settings.redis_namespace,
-                           heartbeat_timeout=settings.job_heartbeat_ms,
-                           maintenance_chance=100_000, socket_timeout=5, socket_connect_timeout=3)
+        return RedisBroker(
+            url=settings.redis_url,
+            namespace=settings.redis_namespace,
+            heartbeat_timeout=settings.job_heartbeat_ms,
+            maintenance_chance=100_000,
+            socket_timeout=5,
+            socket_connect_timeout=3,
+        )
     return StubBroker()
 
 
@@ -33,9 +38,17 @@ def declare_actor(broker: dramatiq.Broker, runner: JobRunner) -> dramatiq.Actor:
     def run_job(job_id: str) -> None:
         runner.run(job_id)
 
-    return dramatiq.actor(run_job, actor_name=ACTOR_NAME, queue_name=QUEUE_NAME, broker=broker,
-                          time_limit=DAY_MS, max_retries=100, min_backoff=500, max_backoff=30_000,
-                          retry_when=lambda retries, error: isinstance(error, Unavailable))
+    return dramatiq.actor(
+        run_job,
+        actor_name=ACTOR_NAME,
+        queue_name=QUEUE_NAME,
+        broker=broker,
+        time_limit=DAY_MS,
+        max_retries=100,
+        min_backoff=500,
+        max_backoff=30_000,
+        retry_when=lambda retries, error: isinstance(error, Unavailable),
+    )
 
 
 def ping_broker(broker: dramatiq.Broker) -> None:
@@ -46,8 +59,10 @@ def ping_broker(broker: dramatiq.Broker) -> None:
     try:
         client.ping()
     except Exception as error:  # redis-py raises ConnectionError, TimeoutError and friends
-        raise Unavailable(f"Redis at {client.connection_pool.connection_kwargs.get('host')}:"
-                          f"{client.connection_pool.connection_kwargs.get('port')} is unreachable ({error})") from None
+        raise Unavailable(
+            f"Redis at {client.connection_pool.connection_kwargs.get('host')}:"
+            f"{client.connection_pool.connection_kwargs.get('port')} is unreachable ({error})"
+        ) from None
 
 
 def start_worker(broker: dramatiq.Broker, threads: int) -> dramatiq.Worker:

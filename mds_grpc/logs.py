@@ -77,8 +77,10 @@ class AccessLog:
             return
         record, size = [], 0
         for t, fields in batch:
-            line = json.dumps({"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc",
-                               **fields}, default=str)
+            line = json.dumps(
+                {"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc", **fields},
+                default=str,
+            )
             if record and size + len(line) >= ACCESS_RECORD_BYTES:
                 self.logger.info("\n".join(record), extra={"preformatted": True})
                 record, size = [], 0

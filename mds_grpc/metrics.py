@@ -10,16 +10,21 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 REQUESTS = Counter("mds_requests", "RPCs handled, by method, model and status code", ["method", "model", "code"])
 REQUEST_SECONDS = Histogram("mds_request_seconds", "RPC duration", ["method", "model"], buckets=LATENCY_BUCKETS)
-QUEUE_SECONDS = Histogram("mds_inference_queue_seconds", "Time a run waited for an inference thread (runs on "
-                          "the event loop wait for none and are not counted)",
-                          ["model"], buckets=LATENCY_BUCKETS)
-COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run time", ["model"],
-                            buckets=LATENCY_BUCKETS)
-BATCH_ROWS = Histogram("mds_inference_batch_rows", "Rows along the first dimension per onnxruntime run",
-                       ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384))
+QUEUE_SECONDS = Histogram(
+    "mds_inference_queue_seconds",
+    "Time a run waited for an inference thread (runs on the event loop wait for none and are not counted)",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run time", ["model"], buckets=LATENCY_BUCKETS)
+BATCH_ROWS = Histogram(
+    "mds_inference_batch_rows",
+    "Rows along the first dimension per onnxruntime run",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
+)
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
-JOBS = Gauge("mds_jobs", "Jobs by state, read from the job store at each scrape (queued: the queue's depth)",
-             ["state"])
+JOBS = Gauge("mds_jobs", "Jobs by state, read from the job store at each scrape (queued: the queue's depth)", ["state"])
 
 
 # labels() takes a lock and builds a key on every call; the children it returns are kept here.
@@ -60,6 +65,7 @@ def observe_run(model: str, queued: float | None, computed: float, rows: int) ->
 
 def watch_jobs(count: Callable[[str], int], states: tuple[str, ...]) -> None:
     """mds_jobs{state} calls `count(state)` at each scrape; NaN while the store cannot answer."""
+
     def reading(state: str) -> float:
         try:
             return count(state)

@@ -43,8 +43,9 @@ def serve_processes(settings: Settings) -> None:
         raise SystemExit("error: MDS_PROCESSES > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
     build_core(settings).registry.sweep_local_copies()  # once, before any process stages an upload
     spawn = multiprocessing.get_context("spawn")
-    children = [spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}")
-                for i in range(settings.processes)]
+    children = [
+        spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}") for i in range(settings.processes)
+    ]
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     reason = "a serving process exited"

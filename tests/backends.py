@@ -43,29 +43,70 @@ class Backend:
 
 
 def ferretdb(folder: Path) -> Backend:
-    return Backend("FerretDB", folder, lambda port, d: [
-        str(BIN / "ferretdb"), "--handler=sqlite", f"--sqlite-url=file:{d}/", f"--state-dir={d}",
-        f"--listen-addr=127.0.0.1:{port}", "--telemetry=disable", "--debug-addr=-"])
+    return Backend(
+        "FerretDB",
+        folder,
+        lambda port, d: [
+            str(BIN / "ferretdb"),
+            "--handler=sqlite",
+            f"--sqlite-url=file:{d}/",
+            f"--state-dir={d}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--telemetry=disable",
+            "--debug-addr=-",
+        ],
+    )
 
 
 def minio(folder: Path) -> Backend:
-    return Backend("MinIO", folder, lambda port, d: [
-        str(BIN / "minio"), "server", str(d), "--address", f"127.0.0.1:{port}",
-        "--console-address", f"127.0.0.1:{free_port()}", "--quiet"],
-        env={"MINIO_ROOT_USER": S3_USER, "MINIO_ROOT_PASSWORD": S3_PASSWORD})
+    return Backend(
+        "MinIO",
+        folder,
+        lambda port, d: [
+            str(BIN / "minio"),
+            "server",
+            str(d),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--console-address",
+            f"127.0.0.1:{free_port()}",
+            "--quiet",
+        ],
+        env={"MINIO_ROOT_USER": S3_USER, "MINIO_ROOT_PASSWORD": S3_PASSWORD},
+    )
 
 
 def redis(folder: Path) -> Backend:
-    return Backend("Redis", folder, lambda port, d: [
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
-        "--save", ""])
+    return Backend(
+        "Redis",
+        folder,
+        lambda port, d: [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(d),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
+    )
 
 
 def server_env(mongo: Backend, s3: Backend, queue: Backend) -> dict[str, str]:
-    return {"MDS_MONGO_URI": f"mongodb://127.0.0.1:{mongo.port}/", "MDS_S3_ENDPOINT": f"127.0.0.1:{s3.port}",
-            "MDS_REDIS_URL": f"redis://127.0.0.1:{queue.port}/0",
-            "MDS_S3_ACCESS_KEY": S3_USER, "MDS_S3_SECRET_KEY": S3_PASSWORD, "MDS_S3_BUCKET": "models",
-            "MDS_BACKEND_CHECK_SECONDS": "0.2", "MDS_AUTH": "off"}
+    return {
+        "MDS_MONGO_URI": f"mongodb://127.0.0.1:{mongo.port}/",
+        "MDS_S3_ENDPOINT": f"127.0.0.1:{s3.port}",
+        "MDS_REDIS_URL": f"redis://127.0.0.1:{queue.port}/0",
+        "MDS_S3_ACCESS_KEY": S3_USER,
+        "MDS_S3_SECRET_KEY": S3_PASSWORD,
+        "MDS_S3_BUCKET": "models",
+        "MDS_BACKEND_CHECK_SECONDS": "0.2",
+        "MDS_AUTH": "off",
+    }
 
 
 @contextmanager

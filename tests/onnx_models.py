@@ -10,11 +10,20 @@ OPSET = [helper.make_opsetid("", 17)]
 
 # (core dtype name, ONNX element type) for every dtype of the contract.
 ALL_DTYPES = [
-    ("BOOL", TensorProto.BOOL), ("UINT8", TensorProto.UINT8), ("UINT16", TensorProto.UINT16),
-    ("UINT32", TensorProto.UINT32), ("UINT64", TensorProto.UINT64), ("INT8", TensorProto.INT8),
-    ("INT16", TensorProto.INT16), ("INT32", TensorProto.INT32), ("INT64", TensorProto.INT64),
-    ("FP16", TensorProto.FLOAT16), ("FP32", TensorProto.FLOAT), ("FP64", TensorProto.DOUBLE),
-    ("BF16", TensorProto.BFLOAT16), ("STRING", TensorProto.STRING),
+    ("BOOL", TensorProto.BOOL),
+    ("UINT8", TensorProto.UINT8),
+    ("UINT16", TensorProto.UINT16),
+    ("UINT32", TensorProto.UINT32),
+    ("UINT64", TensorProto.UINT64),
+    ("INT8", TensorProto.INT8),
+    ("INT16", TensorProto.INT16),
+    ("INT32", TensorProto.INT32),
+    ("INT64", TensorProto.INT64),
+    ("FP16", TensorProto.FLOAT16),
+    ("FP32", TensorProto.FLOAT),
+    ("FP64", TensorProto.DOUBLE),
+    ("BF16", TensorProto.BFLOAT16),
+    ("STRING", TensorProto.STRING),
 ]
 
 
@@ -36,16 +45,20 @@ def identity_all_dtypes(names=tuple(n for n, _ in ALL_DTYPES)) -> bytes:
 
 def add_scalar() -> bytes:
     """y = x + s, with `s` a 0-d float and `x` of any length (empty too)."""
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
-              helper.make_tensor_value_info("s", TensorProto.FLOAT, [])]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])]
     return _model([helper.make_node("Add", ["x", "s"], ["y"])], inputs, outputs).SerializeToString()
 
 
 def add_two(scale: float = 1.0) -> bytes:
     """z = (a + b) * scale for float vectors of symbolic lengths (mismatched lengths fail at run time)."""
-    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]),
-              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"])]
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"]),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m"]),
+    ]
     outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)]
     nodes = [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["sum", "k"], ["z"])]
     scale_init = numpy_helper.from_array(np.array(scale, dtype=np.float32), "k")
@@ -56,8 +69,15 @@ def string_labels() -> bytes:
     """LabelEncoder from ai.onnx.ml: strings -> int64 ids (unknown -> -1)."""
     inputs = [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])]
     outputs = [helper.make_tensor_value_info("id", TensorProto.INT64, ["n"])]
-    node = helper.make_node("LabelEncoder", ["text"], ["id"], domain="ai.onnx.ml",
-                            keys_strings=["cat", "dog", "émeu"], values_int64s=[1, 2, 3], default_int64=-1)
+    node = helper.make_node(
+        "LabelEncoder",
+        ["text"],
+        ["id"],
+        domain="ai.onnx.ml",
+        keys_strings=["cat", "dog", "émeu"],
+        values_int64s=[1, 2, 3],
+        default_int64=-1,
+    )
     opsets = [*OPSET, helper.make_opsetid("ai.onnx.ml", 2)]
     return _model([node], inputs, outputs, opsets=opsets).SerializeToString()
 
@@ -65,10 +85,14 @@ def string_labels() -> bytes:
 def half_precision() -> bytes:
     """fp16 in; the same values as fp16 and widened to fp32 out."""
     inputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["n", 3])]
-    outputs = [helper.make_tensor_value_info("same", TensorProto.FLOAT16, ["n", 3]),
-               helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["n", 3])]
-    nodes = [helper.make_node("Identity", ["h"], ["same"]),
-             helper.make_node("Cast", ["h"], ["wide"], to=TensorProto.FLOAT)]
+    outputs = [
+        helper.make_tensor_value_info("same", TensorProto.FLOAT16, ["n", 3]),
+        helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["n", 3]),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["h"], ["same"]),
+        helper.make_node("Cast", ["h"], ["wide"], to=TensorProto.FLOAT),
+    ]
     return _model(nodes, inputs, outputs).SerializeToString()
 
 
@@ -77,12 +101,14 @@ def save_with_external_data(folder: Path, location: str = "model.onnx.data", row
     weight = np.random.default_rng(7).standard_normal((rows, columns)).astype(np.float32)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", rows])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", columns])]
-    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], inputs, outputs,
-                   [numpy_helper.from_array(weight, "w")])
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], inputs, outputs, [numpy_helper.from_array(weight, "w")]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     return path
 
 
@@ -116,10 +142,15 @@ def dense(features: int = 8, classes: int = 3, seed: int = 0, input_name: str = 
     weights = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "w")
     bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "b")
     inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["rows", features])]
-    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", classes]),
-               helper.make_tensor_value_info("label", TensorProto.INT64, ["rows"])]
-    nodes = [helper.make_node("MatMul", [input_name, "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"]),
-             helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0)]
+    outputs = [
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", classes]),
+        helper.make_tensor_value_info("label", TensorProto.INT64, ["rows"]),
+    ]
+    nodes = [
+        helper.make_node("MatMul", [input_name, "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["scores"]),
+        helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0),
+    ]
     return _model(nodes, inputs, outputs, [weights, bias]).SerializeToString()
 
 
@@ -167,8 +198,11 @@ def huge_weight(holder: str) -> bytes:
 def sized_by_input(op: str) -> bytes:
     """ConstantOfShape(shape) or Expand(one, shape): an output of whatever shape the client sends (0s or 1s)."""
     one = numpy_helper.from_array(np.ones(1, np.float32), "one")
-    node = (helper.make_node("ConstantOfShape", ["shape"], ["y"]) if op == "ConstantOfShape"
-            else helper.make_node("Expand", ["one", "shape"], ["y"]))
+    node = (
+        helper.make_node("ConstantOfShape", ["shape"], ["y"])
+        if op == "ConstantOfShape"
+        else helper.make_node("Expand", ["one", "shape"], ["y"])
+    )
     inputs = [helper.make_tensor_value_info("shape", TensorProto.INT64, ["rank"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     return _model([node], inputs, outputs, [one] if op == "Expand" else []).SerializeToString()

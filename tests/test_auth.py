@@ -31,8 +31,10 @@ PUBLIC = sorted(method.removeprefix("/") for method, rpc in RPCS.items() if rpc.
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     server = ServerProcess(tmp_path_factory.mktemp("auth"), mds_auth="on").start()
-    keys = {"admin": create_key(server, "--scope", "admin")[1],
-            "predict": create_key(server, "--scope", "predict", "--prefix", "pub-")[1]}
+    keys = {
+        "admin": create_key(server, "--scope", "admin")[1],
+        "predict": create_key(server, "--scope", "predict", "--prefix", "pub-")[1],
+    }
     revoked_id, keys["revoked"] = create_key(server, "--scope", "admin")
     assert mds_keys(server, "revoke", revoked_id).strip() == f"revoked {revoked_id}"
     keys["wrong"] = keys["admin"][:-4] + "AAAA"
@@ -76,9 +78,11 @@ def call(server, method: str, model: str, key: str | None) -> grpc.StatusCode:
             server.channel.stream_unary(path, serialize, parse)(iter([message]), metadata=metadata, timeout=30)
         else:
             stub = (server.channel.unary_stream if not rpc.client_streaming else server.channel.stream_stream)(
-                path, serialize, parse)
-            replies = list(stub(message if not rpc.client_streaming else iter([message]), metadata=metadata,
-                                timeout=30))
+                path, serialize, parse
+            )
+            replies = list(
+                stub(message if not rpc.client_streaming else iter([message]), metadata=metadata, timeout=30)
+            )
             errors = [getattr(r, "error", None) for r in replies]
             stream_error = next((e for e in errors if e is not None and e.code), None)
             if stream_error is not None:
@@ -136,8 +140,10 @@ def test_probes_can_require_a_key(tmp_path):
     try:
         health = health_pb2_grpc.HealthStub(server.channel)
         assert_status(lambda: health.Check(health_pb2.HealthCheckRequest()), grpc.StatusCode.UNAUTHENTICATED)
-        assert health.Check(health_pb2.HealthCheckRequest(), metadata=server.probe_metadata).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), metadata=server.probe_metadata).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         reflection = reflection_pb2_grpc.ServerReflectionStub(server.channel)
         listing = reflection_pb2.ServerReflectionRequest(list_services="")
         assert_status(lambda: list(reflection.ServerReflectionInfo(iter([listing]))), grpc.StatusCode.UNAUTHENTICATED)
@@ -171,21 +177,29 @@ def test_job_ids_and_listings_keep_a_key_to_its_prefixes(secured):
     rows = from_array("x", np.zeros((2, 8), np.float32), raw=True)
     job = server.jobs.CreateJob(job_service_pb2.CreateJobRequest(model="private-jobs", inputs=[rows]), metadata=admin)
     by_id = job_service_pb2.GetJobRequest(id=job.id)
-    for call_job in (lambda: server.jobs.GetJob(by_id, metadata=limited),
-                     lambda: server.jobs.CancelJob(job_service_pb2.CancelJobRequest(id=job.id), metadata=limited),
-                     lambda: list(server.jobs.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=limited)),
-                     lambda: list(server.jobs.GetJobResults(job_service_pb2.GetJobResultsRequest(id=job.id),
-                                                            metadata=limited))):
+    for call_job in (
+        lambda: server.jobs.GetJob(by_id, metadata=limited),
+        lambda: server.jobs.CancelJob(job_service_pb2.CancelJobRequest(id=job.id), metadata=limited),
+        lambda: list(server.jobs.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=limited)),
+        lambda: list(server.jobs.GetJobResults(job_service_pb2.GetJobResultsRequest(id=job.id), metadata=limited)),
+    ):
         assert_status(call_job, grpc.StatusCode.PERMISSION_DENIED, "may not use model 'private-jobs'")
     assert server.jobs.GetJob(by_id, metadata=admin).model == "private-jobs"
     # Listing everything would show other models' names: a limited key must name one of its own.
-    assert_status(lambda: server.jobs.ListJobs(job_service_pb2.ListJobsRequest(), metadata=limited),
-                  grpc.StatusCode.PERMISSION_DENIED, "set `model`")
-    assert_status(lambda: server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=limited),
-                  grpc.StatusCode.PERMISSION_DENIED, "set `name`")
+    assert_status(
+        lambda: server.jobs.ListJobs(job_service_pb2.ListJobsRequest(), metadata=limited),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "set `model`",
+    )
+    assert_status(
+        lambda: server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=limited),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "set `name`",
+    )
     assert server.jobs.ListJobs(job_service_pb2.ListJobsRequest(model="pub-model"), metadata=limited).jobs == []
-    assert "private-jobs" in {m.name for m in server.models.ListModels(model_service_pb2.ListModelsRequest(),
-                                                                        metadata=admin).models}
+    assert "private-jobs" in {
+        m.name for m in server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=admin).models
+    }
 
 
 def test_a_method_without_a_scope_stops_the_start(tmp_path):
@@ -193,19 +207,52 @@ def test_a_method_without_a_scope_stops_the_start(tmp_path):
     protos, gen = tmp_path / "protos", tmp_path / "gen"
     shutil.copytree(REPO / "protos", protos)
     model_service = protos / "mds" / "v1" / "model_service.proto"
-    model_service.write_text(model_service.read_text().replace(
-        "service ModelService {\n", "service ModelService {\n  rpc RenameModel(GetModelRequest) returns (Model);\n", 1))
+    model_service.write_text(
+        model_service.read_text().replace(
+            "service ModelService {\n",
+            "service ModelService {\n  rpc RenameModel(GetModelRequest) returns (Model);\n",
+            1,
+        )
+    )
     googleapis = Path(status_pb2.__file__).parents[2]
     gen.mkdir()
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}", f"-I{googleapis}", f"--python_out={gen}",
-                    f"--grpc_python_out={gen}", *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")]],
-                   check=True, cwd=protos)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            f"-I{googleapis}",
+            f"--python_out={gen}",
+            f"--grpc_python_out={gen}",
+            *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")],
+        ],
+        check=True,
+        cwd=protos,
+    )
     for package in ("mds", "mds/v1", "mds/oip"):
         (gen / package / "__init__.py").touch()
     path = os.pathsep.join(filter(None, (str(gen), os.environ.get("PYTHONPATH"))))  # these stubs before gen/
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", "0",
-                             "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "logs")],
-                            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mds_grpc",
+            "serve",
+            "--grpc-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: /mds.v1.ModelService/RenameModel declares no scope: give it "
-                                     "`option (mds.v1.scope)` in protos/ (see mds/v1/options.proto)")
+    assert result.stderr.strip() == (
+        "error: /mds.v1.ModelService/RenameModel declares no scope: give it "
+        "`option (mds.v1.scope)` in protos/ (see mds/v1/options.proto)"
+    )

@@ -24,8 +24,10 @@ RNG = np.random.default_rng(7)
 def runs_and_rows(model: str) -> tuple[float, float]:
     """onnxruntime runs so far for `model`, and the rows they took (from the batch-size histogram)."""
     labels = {"model": model}
-    return (REGISTRY.get_sample_value("mds_inference_batch_rows_count", labels) or 0,
-            REGISTRY.get_sample_value("mds_inference_batch_rows_sum", labels) or 0)
+    return (
+        REGISTRY.get_sample_value("mds_inference_batch_rows_count", labels) or 0,
+        REGISTRY.get_sample_value("mds_inference_batch_rows_sum", labels) or 0,
+    )
 
 
 async def batching_engine(registry, name: str, max_rows: int, delay_us: int) -> InferenceEngine:
@@ -59,8 +61,9 @@ async def test_concurrent_requests_share_one_run_and_get_their_own_rows(registry
 
 async def test_requests_for_different_outputs_do_not_share_a_run(registry):
     engine = await batching_engine(registry, "dense-split", 8, 0)
-    scores, label = await asyncio.gather(engine.predict("dense-split", 0, rows(1), ["scores"]),
-                                         engine.predict("dense-split", 0, rows(1), ["label"]))
+    scores, label = await asyncio.gather(
+        engine.predict("dense-split", 0, rows(1), ["scores"]), engine.predict("dense-split", 0, rows(1), ["label"])
+    )
     assert [n for n, _ in scores.outputs] == ["scores"] and [n for n, _ in label.outputs] == ["label"]
     assert runs_and_rows("dense-split") == (2, 2)
 
@@ -88,8 +91,10 @@ async def test_a_cancelled_request_leaves_its_batch(registry):
 
 
 async def test_requests_that_disagree_on_rows_are_refused(registry):
-    await registry.upload(UploadHeader(name="identity-batched", batching=BatchingPolicy(4, 0)),
-                          parts(onnx_models.identity_all_dtypes(("FP32", "INT64"))))
+    await registry.upload(
+        UploadHeader(name="identity-batched", batching=BatchingPolicy(4, 0)),
+        parts(onnx_models.identity_all_dtypes(("FP32", "INT64"))),
+    )
     engine = InferenceEngine(registry, ThreadPoolExecutor(1))
     inputs = {"x_FP32": np.zeros((1, 2), np.float32), "x_INT64": np.zeros((2, 2), np.int64)}
     with pytest.raises(InvalidArgument, match="every input needs the same first dimension"):
@@ -105,15 +110,27 @@ def test_batching_is_stored_served_and_refused_for_fixed_first_dimensions(server
     reply = server.inference.Predict(request(unique, x), timeout=30)
     np.testing.assert_allclose(outputs_of(reply)["scores"], expected(x)[0], rtol=1e-6)
 
-    assert_status(lambda: server.models.UploadModel(
-        upload_requests(unique + "-scalar", onnx_models.add_scalar(), batching=batching), timeout=120),
-        grpc.StatusCode.INVALID_ARGUMENT, "batching needs", "input 's'", "first dimension is dynamic")
-    assert_status(lambda: server.models.GetModel(model_service_pb2.GetModelRequest(name=unique + "-scalar")),
-                  grpc.StatusCode.NOT_FOUND)
+    assert_status(
+        lambda: server.models.UploadModel(
+            upload_requests(unique + "-scalar", onnx_models.add_scalar(), batching=batching), timeout=120
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batching needs",
+        "input 's'",
+        "first dimension is dynamic",
+    )
+    assert_status(
+        lambda: server.models.GetModel(model_service_pb2.GetModelRequest(name=unique + "-scalar")),
+        grpc.StatusCode.NOT_FOUND,
+    )
     too_slow = model_service_pb2.Batching(max_batch_size=8, max_queue_delay_us=2_000_000)
-    assert_status(lambda: server.models.UploadModel(
-        upload_requests(unique + "-slow", onnx_models.dense(), batching=too_slow), timeout=120),
-        grpc.StatusCode.INVALID_ARGUMENT, "max_queue_delay_us must be at most 1000000")
+    assert_status(
+        lambda: server.models.UploadModel(
+            upload_requests(unique + "-slow", onnx_models.dense(), batching=too_slow), timeout=120
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_queue_delay_us must be at most 1000000",
+    )
 
 
 async def test_requests_left_for_the_next_batch_are_joined_by_newcomers(registry):

@@ -9,12 +9,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_harness_smoke(tmp_path):
-    subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     targets = {(r["workload"], r["target"], r.get("call")) for r in rows}
-    assert {("a", "floor", "Predict"), ("a", "MDS", "Predict"), ("a", "MDS", "ModelInfer"),
-            ("b", "MDS", "PredictStream")} <= targets
+    assert {
+        ("a", "floor", "Predict"),
+        ("a", "MDS", "Predict"),
+        ("a", "MDS", "ModelInfer"),
+        ("b", "MDS", "PredictStream"),
+    } <= targets
     assert {r["workload"] for r in rows} == {"a", "b", "d", "e", "f"}  # no peers, no heavy model in a smoke
     assert all(r.get("errors", 0) == 0 for r in rows)
     assert all(r[key] > 0 for r in rows for key in ("requests_per_s", "mb_per_s", "rows_per_s", "seconds") if key in r)

@@ -66,15 +66,21 @@ def open_stores(request, tmp_path):
     settings = {"data_dir": tmp_path / "shared"}
     if request.param == "mongo-s3":
         env, namespace = request.getfixturevalue("services"), "race-" + uuid.uuid4().hex[:12]
-        settings.update(mongo_uri=env["MDS_MONGO_URI"], mongo_database=namespace, s3_endpoint=env["MDS_S3_ENDPOINT"],
-                        s3_access_key=env["MDS_S3_ACCESS_KEY"], s3_secret_key=env["MDS_S3_SECRET_KEY"],
-                        s3_bucket=namespace)
+        settings.update(
+            mongo_uri=env["MDS_MONGO_URI"],
+            mongo_database=namespace,
+            s3_endpoint=env["MDS_S3_ENDPOINT"],
+            s3_access_key=env["MDS_S3_ACCESS_KEY"],
+            s3_secret_key=env["MDS_S3_SECRET_KEY"],
+            s3_bucket=namespace,
+        )
     return lambda: open_storage(load_settings(**settings))
 
 
 def registry(storage: Storage, folder) -> ModelRegistry:
-    registry = ModelRegistry(storage.metadata, storage.blobs, ModelCache(storage.blobs, folder / "models", 1 << 30),
-                             folder / "tmp", 1 << 30)
+    registry = ModelRegistry(
+        storage.metadata, storage.blobs, ModelCache(storage.blobs, folder / "models", 1 << 30), folder / "tmp", 1 << 30
+    )
     registry.sweep_local_copies()
     return registry
 
@@ -149,8 +155,12 @@ async def test_a_publish_during_a_deletion_stores_the_blob_again(open_stores, tm
     metadata.resume.set()  # B is not stopped here
     publishing = asyncio.ensure_future(upload(new, "new"))
     # B either finishes (nothing stops it) or is seen waiting for the deletion to end.
-    await asyncio.to_thread(wait_until, lambda: publishing.done() or ("claim_blob", False) in metadata.returned,
-                            60, "the publish to finish or wait")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: publishing.done() or ("claim_blob", False) in metadata.returned,
+        60,
+        "the publish to finish or wait",
+    )
     blobs.resume.set()
     await deleting
     assert (await publishing).version == 1
@@ -192,13 +202,19 @@ async def test_metadata_lost_in_the_middle_of_a_publish_leaves_nothing_after_gc(
     """
     with private_services(tmp_path) as (mongo, s3, queue):
         env = server_env(mongo, s3, queue)
-        settings = load_settings(data_dir=tmp_path / "mds", mongo_uri=env["MDS_MONGO_URI"],
-                                 s3_endpoint=env["MDS_S3_ENDPOINT"], s3_access_key=env["MDS_S3_ACCESS_KEY"],
-                                 s3_secret_key=env["MDS_S3_SECRET_KEY"], s3_bucket=env["MDS_S3_BUCKET"])
+        settings = load_settings(
+            data_dir=tmp_path / "mds",
+            mongo_uri=env["MDS_MONGO_URI"],
+            s3_endpoint=env["MDS_S3_ENDPOINT"],
+            s3_access_key=env["MDS_S3_ACCESS_KEY"],
+            s3_secret_key=env["MDS_S3_SECRET_KEY"],
+            s3_bucket=env["MDS_S3_BUCKET"],
+        )
         stores = open_storage(settings)
         metadata = Interposed(stores.metadata, pause_in=stopped_in)
-        publishing = asyncio.ensure_future(upload(registry(Storage(metadata, stores.blobs, stores.jobs),
-                                                           tmp_path / "b"), "new"))
+        publishing = asyncio.ensure_future(
+            upload(registry(Storage(metadata, stores.blobs, stores.jobs), tmp_path / "b"), "new")
+        )
         await metadata.stopped()
         await asyncio.to_thread(mongo.stop)
         metadata.resume.set()

@@ -17,8 +17,12 @@ def store(request, tmp_path):
     if request.param == "local":
         return LocalBlobStore(tmp_path / "blobs")
     env = request.getfixturevalue("services")
-    return S3BlobStore(env["MDS_S3_ENDPOINT"], env["MDS_S3_ACCESS_KEY"], env["MDS_S3_SECRET_KEY"],
-                       bucket="test-" + uuid.uuid4().hex[:12])
+    return S3BlobStore(
+        env["MDS_S3_ENDPOINT"],
+        env["MDS_S3_ACCESS_KEY"],
+        env["MDS_S3_SECRET_KEY"],
+        bucket="test-" + uuid.uuid4().hex[:12],
+    )
 
 
 @pytest.fixture
@@ -56,15 +60,19 @@ def test_local_blobs_are_read_only(tmp_path, staged):
 
 
 def test_s3_streaming_upload_commits_under_its_hash_or_leaves_nothing(services, tmp_path, staged):
-    store = S3BlobStore(services["MDS_S3_ENDPOINT"], services["MDS_S3_ACCESS_KEY"], services["MDS_S3_SECRET_KEY"],
-                        bucket="test-" + uuid.uuid4().hex[:12])
+    store = S3BlobStore(
+        services["MDS_S3_ENDPOINT"],
+        services["MDS_S3_ACCESS_KEY"],
+        services["MDS_S3_SECRET_KEY"],
+        bucket="test-" + uuid.uuid4().hex[:12],
+    )
     path, sha = staged
     data = path.read_bytes()
 
     def stream():
         upload = store.open_upload()
         for offset in range(0, len(data), 1000):
-            upload.write(data[offset:offset + 1000])
+            upload.write(data[offset : offset + 1000])
         return upload
 
     abandoned = stream()
@@ -91,8 +99,11 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = (b"<Error><Code>XMinioServerNotInitialized</Code><Message>starting</Message></Error>" if self.xml
-                else b"starting")
+        body = (
+            b"<Error><Code>XMinioServerNotInitialized</Code><Message>starting</Message></Error>"
+            if self.xml
+            else b"starting"
+        )
         self.send_response(503)
         self.send_header("Content-Type", "application/xml" if self.xml else "text/plain")
         self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
@@ -115,8 +126,13 @@ def test_s3_answering_503_is_unavailable(tmp_path, staged, xml):
     try:
         store = S3BlobStore(f"127.0.0.1:{endpoint.server_port}", "key", "secret", bucket="refused", region="us-east-1")
         path, sha = staged
-        for call in (lambda: store.exists(sha), lambda: store.put_file(path, sha), lambda: store.delete(sha),
-                     lambda: store.fetch_to(sha, tmp_path / "x"), lambda: store.open_upload().commit(sha)):
+        for call in (
+            lambda: store.exists(sha),
+            lambda: store.put_file(path, sha),
+            lambda: store.delete(sha),
+            lambda: store.fetch_to(sha, tmp_path / "x"),
+            lambda: store.open_upload().commit(sha),
+        ):
             with pytest.raises(Unavailable, match="object store at 127.0.0.1"):
                 call()
     finally:

@@ -10,16 +10,33 @@ import onnxruntime as ort
 
 
 def mds(server, *args, check=True):
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", *args, "--server", server.address],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mds_grpc", *args, "--server", server.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert not check or result.returncode == 0, result.stderr
     return result
 
 
 def test_upload_predict_list_get_delete(server, unique, tmp_path):
     path = onnx_models.save_with_external_data(tmp_path)
-    uploaded = json.loads(mds(server, "upload", str(path), "--name", unique, "--label", "team=ml",
-                              "--description", "matmul", "--metadata", '{"owner": "me"}').stdout)
+    uploaded = json.loads(
+        mds(
+            server,
+            "upload",
+            str(path),
+            "--name",
+            unique,
+            "--label",
+            "team=ml",
+            "--description",
+            "matmul",
+            "--metadata",
+            '{"owner": "me"}',
+        ).stdout
+    )
     assert uploaded["version"] == "1" and uploaded["labels"] == {"team": "ml"}
     assert [f["path"] for f in uploaded["files"]] == ["model.onnx", "model.onnx.data"]
 
@@ -51,8 +68,9 @@ def test_million_row_job_through_the_cli(server, unique, tmp_path):
     mds(server, "upload", str(tmp_path / "dense.onnx"), "--name", unique, "--quiet")
     x = np.random.default_rng(9).standard_normal((1_000_000, 8)).astype(np.float32)
     np.save(tmp_path / "rows.npy", x)
-    created = json.loads(mds(server, "jobs", "create", unique, "--input", f"x={tmp_path / 'rows.npy'}",
-                             "--batch-rows", "65536").stdout)
+    created = json.loads(
+        mds(server, "jobs", "create", unique, "--input", f"x={tmp_path / 'rows.npy'}", "--batch-rows", "65536").stdout
+    )
     assert created["state"] == "JOB_STATE_QUEUED" and created["rowsTotal"] == "1000000"
     watched = mds(server, "jobs", "watch", created["id"])
     assert watched.stdout.strip() == f"job {created['id']} SUCCEEDED: 1000000 rows"
@@ -60,10 +78,11 @@ def test_million_row_job_through_the_cli(server, unique, tmp_path):
     mds(server, "jobs", "results", created["id"], "--out", str(tmp_path / "out"))
     session = ort.InferenceSession(model)
     for offset in range(0, len(x), 65536):
-        want_scores, want_label = session.run(None, {"x": x[offset:offset + 65536]})
-        got_scores = np.load(tmp_path / "out" / "scores.npy", mmap_mode="r")[offset:offset + 65536]
+        want_scores, want_label = session.run(None, {"x": x[offset : offset + 65536]})
+        got_scores = np.load(tmp_path / "out" / "scores.npy", mmap_mode="r")[offset : offset + 65536]
         np.testing.assert_array_equal(got_scores, want_scores)
-        np.testing.assert_array_equal(np.load(tmp_path / "out" / "label.npy", mmap_mode="r")[offset:offset + 65536],
-                                      want_label)
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "out" / "label.npy", mmap_mode="r")[offset : offset + 65536], want_label
+        )
     listed = mds(server, "jobs", "list", unique).stdout
     assert f"{created['id']}\t{unique}\t1\tSUCCEEDED\t1000000/1000000" in listed

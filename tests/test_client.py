@@ -10,8 +10,18 @@ import onnxruntime as ort
 import pytest
 from harness import DENSE, SAMPLES, ServerProcess, create_key, free_port, in_process
 
-from mds_grpc.client import (Client, FailedPrecondition, InvalidArgument, JobState, MdsError, NotFound,
-                             PermissionDenied, Prediction, Unauthenticated, Unavailable)
+from mds_grpc.client import (
+    Client,
+    FailedPrecondition,
+    InvalidArgument,
+    JobState,
+    MdsError,
+    NotFound,
+    PermissionDenied,
+    Prediction,
+    Unauthenticated,
+    Unavailable,
+)
 
 
 @pytest.fixture
@@ -21,8 +31,10 @@ def client(server):
 
 
 def test_importing_the_client_loads_neither_onnxruntime_nor_the_server():
-    code = ("import sys, mds_grpc.client; "
-            "print(sorted({'onnxruntime', 'mds_grpc.server', 'mds_grpc.core.registry'} & set(sys.modules)))")
+    code = (
+        "import sys, mds_grpc.client; "
+        "print(sorted({'onnxruntime', 'mds_grpc.server', 'mds_grpc.core.registry'} & set(sys.modules)))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert loaded.stdout.strip() == "[]"
 
@@ -31,8 +43,14 @@ def test_upload_reports_progress_and_sends_external_data(client, unique, tmp_pat
     path = onnx_models.save_with_external_data(tmp_path)
     total = path.stat().st_size + (tmp_path / "model.onnx.data").stat().st_size
     progress = []
-    model = client.upload(path, unique, description="matmul", labels={"team": "ml"}, metadata={"owner": "me"},
-                          progress=lambda sent, of: progress.append((sent, of)))
+    model = client.upload(
+        path,
+        unique,
+        description="matmul",
+        labels={"team": "ml"},
+        metadata={"owner": "me"},
+        progress=lambda sent, of: progress.append((sent, of)),
+    )
     assert (model.version, model.description, dict(model.labels)) == (1, "matmul", {"team": "ml"})
     assert [f.path for f in model.files] == ["model.onnx", "model.onnx.data"]
     assert progress[0] == (0, total) and progress[-1] == (total, total)
@@ -68,8 +86,9 @@ def test_string_inputs_and_structured_outputs(client, unique):
 def test_stream_yields_a_typed_error_in_place_of_a_failed_request(client, unique):
     client.upload(onnx_models.add_two(), unique)
     one = np.array([1.0], np.float32)
-    inputs = [{"a": np.array([i], np.float32)} if i == 3 else {"a": np.array([i], np.float32), "b": one}
-              for i in range(8)]
+    inputs = [
+        {"a": np.array([i], np.float32)} if i == 3 else {"a": np.array([i], np.float32), "b": one} for i in range(8)
+    ]
     results = list(client.stream(unique, iter(inputs)))
     assert len(results) == 8 and isinstance(results[3], InvalidArgument)
     assert results[3].status == "INVALID_ARGUMENT" and "missing input 'b'" in str(results[3])
@@ -89,7 +108,7 @@ def test_a_job_from_upload_to_results(client, unique):
     got = {"scores": np.zeros((1000, 3), np.float32), "label": np.zeros(1000, np.int64)}
     for batch in client.job_results(job.id):
         for name, array in batch.outputs.items():
-            got[name][batch.row_offset:batch.row_offset + batch.rows] = array
+            got[name][batch.row_offset : batch.row_offset + batch.rows] = array
     for name, want in in_process(DENSE, x, 128).items():
         np.testing.assert_array_equal(got[name], want)
     with pytest.raises(FailedPrecondition, match="finished|SUCCEEDED"):

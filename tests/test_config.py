@@ -37,16 +37,19 @@ def test_old_names_still_take_effect_and_warn_once_each(environment, caplog):
     environment.setenv("MDS_JOB_WORKERS", "4")
     settings = load_settings()
     assert (settings.processes, settings.job_threads) == (3, 4)
-    assert deprecations(caplog) == ["MDS_WORKERS is deprecated, use MDS_PROCESSES",
-                                    "MDS_JOB_WORKERS is deprecated, use MDS_JOB_THREADS"]
+    assert deprecations(caplog) == [
+        "MDS_WORKERS is deprecated, use MDS_PROCESSES",
+        "MDS_JOB_WORKERS is deprecated, use MDS_JOB_THREADS",
+    ]
 
 
 def test_the_new_name_wins_over_the_old_one(environment, caplog, tmp_path):
     (tmp_path / ".env").write_text("MDS_JOB_THREADS=2\n")
     environment.setenv("MDS_JOB_WORKERS", "5")
     assert load_settings().job_threads == 2
-    assert deprecations(caplog) == ["MDS_JOB_WORKERS is deprecated, use MDS_JOB_THREADS; "
-                                    "ignored because MDS_JOB_THREADS is set"]
+    assert deprecations(caplog) == [
+        "MDS_JOB_WORKERS is deprecated, use MDS_JOB_THREADS; ignored because MDS_JOB_THREADS is set"
+    ]
 
 
 def test_a_bad_old_value_names_the_variable_it_came_from(environment):
@@ -58,9 +61,14 @@ def test_a_bad_old_value_names_the_variable_it_came_from(environment):
 def serve(tmp_path, *flags: str) -> list[str]:
     """stderr lines of `mds serve FLAGS` on port 0, which stops at once when it would start several processes."""
     env = {k: v for k, v in os.environ.items() if k not in RENAMED_VARIABLES}
-    result = subprocess.run([sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", "0", "--log-dir",
-                             str(tmp_path / "logs"), *flags], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", "0", "--log-dir", str(tmp_path / "logs"), *flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, result.stderr
     return result.stderr.splitlines()
 
@@ -69,4 +77,6 @@ def test_the_processes_flag_and_its_old_name(tmp_path):
     assert serve(tmp_path, "--processes", "2") == [NEEDS_A_PORT]
     assert serve(tmp_path, "--workers", "2") == ["--workers is deprecated, use --processes", NEEDS_A_PORT]
     assert serve(tmp_path, "--processes", "2", "--workers", "1") == [
-        "--workers is deprecated, use --processes; ignored because --processes is set", NEEDS_A_PORT]
+        "--workers is deprecated, use --processes; ignored because --processes is set",
+        NEEDS_A_PORT,
+    ]

@@ -13,8 +13,9 @@ BUF = BIN / "buf"
 
 
 def buf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BUF), *args, "--config", str(REPO / "buf.yaml")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(BUF), *args, "--config", str(REPO / "buf.yaml")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def breaking(new: Path, old: Path) -> subprocess.CompletedProcess:
@@ -39,12 +40,29 @@ def test_the_gate_catches_a_breaking_change(tmp_path):
     shutil.copytree(REPO / "protos", protos)
     model_service = protos / "mds" / "v1" / "model_service.proto"
     text = model_service.read_text()
-    model_service.write_text(text.replace("  // 0 selects the latest version.\n  int64 version = 2;",
-                                          "  // 0 selects the latest version.\n  string version = 2;", 1))
+    model_service.write_text(
+        text.replace(
+            "  // 0 selects the latest version.\n  int64 version = 2;",
+            "  // 0 selects the latest version.\n  string version = 2;",
+            1,
+        )
+    )
     googleapis = Path(status_pb2.__file__).parents[2]
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}", f"-I{googleapis}",
-                    "--include_imports", "--include_source_info", f"--descriptor_set_out={tmp_path / 'changed'}",
-                    *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")]], check=True, cwd=protos)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            f"-I{googleapis}",
+            "--include_imports",
+            "--include_source_info",
+            f"--descriptor_set_out={tmp_path / 'changed'}",
+            *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")],
+        ],
+        check=True,
+        cwd=protos,
+    )
     result = breaking(tmp_path / "changed", REPO / "gen" / "mds.protoset")
     assert result.returncode != 0
     assert 'Field "2" with name "version" on message "GetModelRequest" changed type' in result.stdout

@@ -125,8 +125,9 @@ async def test_evicted_and_deleted_versions_leave_nothing_reachable(registry):
     of half of them, every version that left the cache takes its session, batcher and statistics with it."""
     before = {kind: live(kind) for kind in (LoadedModel, OnnxSession, Batcher)}
     for seed in range(3):
-        await registry.upload(UploadHeader(name="churn-batched", batching=BatchingPolicy(4, 500)),
-                              parts(onnx_models.dense(seed=seed)))
+        await registry.upload(
+            UploadHeader(name="churn-batched", batching=BatchingPolicy(4, 500)), parts(onnx_models.dense(seed=seed))
+        )
         await registry.upload(UploadHeader(name="churn-plain"), parts(onnx_models.dense(seed=seed)))
     engine = InferenceEngine(registry, ThreadPoolExecutor(2), inline_max_seconds=1.0)
     x = {"x": np.ones((2, 8), np.float32)}
@@ -139,8 +140,9 @@ async def test_evicted_and_deleted_versions_leave_nothing_reachable(registry):
         return "ok"
 
     calls = [predict(name, 1 + i % 3) for i in range(60) for name in ("churn-batched", "churn-plain")]
-    results = await asyncio.gather(*calls[:60], registry.delete("churn-batched", 2),
-                                   registry.delete("churn-plain", 3), *calls[60:])
+    results = await asyncio.gather(
+        *calls[:60], registry.delete("churn-batched", 2), registry.delete("churn-plain", 3), *calls[60:]
+    )
     assert results[60:62] == [[2], [3]]
     outcomes = results[:60] + results[62:]
     assert set(outcomes) <= {"ok", "deleted"} and outcomes.count("ok") > 60

@@ -18,8 +18,22 @@ import onnx_models
 import pytest
 from backends import private_services, server_env
 from grpc_health.v1 import health_pb2
-from harness import (DENSE, ONE, ServerProcess, chunked_input, in_process, mds_gc, outputs_of, request, results,
-                     storage_of, upload_requests, wait_for_health, wait_until, watch)
+from harness import (
+    DENSE,
+    ONE,
+    ServerProcess,
+    chunked_input,
+    in_process,
+    mds_gc,
+    outputs_of,
+    request,
+    results,
+    storage_of,
+    upload_requests,
+    wait_for_health,
+    wait_until,
+    watch,
+)
 
 from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb
@@ -121,7 +135,7 @@ class Load:
     def calls_since(self, mark: tuple[Counter, int]) -> tuple[Counter, Counter]:
         """(successes, failures) by operation since `mark` (see `now`)."""
         with self.lock:
-            return self.succeeded - mark[0], Counter(op for op, _, _ in self.failed[mark[1]:])
+            return self.succeeded - mark[0], Counter(op for op, _, _ in self.failed[mark[1] :])
 
     def now(self) -> tuple[Counter, int]:
         with self.lock:

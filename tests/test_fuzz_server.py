@@ -27,14 +27,20 @@ from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import CONTENTS_FIELD
 from mds_grpc.core import dtypes
 
-CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED}
+CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def fuzz(examples: int):
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
 
 
 def outcome(call):
@@ -97,6 +103,7 @@ def serving(tmp_path_factory):
 
 # ---- upload framing ----------------------------------------------------------------------------------------
 
+
 def _external_model() -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as folder:
         path = onnx_models.save_with_external_data(Path(folder))
@@ -105,26 +112,62 @@ def _external_model() -> tuple[bytes, bytes]:
 
 PLAIN = onnx_models.add_two(5.0)
 EXTERNAL_MAIN, EXTERNAL_SIDE = _external_model()
-PAYLOADS = {"plain": (PLAIN, {}), "external": (EXTERNAL_MAIN, {"model.onnx.data": EXTERNAL_SIDE}),
-            "truncated": (PLAIN[:-25], {}), "garbage": (b"\x08\x07garbage" * 9, {}), "empty": (b"", {})}
-NAMES = st.sampled_from(["fuzz-model", "f.z_9", "", "Upper", "-lead", "a/b", "..", "ünï", "a" * 129, "abc\n",
-                         "x" * 20_000]) | st.text(max_size=8)
-PATHS = st.sampled_from(["model.onnx.data", "model.onnx", "w.bin", "a", "a/b", "../x", "/etc/passwd", "", ".",
-                         "a//b", "x\n", "d" * 256, "/".join(["d" * 200] * 6), "p" * 20_000]) | st.text(max_size=6)
+PAYLOADS = {
+    "plain": (PLAIN, {}),
+    "external": (EXTERNAL_MAIN, {"model.onnx.data": EXTERNAL_SIDE}),
+    "truncated": (PLAIN[:-25], {}),
+    "garbage": (b"\x08\x07garbage" * 9, {}),
+    "empty": (b"", {}),
+}
+NAMES = st.sampled_from(
+    ["fuzz-model", "f.z_9", "", "Upper", "-lead", "a/b", "..", "ünï", "a" * 129, "abc\n", "x" * 20_000]
+) | st.text(max_size=8)
+PATHS = st.sampled_from(
+    [
+        "model.onnx.data",
+        "model.onnx",
+        "w.bin",
+        "a",
+        "a/b",
+        "../x",
+        "/etc/passwd",
+        "",
+        ".",
+        "a//b",
+        "x\n",
+        "d" * 256,
+        "/".join(["d" * 200] * 6),
+        "p" * 20_000,
+    ]
+) | st.text(max_size=6)
 METADATA = st.sampled_from([{}, {"tags": ["a", {"b": None}]}, {"bad": float("nan")}, {"bad": float("-inf")}])
-MODEL_FILES = st.lists(st.builds(pb.ModelFile, path=PATHS, size_bytes=st.sampled_from([0, 1, -1, len(EXTERNAL_SIDE)]),
-                                 sha256=st.sampled_from(["", "0" * 64, "nothex"])), max_size=3)
+MODEL_FILES = st.lists(
+    st.builds(
+        pb.ModelFile,
+        path=PATHS,
+        size_bytes=st.sampled_from([0, 1, -1, len(EXTERNAL_SIDE)]),
+        sha256=st.sampled_from(["", "0" * 64, "nothex"]),
+    ),
+    max_size=3,
+)
 STRAY_PARTS = st.one_of(
     st.builds(lambda name: pb.UploadModelRequest(header=pb.ModelHeader(name=name)), NAMES),
     st.builds(lambda data: pb.UploadModelRequest(chunk=data), st.binary(max_size=32)),
-    st.builds(lambda path, data: pb.UploadModelRequest(file_chunk=pb.FileChunk(path=path, data=data)),
-              PATHS, st.binary(max_size=32)),
+    st.builds(
+        lambda path, data: pb.UploadModelRequest(file_chunk=pb.FileChunk(path=path, data=data)),
+        PATHS,
+        st.binary(max_size=32),
+    ),
     st.just(pb.UploadModelRequest()),
 )
 PAYLOAD_KINDS = st.sampled_from(sorted(PAYLOADS))
 LABELS = st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)
-MUTATIONS = st.lists(st.tuples(st.sampled_from(["drop", "repeat", "swap", "cut", "insert"]),
-                               st.integers(0, 10**6), st.integers(0, 10**6)), max_size=3)
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["drop", "repeat", "swap", "cut", "insert"]), st.integers(0, 10**6), st.integers(0, 10**6)
+    ),
+    max_size=3,
+)
 
 
 @st.composite
@@ -132,9 +175,12 @@ def upload_streams(draw) -> list[pb.UploadModelRequest]:
     """A well-formed upload of a real, truncated or garbage model, with a header that may lie, then mutated."""
     main, side_files = PAYLOADS[draw(PAYLOAD_KINDS)]
     bits = Bits(draw)
-    header = {"sha256": ("", hashlib.sha256(main).hexdigest(), "0" * 64, "xyz")[bits[0] % 4 if bits.odd(1) else 0],
-              "size_bytes": (0, len(main), len(main) + 1, -1)[bits[2] % 4 if bits.odd(3) else bits[2] % 2],
-              "metadata": draw(METADATA) if bits.odd(4) else {"accuracy": 0.9}, "labels": draw(LABELS)}
+    header = {
+        "sha256": ("", hashlib.sha256(main).hexdigest(), "0" * 64, "xyz")[bits[0] % 4 if bits.odd(1) else 0],
+        "size_bytes": (0, len(main), len(main) + 1, -1)[bits[2] % 4 if bits.odd(3) else bits[2] % 2],
+        "metadata": draw(METADATA) if bits.odd(4) else {"accuracy": 0.9},
+        "labels": draw(LABELS),
+    }
     if bits.odd(5):
         header["external_files"] = draw(MODEL_FILES)
     name = draw(NAMES) if bits.odd(6) else "fuzz-model"
@@ -174,20 +220,25 @@ def test_fuzzed_upload_streams(uploads_server, stream):
     assert server.blobs() == []
 
 
-@pytest.mark.parametrize("name, header, files, fragment", [
-    ("abc\n", {}, {}, "invalid model name 'abc\\n'"),
-    ("x" * 20_000, {}, {}, "invalid model name 'xxxx"),
-    ("ok", {"sha256": "f" * 20_000}, {}, "must be 64 lowercase hex digits"),
-    ("ok", {}, {"d" * 256: b"w"}, "invalid file path 'dddd"),
-    ("ok", {}, {"/".join(["d" * 200] * 6): b"w"}, "at most 1024 characters"),
-    ("ok", {"external_files": [pb.ModelFile(path="a\n")]}, {}, "invalid file path 'a\\n'"),
-    ("ok", {"metadata": {"accuracy": float("nan")}}, {}, "header.metadata must be JSON"),
-], ids=["newline-name", "huge-name", "huge-sha256", "long-component", "long-path", "newline-path", "nan-metadata"])
+@pytest.mark.parametrize(
+    "name, header, files, fragment",
+    [
+        ("abc\n", {}, {}, "invalid model name 'abc\\n'"),
+        ("x" * 20_000, {}, {}, "invalid model name 'xxxx"),
+        ("ok", {"sha256": "f" * 20_000}, {}, "must be 64 lowercase hex digits"),
+        ("ok", {}, {"d" * 256: b"w"}, "invalid file path 'dddd"),
+        ("ok", {}, {"/".join(["d" * 200] * 6): b"w"}, "at most 1024 characters"),
+        ("ok", {"external_files": [pb.ModelFile(path="a\n")]}, {}, "invalid file path 'a\\n'"),
+        ("ok", {"metadata": {"accuracy": float("nan")}}, {}, "header.metadata must be JSON"),
+    ],
+    ids=["newline-name", "huge-name", "huge-sha256", "long-component", "long-path", "newline-path", "nan-metadata"],
+)
 def test_upload_headers_found_by_fuzzing(uploads_server, name, header, files, fragment):
     """Each was INTERNAL, accepted, or a status too big to reach the client; now a short INVALID_ARGUMENT."""
     requests = upload_requests(name, PLAIN, side_files=files, **header)
-    details = assert_status(lambda: uploads_server.models.UploadModel(requests, timeout=60),
-                            grpc.StatusCode.INVALID_ARGUMENT, fragment)
+    details = assert_status(
+        lambda: uploads_server.models.UploadModel(requests, timeout=60), grpc.StatusCode.INVALID_ARGUMENT, fragment
+    )
     assert len(details) < 1000
     assert uploads_server.leftovers() == [] and uploads_server.blobs() == []
 
@@ -195,8 +246,11 @@ def test_upload_headers_found_by_fuzzing(uploads_server, name, header, files, fr
 def test_chunk_for_a_huge_undeclared_path(uploads_server):
     stray = pb.UploadModelRequest(file_chunk=pb.FileChunk(path="p" * 20_000, data=b"x"))
     stream = [*upload_requests("ok", PLAIN), stray]
-    details = assert_status(lambda: uploads_server.models.UploadModel(iter(stream), timeout=60),
-                            grpc.StatusCode.INVALID_ARGUMENT, "chunk for undeclared file 'pppp")
+    details = assert_status(
+        lambda: uploads_server.models.UploadModel(iter(stream), timeout=60),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunk for undeclared file 'pppp",
+    )
     assert len(details) < 1000
 
 
@@ -209,29 +263,55 @@ SIGNATURES = {
     "reshape": ({"x": ("FP32", [None, 2])}, ["y"]),
     "scalar": ({"x": ("FP32", [None]), "s": ("FP32", [])}, ["y"]),
     "dense": ({"x": ("FP32", [None, 2])}, ["scores", "label"]),
-    "mixed": ({f"x_{n}": (n, [None, 2]) for n in ("BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING")},
-              [f"y_{n}" for n in ("BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING")]),
+    "mixed": (
+        {f"x_{n}": (n, [None, 2]) for n in ("BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING")},
+        [f"y_{n}" for n in ("BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING")],
+    ),
 }
-MODELS = {"adder": onnx_models.add_two(), "labels": onnx_models.string_labels(),
-          "reshape": onnx_models.fails_unless_rows_divide_by_four(), "scalar": onnx_models.add_scalar(),
-          "dense": onnx_models.dense(features=2), "mixed": onnx_models.identity_all_dtypes(
-              ["BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING"])}
+MODELS = {
+    "adder": onnx_models.add_two(),
+    "labels": onnx_models.string_labels(),
+    "reshape": onnx_models.fails_unless_rows_divide_by_four(),
+    "scalar": onnx_models.add_scalar(),
+    "dense": onnx_models.dense(features=2),
+    "mixed": onnx_models.identity_all_dtypes(["BOOL", "INT8", "UINT64", "FP16", "BF16", "STRING"]),
+}
 MODEL_NAMES = st.sampled_from([*SIGNATURES, *SIGNATURES, "nope", "", "Upper", "a/b"])
 INPUT_NAMES = {model: st.sampled_from([*signature, "", "junk"]) for model, (signature, _) in SIGNATURES.items()}
-OUTPUT_NAMES = {model: st.sampled_from([[], [], [], outputs[:1], outputs[::-1], ["nope"], [""], outputs[:1] * 2])
-                for model, (_, outputs) in SIGNATURES.items()}
+OUTPUT_NAMES = {
+    model: st.sampled_from([[], [], [], outputs[:1], outputs[::-1], ["nope"], [""], outputs[:1] * 2])
+    for model, (_, outputs) in SIGNATURES.items()
+}
 DTYPE_NAMES = [name.removeprefix("DATA_TYPE_") for name in tensor_pb2.DataType.keys()]
 DTYPES = st.sampled_from([*DTYPE_NAMES, "99"])
 ODD_SHAPES = st.lists(st.sampled_from([0, 1, 2, 3, -1, 10**12, 2**62]), max_size=4) | st.just([1] * 17)
 FIELDS = st.sampled_from(sorted(CONTENTS_FIELD.values()))
-FILL = {"bool_contents": True, "int_contents": 1, "int64_contents": -1, "uint_contents": 1,
-        "uint64_contents": 2**64 - 1, "fp32_contents": 1.5, "fp64_contents": -0.5, "bytes_contents": "é".encode()}
-ODD_VALUES = {field: st.lists(values, min_size=1, max_size=3) for field, values in {
-    "bool_contents": st.booleans(), "int_contents": st.integers(-(2**31), 2**31 - 1),
-    "int64_contents": st.integers(-(2**63), 2**63 - 1), "uint_contents": st.integers(0, 2**32 - 1),
-    "uint64_contents": st.integers(0, 2**64 - 1), "fp32_contents": st.floats(width=32),
-    "fp64_contents": st.floats(), "bytes_contents": st.binary(max_size=4)}.items()}
+FILL = {
+    "bool_contents": True,
+    "int_contents": 1,
+    "int64_contents": -1,
+    "uint_contents": 1,
+    "uint64_contents": 2**64 - 1,
+    "fp32_contents": 1.5,
+    "fp64_contents": -0.5,
+    "bytes_contents": "é".encode(),
+}
+ODD_VALUES = {
+    field: st.lists(values, min_size=1, max_size=3)
+    for field, values in {
+        "bool_contents": st.booleans(),
+        "int_contents": st.integers(-(2**31), 2**31 - 1),
+        "int64_contents": st.integers(-(2**63), 2**63 - 1),
+        "uint_contents": st.integers(0, 2**32 - 1),
+        "uint64_contents": st.integers(0, 2**64 - 1),
+        "fp32_contents": st.floats(width=32),
+        "fp64_contents": st.floats(),
+        "bytes_contents": st.binary(max_size=4),
+    }.items()
+}
 ODD_RAW = st.binary(min_size=1, max_size=8)
+
+
 @st.composite
 def tensors(draw, names: st.SearchStrategy, signature: dict, name: str | None = None) -> tensor_pb2.Tensor:
     """Mostly the model's dtype and shape with as many values as the shape needs; one part in eight is off.
@@ -242,11 +322,13 @@ def tensors(draw, names: st.SearchStrategy, signature: dict, name: str | None = 
     name = draw(names) if name is None else name
     dtype, template = signature.get(name, ("FP32", [None]))
     dtype = draw(DTYPES) if bits.odd(0) else dtype
-    shape = draw(ODD_SHAPES) if bits.odd(1) else [(bits[6 + i] + 1) % 4 if d is None else d
-                                                  for i, d in enumerate(template)]
+    shape = (
+        draw(ODD_SHAPES) if bits.odd(1) else [(bits[6 + i] + 1) % 4 if d is None else d for i, d in enumerate(template)]
+    )
     count = bits[2] % 4 if bits.odd(3) else math.prod(shape) if all(0 <= d <= 3 for d in shape) else 1
-    tensor = tensor_pb2.Tensor(name=name, shape=shape, dtype=99 if dtype == "99" else tensor_pb2.DataType.Value(
-        "DATA_TYPE_" + dtype))
+    tensor = tensor_pb2.Tensor(
+        name=name, shape=shape, dtype=99 if dtype == "99" else tensor_pb2.DataType.Value("DATA_TYPE_" + dtype)
+    )
     natural = "contents" if dtype == "STRING" or dtype in CONTENTS_FIELD and bits[4] < 4 else "raw"
     form = ("raw", "contents", "both", "neither")[bits[5] % 4] if bits.odd(9) else natural
     if form in ("raw", "both"):
@@ -269,9 +351,14 @@ def predict_requests(draw) -> ipb.PredictRequest:
         inputs = [draw(tensors(INPUT_NAMES[known], signature, name)) for name in signature]
     else:
         inputs = draw(st.lists(tensors(INPUT_NAMES[known], signature), max_size=4))
-    return ipb.PredictRequest(model=model, version=(0, 0, 0, 0, 1, 2, -1, 2**63 - 1)[bits[1]], inputs=inputs,
-                              output_names=draw(OUTPUT_NAMES[known]), request_id=f"r{bits.value}",
-                              output_encoding=bits[3] % 5 - 1 if bits.odd(4) else 0)
+    return ipb.PredictRequest(
+        model=model,
+        version=(0, 0, 0, 0, 1, 2, -1, 2**63 - 1)[bits[1]],
+        inputs=inputs,
+        output_names=draw(OUTPUT_NAMES[known]),
+        request_id=f"r{bits.value}",
+        output_encoding=bits[3] % 5 - 1 if bits.odd(4) else 0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -312,20 +399,27 @@ def infer_requests(draw) -> oip_pb.ModelInferRequest:
     """mds.v1 tensors restated in V2 terms: typed contents, or raw_input_contents (sometimes miscounted)."""
     request = draw(predict_requests())
     infer = oip_pb.ModelInferRequest(
-        model_name=request.model, id=request.request_id, model_version=draw(V2_VERSIONS),
-        outputs=[oip_pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in request.output_names])
+        model_name=request.model,
+        id=request.request_id,
+        model_version=draw(V2_VERSIONS),
+        outputs=[oip_pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in request.output_names],
+    )
     bits = Bits(draw)
     raw_only = all(t.raw_data or t.dtype == tensor_pb2.DATA_TYPE_STRING for t in request.inputs)
     typed_only = not any(t.raw_data for t in request.inputs)
     raw = raw_only if raw_only != typed_only else bits[0] < 4
     for i, tensor in enumerate(request.inputs):
-        core = tensor_pb2.DataType.Name(tensor.dtype).removeprefix("DATA_TYPE_") if tensor.dtype in (
-            tensor_pb2.DataType.values()) else "99"
+        core = (
+            tensor_pb2.DataType.Name(tensor.dtype).removeprefix("DATA_TYPE_")
+            if tensor.dtype in (tensor_pb2.DataType.values())
+            else "99"
+        )
         datatype = draw(V2_DATATYPES) if bits.odd(2 + i % 14) else {"STRING": "BYTES"}.get(core, core)
         added = infer.inputs.add(name=tensor.name, shape=tensor.shape, datatype=datatype)
         if raw:
-            infer.raw_input_contents.append(tensor.raw_data or b"".join(
-                len(v).to_bytes(4, "little") + v for v in tensor.contents.bytes_contents))
+            infer.raw_input_contents.append(
+                tensor.raw_data or b"".join(len(v).to_bytes(4, "little") + v for v in tensor.contents.bytes_contents)
+            )
         else:
             added.contents.ParseFromString(tensor.contents.SerializeToString())
     if raw and bits.odd(1):
@@ -361,9 +455,13 @@ def job_requests(draw) -> jpb.CreateJobRequest:
     """Inline rows for a model, or an input id (unknown or none), and batch sizes in and out of range."""
     request, bits = draw(predict_requests()), Bits(draw)
     return jpb.CreateJobRequest(
-        model=request.model, version=request.version, inputs=[] if bits.odd(0) else request.inputs,
-        input_id=("nope", "../x")[bits[1] % 2] if bits.odd(2) else "", output_names=request.output_names,
-        batch_rows=(0, 0, 1, 3, 0, 4096, -1, 2**63 - 1)[bits[3]])
+        model=request.model,
+        version=request.version,
+        inputs=[] if bits.odd(0) else request.inputs,
+        input_id=("nope", "../x")[bits[1] % 2] if bits.odd(2) else "",
+        output_names=request.output_names,
+        batch_rows=(0, 0, 1, 3, 0, 4096, -1, 2**63 - 1)[bits[3]],
+    )
 
 
 @fuzz(1200)
@@ -379,14 +477,19 @@ def test_fuzzed_job_creation(requests_server, request):
 
 # ---- requests the fuzzing once turned into INTERNAL or "Stream removed" ----------------------------------------
 
+
 @pytest.mark.parametrize("version", ["²", "٣", "9" * 25])
 def test_v2_version_strings(v2, version):
-    assert_status(lambda: v2.ModelInfer(oip_pb.ModelInferRequest(model_name="adder", model_version=version),
-                                        timeout=60), grpc.StatusCode.INVALID_ARGUMENT, "must be a version number")
+    assert_status(
+        lambda: v2.ModelInfer(oip_pb.ModelInferRequest(model_name="adder", model_version=version), timeout=60),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be a version number",
+    )
 
 
 @pytest.mark.parametrize("name", ["m" * 20_000, "€" * 5_000], ids=["ascii", "non-ascii"])
 def test_predict_with_a_huge_model_name(requests_server, name):
-    details = assert_status(lambda: requests_server.inference.Predict(ipb.PredictRequest(model=name), timeout=60),
-                            grpc.StatusCode.NOT_FOUND)
+    details = assert_status(
+        lambda: requests_server.inference.Predict(ipb.PredictRequest(model=name), timeout=60), grpc.StatusCode.NOT_FOUND
+    )
     assert details.endswith("characters in all)") and len(details) < 2100

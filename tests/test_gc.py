@@ -8,8 +8,18 @@ import threading
 
 
 import onnx_models
-from harness import (ONE, ServerProcess, assert_status, deploy, mds_gc, outputs_of, request, storage_of,
-                     upload_requests, wait_until)
+from harness import (
+    ONE,
+    ServerProcess,
+    assert_status,
+    deploy,
+    mds_gc,
+    outputs_of,
+    request,
+    storage_of,
+    upload_requests,
+    wait_until,
+)
 
 import grpc
 from mds.v1 import model_service_pb2 as pb

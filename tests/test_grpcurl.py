@@ -20,19 +20,27 @@ def test_grpcurl_calls_every_rpc(server, unique):
         return grpcurl_call(server.address, method, *messages)
 
     model = base64.b64encode(onnx_models.add_two(2.0)).decode()
-    tensor = lambda name, values: {"name": name, "dtype": FP32, "shape": [len(values)],  # noqa: E731
-                                   "contents": {"fp32_contents": values}}
+    tensor = lambda name, values: {
+        "name": name,
+        "dtype": FP32,
+        "shape": [len(values)],  # noqa: E731
+        "contents": {"fp32_contents": values},
+    }
     inputs = [tensor("a", [1, 2]), tensor("b", [10, 20])]
 
-    (uploaded,) = call("mds.v1.ModelService/UploadModel", {"header": {"name": unique}},
-                       {"chunk": model[:80]}, {"chunk": model[80:]})
+    (uploaded,) = call(
+        "mds.v1.ModelService/UploadModel", {"header": {"name": unique}}, {"chunk": model[:80]}, {"chunk": model[80:]}
+    )
     assert uploaded["version"] == "1"
     assert call("mds.v1.ModelService/GetModel", {"name": unique})[0]["name"] == unique
     assert [m["name"] for m in call("mds.v1.ModelService/ListModels", {"name": unique})[0]["models"]] == [unique]
     (predicted,) = call("mds.v1.InferenceService/Predict", {"model": unique, "inputs": inputs})
     assert predicted["outputs"][0]["contents"]["fp32_contents"] == [22, 44]
-    streamed = call("mds.v1.InferenceService/PredictStream", {"model": unique, "inputs": inputs, "request_id": "1"},
-                    {"model": unique, "request_id": "2"})
+    streamed = call(
+        "mds.v1.InferenceService/PredictStream",
+        {"model": unique, "inputs": inputs, "request_id": "1"},
+        {"model": unique, "request_id": "2"},
+    )
     assert [r["request_id"] for r in streamed] == ["1", "2"] and "error" in streamed[1]
 
     header = {"inputs": [{"name": "a", "dtype": FP32, "shape": [4]}, {"name": "b", "dtype": FP32, "shape": [4]}]}
@@ -45,8 +53,11 @@ def test_grpcurl_calls_every_rpc(server, unique):
     results = call("mds.v1.JobService/GetJobResults", {"id": job["id"]})  # the 2 batches, recorded together or not
     assert sum(int(r["rows"]) for r in results) == 4
     rows = np.ones(200_000, np.float32)
-    long_job = server.jobs.CreateJob(job_service_pb2.CreateJobRequest(
-        model=unique, batch_rows=10, inputs=[from_array("a", rows, raw=True), from_array("b", rows, raw=True)]))
+    long_job = server.jobs.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            model=unique, batch_rows=10, inputs=[from_array("a", rows, raw=True), from_array("b", rows, raw=True)]
+        )
+    )
     assert call("mds.v1.JobService/CancelJob", {"id": long_job.id})[0]["state"] == "JOB_STATE_CANCELLED"
 
     v2_input = [{"name": n, "datatype": "FP32", "shape": [1], "contents": {"fp32_contents": [1]}} for n in "ab"]
@@ -57,7 +68,9 @@ def test_grpcurl_calls_every_rpc(server, unique):
     assert call("inference.GRPCInferenceService/ModelMetadata", {"name": unique})[0]["versions"] == ["1"]
     (inferred,) = call("inference.GRPCInferenceService/ModelInfer", {"model_name": unique, "inputs": v2_input})
     assert inferred["outputs"][0]["contents"]["fp32_contents"] == [4]
-    (stream_reply,) = call("inference.GRPCInferenceService/ModelStreamInfer", {"model_name": unique, "inputs": v2_input})
+    (stream_reply,) = call(
+        "inference.GRPCInferenceService/ModelStreamInfer", {"model_name": unique, "inputs": v2_input}
+    )
     assert stream_reply["infer_response"]["outputs"][0]["contents"]["fp32_contents"] == [4]
 
     assert call("mds.v1.ModelService/DeleteModel", {"name": unique})[0]["deleted_versions"] == ["1"]

@@ -4,8 +4,17 @@ import signal
 import uuid
 
 import numpy as np
-from harness import (DENSE, ServerProcess, WorkerProcess, backend_env, chunked_input, in_process, results,
-                     upload_requests, watch)
+from harness import (
+    DENSE,
+    ServerProcess,
+    WorkerProcess,
+    backend_env,
+    chunked_input,
+    in_process,
+    results,
+    upload_requests,
+    watch,
+)
 
 from mds.v1 import job_service_pb2 as pb
 

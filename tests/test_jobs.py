@@ -38,15 +38,18 @@ def test_inline_job_is_queued_then_succeeds_with_onnxruntime_outputs(server, den
     np.testing.assert_array_equal(got["scores"], want["scores"])
     np.testing.assert_array_equal(got["label"], want["label"])
     fetched = server.jobs.GetJob(pb.GetJobRequest(id=job.id))
-    assert fetched.state == pb.JOB_STATE_SUCCEEDED and fetched.updated_at.ToDatetime() >= fetched.created_at.ToDatetime()
+    assert (
+        fetched.state == pb.JOB_STATE_SUCCEEDED and fetched.updated_at.ToDatetime() >= fetched.created_at.ToDatetime()
+    )
 
 
 def test_uploaded_input_in_chunks(server, dense):
     x = RNG.standard_normal((5000, 8)).astype(np.float32)
     job_input = server.jobs.UploadJobInput(chunked_input(x, chunk_rows=700))
     assert job_input.rows == 5000 and list(job_input.inputs[0].shape) == [5000, 8]
-    job = server.jobs.CreateJob(pb.CreateJobRequest(model=dense, input_id=job_input.id, output_names=["label"],
-                                                    batch_rows=1024))
+    job = server.jobs.CreateJob(
+        pb.CreateJobRequest(model=dense, input_id=job_input.id, output_names=["label"], batch_rows=1024)
+    )
     assert watch(server, job.id)[-1].state == pb.JOB_STATE_SUCCEEDED
     _, got = results(server, job.id)
     assert list(got) == ["label"]
@@ -56,13 +59,17 @@ def test_uploaded_input_in_chunks(server, dense):
 def test_a_job_failing_at_run_time_says_why(server):
     server.models.UploadModel(upload_requests("reshape-by-four", onnx_models.fails_unless_rows_divide_by_four()))
     x = np.ones((7, 2), np.float32)
-    job = server.jobs.CreateJob(pb.CreateJobRequest(model="reshape-by-four", inputs=[from_array("x", x, raw=True)],
-                                                    batch_rows=4))
+    job = server.jobs.CreateJob(
+        pb.CreateJobRequest(model="reshape-by-four", inputs=[from_array("x", x, raw=True)], batch_rows=4)
+    )
     final = watch(server, job.id)[-1]
     assert final.state == pb.JOB_STATE_FAILED and final.rows_done == 4
     assert "onnxruntime failed on rows 4-6" in final.error
-    assert_status(lambda: list(server.jobs.GetJobResults(pb.GetJobResultsRequest(id=job.id))),
-                  grpc.StatusCode.FAILED_PRECONDITION, "is FAILED")
+    assert_status(
+        lambda: list(server.jobs.GetJobResults(pb.GetJobResultsRequest(id=job.id))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "is FAILED",
+    )
 
 
 def test_cancel_stops_a_job(server, dense):
@@ -73,20 +80,26 @@ def test_cancel_stops_a_job(server, dense):
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     final = watch(server, job.id)[-1]
     assert final.state == pb.JOB_STATE_CANCELLED and final.rows_done < 200_000
-    assert_status(lambda: server.jobs.CancelJob(pb.CancelJobRequest(id=job.id)), grpc.StatusCode.FAILED_PRECONDITION,
-                  "is CANCELLED; only queued or running jobs can be cancelled")
+    assert_status(
+        lambda: server.jobs.CancelJob(pb.CancelJobRequest(id=job.id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "is CANCELLED; only queued or running jobs can be cancelled",
+    )
 
 
 def test_list_jobs_by_state_and_model(server, dense):
     x = np.ones((3, 8), np.float32)
-    ids = [server.jobs.CreateJob(pb.CreateJobRequest(model=dense, inputs=[from_array("x", x, raw=True)])).id
-           for _ in range(3)]
+    ids = [
+        server.jobs.CreateJob(pb.CreateJobRequest(model=dense, inputs=[from_array("x", x, raw=True)])).id
+        for _ in range(3)
+    ]
     for job_id in ids:
         watch(server, job_id)
     pages, token = [], ""
     while True:
-        page = server.jobs.ListJobs(pb.ListJobsRequest(model=dense, state=pb.JOB_STATE_SUCCEEDED, page_size=2,
-                                                       page_token=token))
+        page = server.jobs.ListJobs(
+            pb.ListJobsRequest(model=dense, state=pb.JOB_STATE_SUCCEEDED, page_size=2, page_token=token)
+        )
         pages.extend(job.id for job in page.jobs)
         if not (token := page.next_page_token):
             break
@@ -97,55 +110,95 @@ def test_list_jobs_by_state_and_model(server, dense):
 ONES = np.ones((2, 8), np.float32)
 
 
-@pytest.mark.parametrize("request_fields, code, fragment", [
-    ({"model": "no-such-model", "inputs": [from_array("x", ONES, True)]}, grpc.StatusCode.NOT_FOUND, "does not exist"),
-    ({"inputs": [from_array("x", ONES.astype(np.float64), True)]}, grpc.StatusCode.INVALID_ARGUMENT,
-     "input 'x' must have dtype FP32, got FP64"),
-    ({"inputs": [from_array("x", np.ones((2, 5), np.float32), True)]}, grpc.StatusCode.INVALID_ARGUMENT,
-     "input 'x' must have shape [?, 8]"),
-    ({"inputs": [from_array("y", ONES, True)]}, grpc.StatusCode.INVALID_ARGUMENT, "has no input 'y'"),
-    ({}, grpc.StatusCode.INVALID_ARGUMENT, "either inline in `inputs` or as `input_id`"),
-    ({"inputs": [from_array("x", ONES, True)], "input_id": "abc"}, grpc.StatusCode.INVALID_ARGUMENT, "not both"),
-    ({"input_id": "no-such-input"}, grpc.StatusCode.NOT_FOUND, "job input 'no-such-input' does not exist"),
-    ({"inputs": [from_array("x", ONES, True)], "output_names": ["nope"]}, grpc.StatusCode.INVALID_ARGUMENT,
-     "no output 'nope'"),
-    ({"inputs": [from_array("x", ONES, True)], "batch_rows": -1}, grpc.StatusCode.INVALID_ARGUMENT, "batch_rows"),
-    ({"inputs": [from_array("x", ONES, True)], "batch_rows": 2**21}, grpc.StatusCode.INVALID_ARGUMENT,
-     "MDS_MAX_JOB_BATCH_ROWS"),
-])
+@pytest.mark.parametrize(
+    "request_fields, code, fragment",
+    [
+        (
+            {"model": "no-such-model", "inputs": [from_array("x", ONES, True)]},
+            grpc.StatusCode.NOT_FOUND,
+            "does not exist",
+        ),
+        (
+            {"inputs": [from_array("x", ONES.astype(np.float64), True)]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x' must have dtype FP32, got FP64",
+        ),
+        (
+            {"inputs": [from_array("x", np.ones((2, 5), np.float32), True)]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x' must have shape [?, 8]",
+        ),
+        ({"inputs": [from_array("y", ONES, True)]}, grpc.StatusCode.INVALID_ARGUMENT, "has no input 'y'"),
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "either inline in `inputs` or as `input_id`"),
+        ({"inputs": [from_array("x", ONES, True)], "input_id": "abc"}, grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+        ({"input_id": "no-such-input"}, grpc.StatusCode.NOT_FOUND, "job input 'no-such-input' does not exist"),
+        (
+            {"inputs": [from_array("x", ONES, True)], "output_names": ["nope"]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no output 'nope'",
+        ),
+        ({"inputs": [from_array("x", ONES, True)], "batch_rows": -1}, grpc.StatusCode.INVALID_ARGUMENT, "batch_rows"),
+        (
+            {"inputs": [from_array("x", ONES, True)], "batch_rows": 2**21},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MDS_MAX_JOB_BATCH_ROWS",
+        ),
+    ],
+)
 def test_create_job_errors(server, dense, request_fields, code, fragment):
-    request = pb.CreateJobRequest(model=request_fields.get("model", dense),
-                                  **{k: v for k, v in request_fields.items() if k != "model"})
+    request = pb.CreateJobRequest(
+        model=request_fields.get("model", dense), **{k: v for k, v in request_fields.items() if k != "model"}
+    )
     assert_status(lambda: server.jobs.CreateJob(request), code, fragment)
 
 
 def test_upload_input_errors(server):
     x = np.ones((10, 8), np.float32)
     requests = list(chunked_input(x, chunk_rows=4))
-    assert_status(lambda: server.jobs.UploadJobInput(iter(requests[1:])), grpc.StatusCode.INVALID_ARGUMENT,
-                  "first UploadJobInputRequest must carry the header")
-    assert_status(lambda: server.jobs.UploadJobInput(iter(requests[:-1])), grpc.StatusCode.INVALID_ARGUMENT,
-                  "received 8 rows, the header declared 10")
-    assert_status(lambda: server.jobs.UploadJobInput(iter(requests + requests[-1:])), grpc.StatusCode.INVALID_ARGUMENT,
-                  "more rows than the 10 the header declared")
+    assert_status(
+        lambda: server.jobs.UploadJobInput(iter(requests[1:])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "first UploadJobInputRequest must carry the header",
+    )
+    assert_status(
+        lambda: server.jobs.UploadJobInput(iter(requests[:-1])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "received 8 rows, the header declared 10",
+    )
+    assert_status(
+        lambda: server.jobs.UploadJobInput(iter(requests + requests[-1:])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "more rows than the 10 the header declared",
+    )
     wrong = list(chunked_input(np.ones((10, 3), np.float32), chunk_rows=10))[1]
-    assert_status(lambda: server.jobs.UploadJobInput(iter([requests[0], wrong])), grpc.StatusCode.INVALID_ARGUMENT,
-                  "chunk tensor 'x' must be FP32 with rows of shape [8]")
+    assert_status(
+        lambda: server.jobs.UploadJobInput(iter([requests[0], wrong])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunk tensor 'x' must be FP32 with rows of shape [8]",
+    )
     strings = pb.JobInputHeader(inputs=[tensor_pb2.TensorSpec(name="s", dtype=tensor_pb2.DATA_TYPE_STRING, shape=[2])])
-    assert_status(lambda: server.jobs.UploadJobInput(iter([pb.UploadJobInputRequest(header=strings)])),
-                  grpc.StatusCode.INVALID_ARGUMENT, "jobs take numeric and boolean tensors only")
+    assert_status(
+        lambda: server.jobs.UploadJobInput(iter([pb.UploadJobInputRequest(header=strings)])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "jobs take numeric and boolean tensors only",
+    )
 
 
 def test_unknown_job(server):
-    for call, request in ((server.jobs.GetJob, pb.GetJobRequest(id="nope")),
-                          (server.jobs.CancelJob, pb.CancelJobRequest(id="nope"))):
+    for call, request in (
+        (server.jobs.GetJob, pb.GetJobRequest(id="nope")),
+        (server.jobs.CancelJob, pb.CancelJobRequest(id="nope")),
+    ):
         assert_status(lambda: call(request), grpc.StatusCode.NOT_FOUND, "job 'nope' does not exist")
     assert_status(lambda: watch(server, "nope"), grpc.StatusCode.NOT_FOUND)
 
 
 def test_unknown_state_filter(server):
-    assert_status(lambda: server.jobs.ListJobs(pb.ListJobsRequest(state=42)), grpc.StatusCode.INVALID_ARGUMENT,
-                  "unknown job state 42")
+    assert_status(
+        lambda: server.jobs.ListJobs(pb.ListJobsRequest(state=42)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown job state 42",
+    )
 
 
 def test_input_names_never_become_paths(server, tmp_path):

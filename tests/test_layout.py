@@ -19,7 +19,10 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_no_test_module_imports_another_or_conftest():
     test_modules = {path.stem for path in TESTS.glob("test_*.py")}
-    offenders = {path.name: sorted(imported_modules(path) & (test_modules | {"conftest"}))
-                 for path in sorted(TESTS.glob("test_*.py"))}
-    assert not {name: modules for name, modules in offenders.items() if modules}, \
+    offenders = {
+        path.name: sorted(imported_modules(path) & (test_modules | {"conftest"}))
+        for path in sorted(TESTS.glob("test_*.py"))
+    }
+    assert not {name: modules for name, modules in offenders.items() if modules}, (
         "move what is shared to tests/harness.py (helpers) or tests/conftest.py (fixtures)"
+    )

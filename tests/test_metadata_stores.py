@@ -14,11 +14,15 @@ from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
 
 def draft(name: str, sha: str = "a" * 64) -> ModelRecord:
     return ModelRecord(
-        name=name, version=0, created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        name=name,
+        version=0,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
         files=(StoredFile("model.onnx", sha, 10), StoredFile("w.bin", "b" * 64, 20)),
         inputs=(TensorSpec("x", "FP32", (-1, 3), "tensor(float)", ("n", "")),),
         outputs=(TensorSpec("y", None, (), "seq(map(int64,tensor(float)))"),),
-        opsets=(("", 17), ("ai.onnx.ml", 3)), labels={"team": "a"}, metadata={"nested": {"k": [1, "two"]}},
+        opsets=(("", 17), ("ai.onnx.ml", 3)),
+        labels={"team": "a"},
+        metadata={"nested": {"k": [1, "two"]}},
     )
 
 

@@ -21,8 +21,12 @@ RNG = np.random.default_rng(11)
 
 def run_client(server, model: str, arrays: dict, tmp_path: Path, stream: int = 0) -> dict:
     np.savez(tmp_path / "inputs.npz", **arrays)
-    result = subprocess.run([sys.executable, str(CLIENT), server.address, model, str(tmp_path / "inputs.npz"),
-                             "--stream", str(stream)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(CLIENT), server.address, model, str(tmp_path / "inputs.npz"), "--stream", str(stream)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -35,12 +39,18 @@ def assert_outputs(got: dict, want: dict) -> None:
 
 
 CASES = {
-    "magika": (lambda models: (models / "magika.onnx").read_bytes(),
-               lambda: {"bytes": RNG.integers(0, 257, (2, 2048)).astype(np.int32)}),
-    "strings": (lambda models: onnx_models.string_labels(),
-                lambda: {"text": np.array(["dog", "émeu", "yak"], dtype=object)}),
-    "scalar": (lambda models: onnx_models.add_scalar(),
-               lambda: {"x": np.array([1.5, -2.0], np.float32), "s": np.array(0.25, np.float32)}),
+    "magika": (
+        lambda models: (models / "magika.onnx").read_bytes(),
+        lambda: {"bytes": RNG.integers(0, 257, (2, 2048)).astype(np.int32)},
+    ),
+    "strings": (
+        lambda models: onnx_models.string_labels(),
+        lambda: {"text": np.array(["dog", "émeu", "yak"], dtype=object)},
+    ),
+    "scalar": (
+        lambda models: onnx_models.add_scalar(),
+        lambda: {"x": np.array([1.5, -2.0], np.float32), "s": np.array(0.25, np.float32)},
+    ),
 }
 
 
@@ -55,7 +65,11 @@ def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, t
 
     report = run_client(server, unique, arrays, tmp_path, stream=5)
     assert (report["live"], report["ready"], report["model_ready"], report["unknown_model_ready"]) == (
-        True, True, True, False)
+        True,
+        True,
+        True,
+        False,
+    )
     assert report["server"]["name"] == "mds"
     metadata = report["metadata"]
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == (unique, ["1"], "onnxruntime_onnx")
@@ -80,16 +94,34 @@ def test_magika_metadata_shapes(server, pretrained, unique):
     assert [(o.name, o.datatype, list(o.shape)) for o in metadata.outputs] == [("target_label", "FP32", [-1, 214])]
 
 
-@pytest.mark.parametrize("request_fields, code, fragment", [
-    ({"model_version": "latest"}, grpc.StatusCode.INVALID_ARGUMENT, "model_version must be a version number"),
-    ({"raw_input_contents": [b"", b""]}, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries"),
-    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="a", datatype="COMPLEX", shape=[1])]},
-     grpc.StatusCode.INVALID_ARGUMENT, "unknown datatype 'COMPLEX'"),
-    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
-      "raw_input_contents": [b"\x09\x00\x00\x00abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "longer than the data left"),
-    ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[2])],
-      "raw_input_contents": [b"\x03\x00\x00\x00abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "needs 2 values"),
-])
+@pytest.mark.parametrize(
+    "request_fields, code, fragment",
+    [
+        ({"model_version": "latest"}, grpc.StatusCode.INVALID_ARGUMENT, "model_version must be a version number"),
+        ({"raw_input_contents": [b"", b""]}, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries"),
+        (
+            {"inputs": [pb.ModelInferRequest.InferInputTensor(name="a", datatype="COMPLEX", shape=[1])]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown datatype 'COMPLEX'",
+        ),
+        (
+            {
+                "inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
+                "raw_input_contents": [b"\x09\x00\x00\x00abc"],
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "longer than the data left",
+        ),
+        (
+            {
+                "inputs": [pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[2])],
+                "raw_input_contents": [b"\x03\x00\x00\x00abc"],
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs 2 values",
+        ),
+    ],
+)
 def test_infer_errors(server, unique, request_fields, code, fragment):
     server.models.UploadModel(upload_requests(unique, onnx_models.string_labels()))
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel)

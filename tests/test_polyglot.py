@@ -20,16 +20,23 @@ def fixtures(tmp_path) -> Path:
     (tmp_path / "model.onnx").write_bytes(model)
     x = np.random.default_rng(21).standard_normal((4, 8)).astype(np.float32)
     scores, label = ort.InferenceSession(model).run(["scores", "label"], {"x": x})
-    (tmp_path / "expected.json").write_text(json.dumps({
-        "rows": 4, "features": 8, "x": x.ravel().tolist(), "scores": scores.ravel().tolist(),
-        "label": label.ravel().tolist()}))
+    (tmp_path / "expected.json").write_text(
+        json.dumps(
+            {
+                "rows": 4,
+                "features": 8,
+                "x": x.ravel().tolist(),
+                "scores": scores.ravel().tolist(),
+                "label": label.ravel().tolist(),
+            }
+        )
+    )
     return tmp_path
 
 
 def run(command: list[str], cwd: Path, server, fixtures: Path, name: str) -> None:
     env = {"MDS_ADDRESS": server.address, "MDS_FIXTURES": str(fixtures), "MDS_MODEL_NAME": name}
-    result = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

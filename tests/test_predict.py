@@ -40,8 +40,11 @@ def assert_same(got: dict, want: dict):
 
 PRETRAINED = {
     "magika.onnx": lambda: {"bytes": RNG.integers(0, 257, (3, 2048)).astype(np.int32)},
-    "silero_vad.onnx": lambda: {"input": RNG.standard_normal((1, 512)).astype(np.float32),
-                                "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)},
+    "silero_vad.onnx": lambda: {
+        "input": RNG.standard_normal((1, 512)).astype(np.float32),
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(16000, np.int64),
+    },
     "ppocr_det.onnx": lambda: {"x": RNG.random((1, 3, 64, 96)).astype(np.float32)},
     "ppocr_cls.onnx": lambda: {"x": RNG.random((2, 3, 48, 192)).astype(np.float32)},
 }
@@ -70,8 +73,11 @@ def test_every_dtype_both_directions(server, unique, raw, names):
 def test_strings_with_bf16_are_unimplemented(server, unique):
     deploy(server, unique, onnx_models.identity_all_dtypes())
     inputs = {f"x_{name}": array for name, array in SAMPLES.items()}
-    assert_status(lambda: server.inference.Predict(request(unique, inputs)), grpc.StatusCode.UNIMPLEMENTED,
-                  "both STRING inputs and BF16 tensors")
+    assert_status(
+        lambda: server.inference.Predict(request(unique, inputs)),
+        grpc.StatusCode.UNIMPLEMENTED,
+        "both STRING inputs and BF16 tensors",
+    )
 
 
 def test_output_encoding_follows_inputs_unless_asked(server, unique):
@@ -79,8 +85,9 @@ def test_output_encoding_follows_inputs_unless_asked(server, unique):
     inputs = {"x": np.array([1, 2], np.float32), "s": np.array(0.5, np.float32)}
     raw = server.inference.Predict(request(unique, inputs, raw=True))
     typed = server.inference.Predict(request(unique, inputs, raw=False))
-    forced = server.inference.Predict(request(unique, inputs, raw=True,
-                                              output_encoding=tensor_pb2.TENSOR_ENCODING_CONTENTS))
+    forced = server.inference.Predict(
+        request(unique, inputs, raw=True, output_encoding=tensor_pb2.TENSOR_ENCODING_CONTENTS)
+    )
     assert raw.outputs[0].raw_data and not raw.outputs[0].contents.fp32_contents
     assert list(typed.outputs[0].contents.fp32_contents) == [1.5, 2.5] == list(forced.outputs[0].contents.fp32_contents)
 
@@ -136,8 +143,12 @@ def test_output_names_filter(server, unique):
     h = np.ones((1, 3), np.float16)
     response = server.inference.Predict(request(unique, {"h": h}, output_names=["wide"]))
     assert [t.name for t in response.outputs] == ["wide"]
-    assert_status(lambda: server.inference.Predict(request(unique, {"h": h}, output_names=["nope"])),
-                  grpc.StatusCode.INVALID_ARGUMENT, "no output 'nope'", "['same', 'wide']")
+    assert_status(
+        lambda: server.inference.Predict(request(unique, {"h": h}, output_names=["nope"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no output 'nope'",
+        "['same', 'wide']",
+    )
 
 
 def test_versions_pinned_and_latest(server, unique):
@@ -157,18 +168,38 @@ def adder(server):
     return "adder-for-errors"
 
 
-@pytest.mark.parametrize("inputs, fields, code, fragments", [
-    ({"a": ONE, "b": ONE}, {"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, ["'no-such-model' does not exist"]),
-    ({"a": ONE, "b": ONE}, {"version": 99}, grpc.StatusCode.NOT_FOUND, ["version 99 does not exist"]),
-    ({"a": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT, ["missing input 'b'"]),
-    ({"a": ONE, "b": ONE, "c": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT, ["no input 'c'", "['a', 'b']"]),
-    ({"a": ONE.astype(np.float64), "b": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT,
-     ["input 'a' must have dtype FP32, got FP64"]),
-    ({"a": np.ones((1, 1), np.float32), "b": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT,
-     ["input 'a' must have shape [?], got [1, 1]"]),
-    ({"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}, {}, grpc.StatusCode.INVALID_ARGUMENT,
-     ["onnxruntime could not run model 'adder-for-errors'"]),
-])
+@pytest.mark.parametrize(
+    "inputs, fields, code, fragments",
+    [
+        (
+            {"a": ONE, "b": ONE},
+            {"model": "no-such-model"},
+            grpc.StatusCode.NOT_FOUND,
+            ["'no-such-model' does not exist"],
+        ),
+        ({"a": ONE, "b": ONE}, {"version": 99}, grpc.StatusCode.NOT_FOUND, ["version 99 does not exist"]),
+        ({"a": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT, ["missing input 'b'"]),
+        ({"a": ONE, "b": ONE, "c": ONE}, {}, grpc.StatusCode.INVALID_ARGUMENT, ["no input 'c'", "['a', 'b']"]),
+        (
+            {"a": ONE.astype(np.float64), "b": ONE},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["input 'a' must have dtype FP32, got FP64"],
+        ),
+        (
+            {"a": np.ones((1, 1), np.float32), "b": ONE},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["input 'a' must have shape [?], got [1, 1]"],
+        ),
+        (
+            {"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["onnxruntime could not run model 'adder-for-errors'"],
+        ),
+    ],
+)
 def test_request_errors(server, adder, inputs, fields, code, fragments):
     fields = dict(fields)  # parameters are shared between the two server configurations
     call = request(fields.pop("model", adder), inputs, **fields)
@@ -179,16 +210,21 @@ def test_request_errors(server, adder, inputs, fields, code, fragments):
 
 def test_fixed_dimension_is_checked(server, adder):
     inputs = {"x_INT64": SAMPLES["INT64"], "x_FP32": np.ones((2, 3), np.float32)}
-    assert_status(lambda: server.inference.Predict(request("fixed-shape", inputs)), grpc.StatusCode.INVALID_ARGUMENT,
-                  "input 'x_FP32' must have shape [?, 2], got [2, 3]")
+    assert_status(
+        lambda: server.inference.Predict(request("fixed-shape", inputs)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'x_FP32' must have shape [?, 2], got [2, 3]",
+    )
 
 
 def test_duplicate_input_and_bad_tensor(server, adder):
     duplicated = request(adder, {"a": ONE, "b": ONE})
     duplicated.inputs.append(duplicated.inputs[0])
     assert_status(lambda: server.inference.Predict(duplicated), grpc.StatusCode.INVALID_ARGUMENT, "'a' is given twice")
-    bad = pb.PredictRequest(model=adder, inputs=[tensor_pb2.Tensor(name="a", dtype=tensor_pb2.DATA_TYPE_FP32,
-                                                                   shape=[10**12], raw_data=b"1234")])
+    bad = pb.PredictRequest(
+        model=adder,
+        inputs=[tensor_pb2.Tensor(name="a", dtype=tensor_pb2.DATA_TYPE_FP32, shape=[10**12], raw_data=b"1234")],
+    )
     assert_status(lambda: server.inference.Predict(bad), grpc.StatusCode.INVALID_ARGUMENT, "needs 4000000000000 bytes")
 
 

@@ -36,7 +36,8 @@ def test_two_processes_share_the_port_and_the_models(tmp_path):
         for _ in range(24):
             with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
                 reply = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(
-                    request("adder", {"a": ones, "b": ones}), timeout=30)
+                    request("adder", {"a": ones, "b": ones}), timeout=30
+                )
                 assert outputs_of(reply)["z"].tolist() == [2.0, 2.0]
         wait_until(lambda: sum(access_pids(server).values()) == 24, what="24 access lines")
         assert all(count > 0 for count in access_pids(server).values()), access_pids(server)

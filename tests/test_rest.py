@@ -34,33 +34,47 @@ def test_list_and_get(envoy):
 
 
 def test_predict_with_typed_json_and_base64_raw(envoy):
-    typed = {"inputs": [
-        {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [1, 2]}},
-        {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [10, 20]}}]}
+    typed = {
+        "inputs": [
+            {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [1, 2]}},
+            {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [10, 20]}},
+        ]
+    }
     reply = requests.post(f"{envoy.url}/v1/models/rest-adder:predict", json=typed)
     assert reply.status_code == 200, reply.text
     (output,) = reply.json()["outputs"]
     assert (output["name"], output["contents"]["fp32Contents"]) == ("z", [33, 66])
 
     raw = lambda values: base64.b64encode(np.array(values, "<f4").tobytes()).decode()  # noqa: E731
-    pinned = {"inputs": [{"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "rawData": raw([1, 2])},
-                         {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "rawData": raw([10, 20])}],
-              "requestId": "rest-1"}
+    pinned = {
+        "inputs": [
+            {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "rawData": raw([1, 2])},
+            {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "rawData": raw([10, 20])},
+        ],
+        "requestId": "rest-1",
+    }
     reply = requests.post(f"{envoy.url}/v1/models/rest-adder/versions/1:predict", json=pinned).json()
     assert reply["requestId"] == "rest-1" and reply["version"] == "1"
     z = np.frombuffer(base64.b64decode(reply["outputs"][0]["rawData"]), "<f4")
     assert z.tolist() == [22.0, 44.0]
 
 
-@pytest.mark.parametrize("method, path, body, status, fragment", [
-    ("get", "/v1/models/no-such-model", None, 404, "'no-such-model' does not exist"),
-    ("get", "/v1/models/rest-adder/versions/9", None, 404, "version 9 does not exist"),
-    ("post", "/v1/models/rest-adder:predict", {"inputs": [{"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [1],
-                                                           "contents": {"fp32Contents": [1]}}]},
-     400, "missing input 'b'"),
-    ("get", "/v1/models?pageToken=garbage!", None, 400, "malformed page_token"),
-    ("get", "/v1/jobs/no-such-job", None, 404, "job 'no-such-job' does not exist"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, fragment",
+    [
+        ("get", "/v1/models/no-such-model", None, 404, "'no-such-model' does not exist"),
+        ("get", "/v1/models/rest-adder/versions/9", None, 404, "version 9 does not exist"),
+        (
+            "post",
+            "/v1/models/rest-adder:predict",
+            {"inputs": [{"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [1], "contents": {"fp32Contents": [1]}}]},
+            400,
+            "missing input 'b'",
+        ),
+        ("get", "/v1/models?pageToken=garbage!", None, 400, "malformed page_token"),
+        ("get", "/v1/jobs/no-such-job", None, 404, "job 'no-such-job' does not exist"),
+    ],
+)
 def test_errors_become_http_statuses_with_a_json_body(envoy, method, path, body, status, fragment):
     reply = getattr(requests, method)(envoy.url + path, json=body)
     assert reply.status_code == status
@@ -72,15 +86,20 @@ def test_errors_become_http_statuses_with_a_json_body(envoy, method, path, body,
 def test_upload_over_rest(envoy, server, tmp_path):
     data = onnx_models.dense()
     messages = [{"header": {"name": "rest-upload", "labels": {"via": "rest"}}}] + [
-        {"chunk": base64.b64encode(data[i:i + 200]).decode()} for i in range(0, len(data), 200)]
+        {"chunk": base64.b64encode(data[i : i + 200]).decode()} for i in range(0, len(data), 200)
+    ]
     reply = requests.post(f"{envoy.url}/v1/models", json=messages)
     assert reply.status_code == 200, reply.text
     model = reply.json()
     assert (model["name"], model["version"], model["labels"]) == ("rest-upload", "1", {"via": "rest"})
     x = np.ones((2, 8), np.float32)
     want = ort.InferenceSession(data).run(["scores"], {"x": x})[0]
-    body = {"inputs": [{"name": "x", "dtype": "DATA_TYPE_FP32", "shape": [2, 8],
-                        "contents": {"fp32Contents": x.ravel().tolist()}}], "outputNames": ["scores"]}
+    body = {
+        "inputs": [
+            {"name": "x", "dtype": "DATA_TYPE_FP32", "shape": [2, 8], "contents": {"fp32Contents": x.ravel().tolist()}}
+        ],
+        "outputNames": ["scores"],
+    }
     scores = requests.post(f"{envoy.url}/v1/models/rest-upload:predict", json=body).json()["outputs"][0]
     np.testing.assert_array_equal(np.array(scores["contents"]["fp32Contents"], np.float32).reshape(2, 3), want)
     assert requests.delete(f"{envoy.url}/v1/models/rest-upload").json()["deletedVersions"] == ["1"]
@@ -88,10 +107,17 @@ def test_upload_over_rest(envoy, server, tmp_path):
 
 def test_jobs_over_rest(envoy):
     x = np.arange(12, dtype=np.float32).tolist()
-    job = requests.post(f"{envoy.url}/v1/jobs", json={
-        "model": "rest-adder", "batchRows": 4,
-        "inputs": [{"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [12], "contents": {"fp32Contents": x}},
-                   {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [12], "contents": {"fp32Contents": x}}]}).json()
+    job = requests.post(
+        f"{envoy.url}/v1/jobs",
+        json={
+            "model": "rest-adder",
+            "batchRows": 4,
+            "inputs": [
+                {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [12], "contents": {"fp32Contents": x}},
+                {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [12], "contents": {"fp32Contents": x}},
+            ],
+        },
+    ).json()
     assert job["state"] == "JOB_STATE_QUEUED" and job["rowsTotal"] == "12"
     updates = requests.get(f"{envoy.url}/v1/jobs/{job['id']}:watch").json()  # a JSON array, sent when done
     assert updates[-1]["state"] == "JOB_STATE_SUCCEEDED"
@@ -104,25 +130,51 @@ def test_jobs_over_rest(envoy):
 def test_grpc_passes_through_the_same_port(envoy):
     channel = grpc.insecure_channel(f"127.0.0.1:{envoy.port}")
     reply = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(
-        request("rest-adder", {"a": ONE, "b": ONE}, version=1))
+        request("rest-adder", {"a": ONE, "b": ONE}, version=1)
+    )
     assert outputs_of(reply)["z"].tolist() == [4.0]
 
 
 def test_openapi_document_lists_every_rest_route(envoy):
     document = requests.get(f"{envoy.url}/docs/openapi.json").json()
-    assert {"/v1/models", "/v1/models/{name}", "/v1/models/{name}/versions/{version}", "/v1/models/{model}:predict",
-            "/v1/models/{model}/versions/{version}:predict", "/v1/jobs", "/v1/jobs/{id}"} <= set(document["paths"])
+    assert {
+        "/v1/models",
+        "/v1/models/{name}",
+        "/v1/models/{name}/versions/{version}",
+        "/v1/models/{model}:predict",
+        "/v1/models/{model}/versions/{version}:predict",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+    } <= set(document["paths"])
 
 
 def test_swagger_page_lists_the_operations_in_a_browser(envoy):
     with tempfile.TemporaryDirectory() as profile:
         page = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom", f"{envoy.url}/docs/"],
-            capture_output=True, text=True, timeout=120).stdout
-    operations = [(path, method) for path, methods in requests.get(f"{envoy.url}/docs/openapi.json").json()[
-        "paths"].items() for method in methods]
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=30000",
+                "--dump-dom",
+                f"{envoy.url}/docs/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    operations = [
+        (path, method)
+        for path, methods in requests.get(f"{envoy.url}/docs/openapi.json").json()["paths"].items()
+        for method in methods
+    ]
     assert len(operations) == 16
     assert page.count('class="opblock-summary-path"') == len(operations)
     for path, _ in operations:
@@ -153,8 +205,9 @@ def test_api_keys_over_rest(tmp_path):
     server.start()
     envoy = EnvoyProcess(server)
     try:
-        server.models.UploadModel(upload_requests("pub-adder", onnx_models.add_two()),
-                                  metadata=(("authorization", f"Bearer {admin}"),))
+        server.models.UploadModel(
+            upload_requests("pub-adder", onnx_models.add_two()), metadata=(("authorization", f"Bearer {admin}"),)
+        )
         url = f"{envoy.url}/v1/models/pub-adder"
         bearer = lambda key: {"Authorization": f"Bearer {key}"}  # noqa: E731
         for headers in ({}, bearer("mds_0000000000000000_wrong")):

@@ -9,8 +9,18 @@ import onnx_models
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import (ONE, ServerProcess, assert_status, deploy, free_port, grpcurl, outputs_of, request,
-                     upload_requests, wait_until)
+from harness import (
+    ONE,
+    ServerProcess,
+    assert_status,
+    deploy,
+    free_port,
+    grpcurl,
+    outputs_of,
+    request,
+    upload_requests,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("service", ["", "mds.v1.ModelService", "mds.v1.InferenceService"])
@@ -23,16 +33,23 @@ def test_grpcurl_lists_and_describes_through_reflection(server):
     services = grpcurl(server.address, "list").split()
     assert {"mds.v1.ModelService", "mds.v1.InferenceService", "grpc.health.v1.Health"} <= set(services)
     described = grpcurl(server.address, "describe", "mds.v1.InferenceService")
-    assert "rpc PredictStream ( stream .mds.v1.PredictRequest ) returns ( stream .mds.v1.PredictStreamResponse )" in described
+    assert (
+        "rpc PredictStream ( stream .mds.v1.PredictRequest ) returns ( stream .mds.v1.PredictStreamResponse )"
+        in described
+    )
     assert "bytes_contents" in grpcurl(server.address, "describe", "mds.v1.TensorContents")
 
 
 def test_grpcurl_calls_predict_and_models(server, unique):
     deploy(server, unique, onnx_models.add_two())
-    body = {"model": unique, "requestId": "curl-1", "inputs": [
-        {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [1, 2]}},
-        {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [10, 20]}},
-    ]}
+    body = {
+        "model": unique,
+        "requestId": "curl-1",
+        "inputs": [
+            {"name": "a", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [1, 2]}},
+            {"name": "b", "dtype": "DATA_TYPE_FP32", "shape": [2], "contents": {"fp32Contents": [10, 20]}},
+        ],
+    }
     reply = json.loads(grpcurl("-d", json.dumps(body), server.address, "mds.v1.InferenceService/Predict"))
     assert reply["request_id"] == "curl-1"  # grpcurl prints proto field names
     assert reply["outputs"][0]["contents"]["fp32_contents"] == [11, 22]
@@ -54,7 +71,11 @@ def test_every_rpc_writes_one_json_access_line(server, unique):
     by_id = {e.get("request_id"): e for e in access_lines()}
     ok, missing = by_id["trace-me"], by_id["trace-missing"]
     assert (ok["method"], ok["model"], ok["version"], ok["code"]) == (
-        "/mds.v1.InferenceService/Predict", unique, 1, "OK")
+        "/mds.v1.InferenceService/Predict",
+        unique,
+        1,
+        "OK",
+    )
     assert ok["duration_ms"] >= 0 and "time" in ok
     assert (missing["model"], missing["code"]) == (unique + "-missing", "NOT_FOUND")
     uploads = [e for e in access_lines() if e["method"].endswith("UploadModel") and e.get("model") == unique]
@@ -111,8 +132,11 @@ def test_prometheus_metrics(tmp_path):
         text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     finally:
         assert server.stop() == 0
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     predict = 'method="/mds.v1.InferenceService/Predict"'
     assert samples[f'mds_requests_total{{code="OK",{predict},model="adder"}}'] == 3
     assert samples[f'mds_requests_total{{code="NOT_FOUND",{predict},model=""}}'] == 1  # failed names never label
@@ -131,13 +155,21 @@ def test_request_limits_are_configured_and_enforced_on_every_front_door(tmp_path
     try:
         deploy(server, "adder", onnx_models.add_two())
         three = np.ones(3, np.float32)
-        assert_status(lambda: server.inference.Predict(request("adder", {"a": three, "b": three})),
-                      grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 4 elements (MDS_MAX_ELEMENTS)")
-        v2 = oip.ModelInferRequest(model_name="adder", inputs=[
-            oip.ModelInferRequest.InferInputTensor(name=n, datatype="FP32", shape=[1]) for n in "abc"],
-            raw_input_contents=[ONE.tobytes()] * 3)
-        assert_status(lambda: grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(v2),
-                      grpc.StatusCode.RESOURCE_EXHAUSTED, "3 input tensors exceed the limit of 2 (MDS_MAX_INPUTS)")
+        assert_status(
+            lambda: server.inference.Predict(request("adder", {"a": three, "b": three})),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "over the limit of 4 elements (MDS_MAX_ELEMENTS)",
+        )
+        v2 = oip.ModelInferRequest(
+            model_name="adder",
+            inputs=[oip.ModelInferRequest.InferInputTensor(name=n, datatype="FP32", shape=[1]) for n in "abc"],
+            raw_input_contents=[ONE.tobytes()] * 3,
+        )
+        assert_status(
+            lambda: grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(v2),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "3 input tensors exceed the limit of 2 (MDS_MAX_INPUTS)",
+        )
         assert outputs_of(server.inference.Predict(request("adder", {"a": ONE, "b": ONE})))["z"].tolist() == [2.0]
     finally:
         assert server.stop() == 0

@@ -20,15 +20,58 @@ def openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory) -> Path:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
     d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=MDS test CA",
-            "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-                            ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=MDS test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
         (d / f"{name}.ext").write_text(extension + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
+        )
     return d
 
 
@@ -39,8 +82,9 @@ def credentials(pki: Path, client_certificate: bool) -> grpc.ChannelCredentials:
 
 
 def test_tls_serves_only_tls_clients(pki, tmp_path):
-    server = ServerProcess(tmp_path, credentials(pki, False), mds_tls_cert_file=pki / "server.pem",
-                           mds_tls_key_file=pki / "server.key").start()
+    server = ServerProcess(
+        tmp_path, credentials(pki, False), mds_tls_cert_file=pki / "server.pem", mds_tls_key_file=pki / "server.key"
+    ).start()
     try:
         deploy(server, "adder", onnx_models.add_two())
         assert outputs_of(server.inference.Predict(request("adder", {"a": ONE, "b": ONE})))["z"].tolist() == [2.0]
@@ -48,25 +92,61 @@ def test_tls_serves_only_tls_clients(pki, tmp_path):
         with pytest.raises(grpc.RpcError) as caught:
             plaintext.unary_unary("/mds.v1.ModelService/ListModels")(b"", timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        listed = subprocess.run([sys.executable, "-m", "mds_grpc", "models", "list", "--server", server.address,
-                                 "--tls-ca", str(pki / "ca.pem")], capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mds_grpc",
+                "models",
+                "list",
+                "--server",
+                server.address,
+                "--tls-ca",
+                str(pki / "ca.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0 and listed.stdout.startswith("adder\t1\t"), listed.stderr
     finally:
         assert server.stop() == 0
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, tmp_path):
-    server = ServerProcess(tmp_path, credentials(pki, True), mds_tls_cert_file=pki / "server.pem",
-                           mds_tls_key_file=pki / "server.key", mds_tls_client_ca_file=pki / "ca.pem").start()
+    server = ServerProcess(
+        tmp_path,
+        credentials(pki, True),
+        mds_tls_cert_file=pki / "server.pem",
+        mds_tls_key_file=pki / "server.key",
+        mds_tls_client_ca_file=pki / "ca.pem",
+    ).start()
     try:
         assert list(server.models.ListModels(model_service_pb2.ListModelsRequest()).models) == []
         anonymous = grpc.secure_channel(server.address, credentials(pki, False))
         with pytest.raises(grpc.RpcError) as caught:
             anonymous.unary_unary("/mds.v1.ModelService/ListModels")(b"", timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        listed = subprocess.run([sys.executable, "-m", "mds_grpc", "models", "list", "--server", server.address,
-                                 "--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"),
-                                 "--tls-key", str(pki / "client.key")], capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mds_grpc",
+                "models",
+                "list",
+                "--server",
+                server.address,
+                "--tls-ca",
+                str(pki / "ca.pem"),
+                "--tls-cert",
+                str(pki / "client.pem"),
+                "--tls-key",
+                str(pki / "client.key"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr
     finally:
         assert server.stop() == 0

@@ -16,13 +16,23 @@ from mds.v1 import tensor_pb2
 def test_upload_records_signature_and_metadata(server, pretrained, unique):
     data = (pretrained / "magika.onnx").read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    model = upload(server, unique, data, chunk_size=100_000, description="file types", labels={"team": "sec"},
-                   sha256=sha, size_bytes=len(data), metadata={"accuracy": 0.99, "tags": ["a", "b"]})
+    model = upload(
+        server,
+        unique,
+        data,
+        chunk_size=100_000,
+        description="file types",
+        labels={"team": "sec"},
+        sha256=sha,
+        size_bytes=len(data),
+        metadata={"accuracy": 0.99, "tags": ["a", "b"]},
+    )
     assert (model.name, model.version, model.sha256, model.size_bytes) == (unique, 1, sha, len(data))
     (spec,) = model.inputs
     assert (spec.name, spec.dtype, list(spec.shape)) == ("bytes", tensor_pb2.DATA_TYPE_INT32, [-1, 2048])
     assert [(o.name, o.dtype, list(o.shape)) for o in model.outputs] == [
-        ("target_label", tensor_pb2.DATA_TYPE_FP32, [-1, 214])]
+        ("target_label", tensor_pb2.DATA_TYPE_FP32, [-1, 214])
+    ]
     assert model.producer_name == "tf2onnx" and model.ir_version == 8
     assert ("ai.onnx.ml", 2) in [(o.domain, o.version) for o in model.opsets]
     assert model.description == "file types" and dict(model.labels) == {"team": "sec"}
@@ -45,8 +55,11 @@ def test_versions_latest_list_and_delete(server, unique):
             break
     assert pages == [[1, 2], [3]]
     assert server.models.DeleteModel(pb.DeleteModelRequest(name=unique, version=2)).deleted_versions == [2]
-    assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name=unique, version=2)),
-                  grpc.StatusCode.NOT_FOUND, "version 2 does not exist")
+    assert_status(
+        lambda: server.models.GetModel(pb.GetModelRequest(name=unique, version=2)),
+        grpc.StatusCode.NOT_FOUND,
+        "version 2 does not exist",
+    )
     assert server.models.DeleteModel(pb.DeleteModelRequest(name=unique)).deleted_versions == [1, 3]
     assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name=unique)), grpc.StatusCode.NOT_FOUND)
     assert_status(lambda: server.models.DeleteModel(pb.DeleteModelRequest(name=unique)), grpc.StatusCode.NOT_FOUND)
@@ -65,8 +78,11 @@ def test_delete_removes_unshared_blobs_only(server, unique):
 
 
 def test_malformed_page_token(server):
-    assert_status(lambda: server.models.ListModels(pb.ListModelsRequest(page_token="garbage!")),
-                  grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    assert_status(
+        lambda: server.models.ListModels(pb.ListModelsRequest(page_token="garbage!")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "page_token",
+    )
 
 
 def test_concurrent_uploads_of_one_name_get_distinct_versions(server, unique):
@@ -78,43 +94,59 @@ def test_concurrent_uploads_of_one_name_get_distinct_versions(server, unique):
 @pytest.mark.usefixtures("nothing_left")
 @pytest.mark.parametrize("name", ["", "Upper", "-lead", "a/b", "a" * 129, "spa ce", "..", "ünï"])
 def test_bad_names(server, name):
-    assert_status(lambda: upload(server, name, onnx_models.add_two()), grpc.StatusCode.INVALID_ARGUMENT,
-                  "invalid model name")
+    assert_status(
+        lambda: upload(server, name, onnx_models.add_two()), grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"
+    )
 
 
 @pytest.mark.usefixtures("nothing_left")
 def test_header_must_come_first(server):
     requests = iter([pb.UploadModelRequest(chunk=b"abc")])
-    assert_status(lambda: server.models.UploadModel(requests), grpc.StatusCode.INVALID_ARGUMENT,
-                  "first UploadModelRequest must carry the header")
+    assert_status(
+        lambda: server.models.UploadModel(requests),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "first UploadModelRequest must carry the header",
+    )
     assert_status(lambda: server.models.UploadModel(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "header")
 
 
 @pytest.mark.usefixtures("nothing_left")
 def test_second_header_is_rejected(server, unique):
-    requests = [*upload_requests(unique, onnx_models.add_two()), pb.UploadModelRequest(header=pb.ModelHeader(name=unique))]
-    assert_status(lambda: server.models.UploadModel(iter(requests)), grpc.StatusCode.INVALID_ARGUMENT,
-                  "only the first")
+    requests = [
+        *upload_requests(unique, onnx_models.add_two()),
+        pb.UploadModelRequest(header=pb.ModelHeader(name=unique)),
+    ]
+    assert_status(lambda: server.models.UploadModel(iter(requests)), grpc.StatusCode.INVALID_ARGUMENT, "only the first")
 
 
 @pytest.mark.usefixtures("nothing_left")
 def test_checksum_and_size_are_verified(server, unique):
     data = onnx_models.add_two()
-    assert_status(lambda: upload(server, unique, data, sha256="0" * 64), grpc.StatusCode.INVALID_ARGUMENT,
-                  "sha256 mismatch for 'model.onnx'")
-    assert_status(lambda: upload(server, unique, data, size_bytes=len(data) + 1), grpc.StatusCode.INVALID_ARGUMENT,
-                  f"header says {len(data) + 1} bytes, received {len(data)}")
-    assert_status(lambda: upload(server, unique, data, sha256="xyz"), grpc.StatusCode.INVALID_ARGUMENT,
-                  "64 lowercase hex digits")
+    assert_status(
+        lambda: upload(server, unique, data, sha256="0" * 64),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sha256 mismatch for 'model.onnx'",
+    )
+    assert_status(
+        lambda: upload(server, unique, data, size_bytes=len(data) + 1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"header says {len(data) + 1} bytes, received {len(data)}",
+    )
+    assert_status(
+        lambda: upload(server, unique, data, sha256="xyz"), grpc.StatusCode.INVALID_ARGUMENT, "64 lowercase hex digits"
+    )
     assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name=unique)), grpc.StatusCode.NOT_FOUND)
 
 
 @pytest.mark.usefixtures("nothing_left")
-@pytest.mark.parametrize("data, reason", [
-    (b"\x00garbage bytes, not a model" * 100, "ONNX"),
-    (onnx_models.add_two()[:-20], "ONNX"),
-    (b"", "no bytes received"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\x00garbage bytes, not a model" * 100, "ONNX"),
+        (onnx_models.add_two()[:-20], "ONNX"),
+        (b"", "no bytes received"),
+    ],
+)
 def test_unloadable_models_are_rejected(server, unique, data, reason):
     details = assert_status(lambda: upload(server, unique, data), grpc.StatusCode.INVALID_ARGUMENT, reason)
     assert len(details) > 20
@@ -141,41 +173,64 @@ def test_model_with_external_data(server, unique, tmp_path):
     path = onnx_models.save_with_external_data(tmp_path)
     side = (tmp_path / "model.onnx.data").read_bytes()
     model = upload(server, unique, path.read_bytes(), side_files={"model.onnx.data": side}, chunk_size=1000)
-    assert [(f.path, f.size_bytes) for f in model.files] == [("model.onnx", path.stat().st_size),
-                                                              ("model.onnx.data", len(side))]
+    assert [(f.path, f.size_bytes) for f in model.files] == [
+        ("model.onnx", path.stat().st_size),
+        ("model.onnx.data", len(side)),
+    ]
 
 
 @pytest.mark.usefixtures("nothing_left")
 def test_external_data_errors(server, unique, tmp_path):
     path = onnx_models.save_with_external_data(tmp_path)
     data, side = path.read_bytes(), (tmp_path / "model.onnx.data").read_bytes()
-    assert_status(lambda: upload(server, unique, data), grpc.StatusCode.INVALID_ARGUMENT,
-                  "'model.onnx.data', which was not uploaded")
-    assert_status(lambda: upload(server, unique, data, side_files={"model.onnx.data": side},
-                                 external_files=[]), grpc.StatusCode.INVALID_ARGUMENT, "undeclared file")
-    assert_status(lambda: upload(server, unique, data, side_files={"../model.onnx.data": side}),
-                  grpc.StatusCode.INVALID_ARGUMENT, "invalid file path")
-    assert_status(lambda: upload(server, unique, data, external_files=[pb.ModelFile(path="model.onnx.data")]),
-                  grpc.StatusCode.INVALID_ARGUMENT, "no bytes received for file 'model.onnx.data'")
+    assert_status(
+        lambda: upload(server, unique, data),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'model.onnx.data', which was not uploaded",
+    )
+    assert_status(
+        lambda: upload(server, unique, data, side_files={"model.onnx.data": side}, external_files=[]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "undeclared file",
+    )
+    assert_status(
+        lambda: upload(server, unique, data, side_files={"../model.onnx.data": side}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid file path",
+    )
+    assert_status(
+        lambda: upload(server, unique, data, external_files=[pb.ModelFile(path="model.onnx.data")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no bytes received for file 'model.onnx.data'",
+    )
     chunks = list(upload_requests(unique, data, side_files={"model.onnx.data": side}, chunk_size=100))
     interleaved = [chunks[0], chunks[-1], *chunks[1:]]  # a side-file chunk, then the main file resumes
-    assert_status(lambda: server.models.UploadModel(iter(interleaved + [chunks[-1]])),
-                  grpc.StatusCode.INVALID_ARGUMENT, "must be contiguous")
+    assert_status(
+        lambda: server.models.UploadModel(iter(interleaved + [chunks[-1]])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be contiguous",
+    )
 
 
 @pytest.mark.usefixtures("nothing_left")
 @pytest.mark.parametrize("location", ["/etc/hostname", "../secret.bin", "sub/../../x", "./w"])
 def test_external_data_outside_the_model_folder(server, unique, location):
-    assert_status(lambda: upload(server, unique, onnx_models.pointing_outside(location)),
-                  grpc.StatusCode.INVALID_ARGUMENT, f"{location!r}, outside the model's folder")
+    assert_status(
+        lambda: upload(server, unique, onnx_models.pointing_outside(location)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{location!r}, outside the model's folder",
+    )
 
 
 def test_size_limit_stops_the_upload(tmp_path, pretrained):
     small = ServerProcess(tmp_path, mds_max_model_bytes=1_000_000).start()
     try:
         data = (pretrained / "magika.onnx").read_bytes()
-        assert_status(lambda: upload(small, "big", data, chunk_size=256_000), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      "model size limit of 1000000 bytes")
+        assert_status(
+            lambda: upload(small, "big", data, chunk_size=256_000),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "model size limit of 1000000 bytes",
+        )
         wait_until(lambda: not small.leftovers(), what="the rejected upload to be cleaned up")
         assert small.blobs() == []
         assert list(small.models.ListModels(pb.ListModelsRequest()).models) == []
@@ -196,13 +251,19 @@ def test_empty_chunks_are_harmless(server, unique):
 def test_side_files_cannot_nest_in_one_another(server, unique):
     for paths in (["a", "a/b"], ["model.onnx/x"]):
         files = [pb.ModelFile(path=p) for p in paths]
-        assert_status(lambda: upload(server, unique, onnx_models.add_two(), external_files=files),
-                      grpc.StatusCode.INVALID_ARGUMENT, "is also used as a folder")
+        assert_status(
+            lambda: upload(server, unique, onnx_models.add_two(), external_files=files),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "is also used as a folder",
+        )
 
 
 @pytest.mark.usefixtures("nothing_left")
 def test_custom_op_domains_are_rejected(server, unique):
-    details = assert_status(lambda: upload(server, unique, onnx_models.custom_op()), grpc.StatusCode.INVALID_ARGUMENT,
-                            "onnxruntime cannot load the model")
+    details = assert_status(
+        lambda: upload(server, unique, onnx_models.custom_op()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "onnxruntime cannot load the model",
+    )
     assert "Exfiltrate" in details or "com.example.custom" in details
     assert_status(lambda: server.models.GetModel(pb.GetModelRequest(name=unique)), grpc.StatusCode.NOT_FOUND)

@@ -25,8 +25,12 @@ def _wait_until_ready(target: Target, model: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with contextlib.suppress(grpc.RpcError):
-            if target.call("inference.GRPCInferenceService/ModelReady", oip.ModelReadyRequest(name=model),
-                           oip.ModelReadyResponse, timeout=5).ready:
+            if target.call(
+                "inference.GRPCInferenceService/ModelReady",
+                oip.ModelReadyRequest(name=model),
+                oip.ModelReadyResponse,
+                timeout=5,
+            ).ready:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{target.name} did not make {model} ready; see {target.log}")
@@ -44,12 +48,24 @@ def start(name: str, model: str, path: Path, work: Path) -> Target:
         (folder / model).mkdir(parents=True, exist_ok=True)
         # parallel_workers=0 runs the model in the server process (its worker pool crashes with uvloop >= 0.22);
         # its gRPC interceptor logs every call at INFO.
-        (folder / "settings.json").write_text(json.dumps({
-            "parallel_workers": 0, "grpc_port": port, "http_port": free_port(), "metrics_port": free_port(),
-            "logging_settings": {"version": 1, "disable_existing_loggers": False,
-                                 "loggers": {"mlserver.grpc": {"level": "WARNING"}}}}))
-        (folder / model / "model-settings.json").write_text(json.dumps({
-            "name": model, "implementation": "mlserver_onnx.OnnxRuntime", "parameters": {"uri": str(path)}}))
+        (folder / "settings.json").write_text(
+            json.dumps(
+                {
+                    "parallel_workers": 0,
+                    "grpc_port": port,
+                    "http_port": free_port(),
+                    "metrics_port": free_port(),
+                    "logging_settings": {
+                        "version": 1,
+                        "disable_existing_loggers": False,
+                        "loggers": {"mlserver.grpc": {"level": "WARNING"}},
+                    },
+                }
+            )
+        )
+        (folder / model / "model-settings.json").write_text(
+            json.dumps({"name": model, "implementation": "mlserver_onnx.OnnxRuntime", "parameters": {"uri": str(path)}})
+        )
         argv = [str(python.parent / "mlserver"), "start", str(folder)]
         env = {"PYTHONPATH": str(HERE)}
     target = Target(name, argv, port, env=env, log=work / f"{name}.log")

@@ -1,6 +1,6 @@
 """KServe peer: a kserve.Model running one ONNX file with onnxruntime (one intra-op thread), V2 gRPC only.
 
-    $MDS_CACHE/peers/kserve/bin/python bench/peers/kserve_onnx.py GRPC_PORT HTTP_PORT NAME MODEL.onnx
+$MDS_CACHE/peers/kserve/bin/python bench/peers/kserve_onnx.py GRPC_PORT HTTP_PORT NAME MODEL.onnx
 """
 
 import logging
@@ -30,13 +30,18 @@ class OnnxModel(Model):
             out = InferOutput(spec.name, list(y.shape), "FP32")
             out.set_data_from_numpy(y)
             infer_outputs.append(out)
-        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=infer_outputs,
-                             use_binary_outputs=payload.use_binary_outputs)
+        return InferResponse(
+            response_id=payload.id,
+            model_name=self.name,
+            infer_outputs=infer_outputs,
+            use_binary_outputs=payload.use_binary_outputs,
+        )
 
 
 if __name__ == "__main__":
     # KServe logs every gRPC call at INFO; a handler configured first keeps its defaults off.
     logging.basicConfig(level=logging.WARNING)
     grpc_port, http_port, name, path = sys.argv[1:5]
-    ModelServer(grpc_port=int(grpc_port), http_port=int(http_port), enable_latency_logging=False,
-                enable_docs_url=False).start([OnnxModel(name, path)])
+    ModelServer(
+        grpc_port=int(grpc_port), http_port=int(http_port), enable_latency_logging=False, enable_docs_url=False
+    ).start([OnnxModel(name, path)])

@@ -20,8 +20,11 @@ class OnnxRuntime(MLModel):
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         outputs = self.session.run(None, {i.name: NumpyCodec.decode_input(i) for i in payload.inputs})
-        return InferenceResponse(model_name=self.name, id=payload.id,
-                                 outputs=[NumpyCodec.encode_output(n, y) for n, y in zip(self.output_names, outputs)])
+        return InferenceResponse(
+            model_name=self.name,
+            id=payload.id,
+            outputs=[NumpyCodec.encode_output(n, y) for n, y in zip(self.output_names, outputs)],
+        )
 
     async def predict_stream(self, payloads):
         async for payload in payloads:

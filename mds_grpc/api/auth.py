@@ -40,8 +40,9 @@ def check_listing(name_filter: str, field: str) -> None:
     """A list RPC: a key limited to model-name prefixes must filter by one of its models."""
     key = _current_key.get()
     if key is not None and key.prefixes and not name_filter:
-        raise PermissionDenied(f"API key {key.id} may only use models starting with {list(key.prefixes)}: "
-                               f"set `{field}` to one of them")
+        raise PermissionDenied(
+            f"API key {key.id} may only use models starting with {list(key.prefixes)}: set `{field}` to one of them"
+        )
 
 
 def check_model(model: str, scope: str = PREDICT) -> None:

@@ -17,8 +17,10 @@ from mds_grpc.core.auth import ADMIN, PREDICT
 PUBLIC = "public"  # probes: open unless MDS_AUTH_OPEN_PROBES=false, then any valid key
 _SCOPES = {options_pb2.SCOPE_PUBLIC: PUBLIC, options_pb2.SCOPE_PREDICT: PREDICT, options_pb2.SCOPE_ADMIN: ADMIN}
 # gRPC's own services, served beside ours, carry no options of ours: they are probes.
-PROBE_SERVICES = tuple(module.DESCRIPTOR.services_by_name[name].full_name
-                       for module, name in ((health_pb2, "Health"), (reflection_pb2, "ServerReflection")))
+PROBE_SERVICES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in ((health_pb2, "Health"), (reflection_pb2, "ServerReflection"))
+)
 
 
 class Rpc(NamedTuple):
@@ -48,7 +50,9 @@ def rpcs(services: Iterable[str]) -> dict[str, Rpc]:
             path = f"/{name}/{method.name}"
             scope = PUBLIC if name in PROBE_SERVICES else _SCOPES.get(method.GetOptions().Extensions[options_pb2.scope])
             if scope is None:
-                raise SystemExit(f"error: {path} declares no scope: give it `option (mds.v1.scope)` in protos/ "
-                                 "(see mds/v1/options.proto)")
+                raise SystemExit(
+                    f"error: {path} declares no scope: give it `option (mds.v1.scope)` in protos/ "
+                    "(see mds/v1/options.proto)"
+                )
             table[path] = Rpc(scope, None if method.client_streaming else model_field(method.input_type))
     return table

@@ -86,8 +86,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         deadline = deadline_of(context)
         count = errors = 0
         try:
-            async for reply in in_order(request_iterator, lambda r: self._stream_item(r, deadline),
-                                        self.stream_max_in_flight):
+            async for reply in in_order(
+                request_iterator, lambda r: self._stream_item(r, deadline), self.stream_max_in_flight
+            ):
                 count += 1
                 errors += reply.HasField("error")
                 yield reply

@@ -32,8 +32,14 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return input_to_wire(await self.manager.upload_input(specs, chunks()))
 
     async def CreateJob(self, request, context):
-        job = await self.manager.create(request.model, request.version, to_arrays(request.inputs, self.limits), request.input_id,
-                                        list(request.output_names), request.batch_rows)
+        job = await self.manager.create(
+            request.model,
+            request.version,
+            to_arrays(request.inputs, self.limits),
+            request.input_id,
+            list(request.output_names),
+            request.batch_rows,
+        )
         annotate(job=job.id, version=job.version)
         return job_to_wire(job)
 
@@ -48,8 +54,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     async def ListJobs(self, request, context):
         check_listing(request.model, "model")
-        jobs, token = await self.manager.list_page(state_from_wire(request.state), request.model,
-                                                   request.page_size, request.page_token)
+        jobs, token = await self.manager.list_page(
+            state_from_wire(request.state), request.model, request.page_size, request.page_token
+        )
         return pb.ListJobsResponse(jobs=[job_to_wire(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(self, request, context):

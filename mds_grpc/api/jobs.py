@@ -9,9 +9,17 @@ from mds_grpc.core.jobs import ColumnSpec
 
 
 def job_to_wire(job: JobRecord) -> pb.Job:
-    message = pb.Job(id=job.id, model=job.model, version=job.version, state=pb.JobState.Value("JOB_STATE_" + job.state.value),
-                     rows_total=job.rows_total, rows_done=job.rows_done, error=job.error,
-                     batch_rows=job.batch_rows, output_names=job.output_names)
+    message = pb.Job(
+        id=job.id,
+        model=job.model,
+        version=job.version,
+        state=pb.JobState.Value("JOB_STATE_" + job.state.value),
+        rows_total=job.rows_total,
+        rows_done=job.rows_done,
+        error=job.error,
+        batch_rows=job.batch_rows,
+        output_names=job.output_names,
+    )
     message.created_at.FromDatetime(job.created_at)
     message.updated_at.FromDatetime(job.updated_at)
     return message
@@ -26,9 +34,14 @@ def state_from_wire(value: int) -> JobState | None:
 
 
 def input_to_wire(record: JobInputRecord) -> pb.JobInput:
-    return pb.JobInput(id=record.id, rows=record.rows, inputs=[
-        tensor_pb2.TensorSpec(name=t.name, dtype=to_wire_dtype(t.dtype), shape=(record.rows, *t.row_shape))
-        for t in record.tensors])
+    return pb.JobInput(
+        id=record.id,
+        rows=record.rows,
+        inputs=[
+            tensor_pb2.TensorSpec(name=t.name, dtype=to_wire_dtype(t.dtype), shape=(record.rows, *t.row_shape))
+            for t in record.tensors
+        ],
+    )
 
 
 def column_from_wire(spec: tensor_pb2.TensorSpec) -> ColumnSpec:
@@ -36,5 +49,6 @@ def column_from_wire(spec: tensor_pb2.TensorSpec) -> ColumnSpec:
 
 
 def batch_to_wire(offset: int, rows: int, arrays: dict) -> pb.JobResultBatch:
-    return pb.JobResultBatch(row_offset=offset, rows=rows,
-                             outputs=[from_array(name, array, raw=True) for name, array in arrays.items()])
+    return pb.JobResultBatch(
+        row_offset=offset, rows=rows, outputs=[from_array(name, array, raw=True) for name, array in arrays.items()]
+    )

@@ -14,19 +14,28 @@ from mds_grpc.core.uploads import UploadHeader
 
 def spec_to_wire(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     return tensor_pb2.TensorSpec(
-        name=spec.name, dtype=to_wire_dtype(spec.dtype), shape=spec.shape,
-        onnx_type=spec.onnx_type, dim_names=spec.dim_names,
+        name=spec.name,
+        dtype=to_wire_dtype(spec.dtype),
+        shape=spec.shape,
+        onnx_type=spec.onnx_type,
+        dim_names=spec.dim_names,
     )
 
 
 def model_to_wire(record: ModelRecord) -> pb.Model:
     model = pb.Model(
-        name=record.name, version=record.version, sha256=record.sha256, size_bytes=record.size_bytes,
+        name=record.name,
+        version=record.version,
+        sha256=record.sha256,
+        size_bytes=record.size_bytes,
         inputs=[spec_to_wire(s) for s in record.inputs],
         outputs=[spec_to_wire(s) for s in record.outputs],
         opsets=[pb.OperatorSet(domain=d, version=v) for d, v in record.opsets],
-        producer_name=record.producer_name, producer_version=record.producer_version,
-        ir_version=record.ir_version, description=record.description, labels=record.labels,
+        producer_name=record.producer_name,
+        producer_version=record.producer_version,
+        ir_version=record.ir_version,
+        description=record.description,
+        labels=record.labels,
         files=[pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in record.files],
     )
     if record.batching.enabled:
@@ -43,8 +52,12 @@ def header_from_wire(header: pb.ModelHeader) -> UploadHeader:
     except ValueError as error:  # NaN and infinities have no JSON form
         raise InvalidArgument(f"header.metadata must be JSON: {error}") from None
     return UploadHeader(
-        name=header.name, description=header.description, labels=dict(header.labels), metadata=metadata,
-        sha256=header.sha256.lower(), size_bytes=header.size_bytes,
+        name=header.name,
+        description=header.description,
+        labels=dict(header.labels),
+        metadata=metadata,
+        sha256=header.sha256.lower(),
+        size_bytes=header.size_bytes,
         external_files=tuple(StoredFile(f.path, f.sha256.lower(), f.size_bytes) for f in header.external_files),
         batching=BatchingPolicy(header.batching.max_batch_size, header.batching.max_queue_delay_us),
     )

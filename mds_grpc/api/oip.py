@@ -47,7 +47,7 @@ def split_length_prefixed(data: bytes, name: str) -> list[bytes]:
         offset += 4
         if offset + length > len(data):
             raise InvalidArgument(f"raw BYTES input {name!r} has an element longer than the data left")
-        elements.append(data[offset:offset + length])
+        elements.append(data[offset : offset + length])
         offset += length
     return elements
 
@@ -56,8 +56,9 @@ def join_length_prefixed(elements) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: TensorLimits,
-                 elements_so_far: int) -> np.ndarray:
+def _input_array(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: TensorLimits, elements_so_far: int
+) -> np.ndarray:
     name = tensor.name
     dtype = _dtype(tensor.datatype, name)
     shape = arrays.checked_shape(name, tensor.shape, limits)
@@ -66,8 +67,9 @@ def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     if tensor.HasField("contents") and tensor.contents.ByteSize():
         raise InvalidArgument(f"input {name!r} has both contents and raw_input_contents")
     if dtype.name == "STRING":
-        return arrays.from_strings(name, shape, split_length_prefixed(raw, name), "raw_input_contents", limits,
-                                   elements_so_far)
+        return arrays.from_strings(
+            name, shape, split_length_prefixed(raw, name), "raw_input_contents", limits, elements_so_far
+        )
     return arrays.from_raw(name, dtype, shape, raw, "raw_input_contents", limits, elements_so_far)
 
 
@@ -87,8 +89,9 @@ def input_arrays(request: pb.ModelInferRequest, limits: TensorLimits = TensorLim
     return decoded
 
 
-def infer_response(request: pb.ModelInferRequest, model: str, version: int,
-                   outputs: list[tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
+def infer_response(
+    request: pb.ModelInferRequest, model: str, version: int, outputs: list[tuple[str, np.ndarray]]
+) -> pb.ModelInferResponse:
     """Outputs raw when the inputs were (or when FP16/BF16 leave no other choice), typed otherwise."""
     found = [(name, array, dtypes.of_array(array)) for name, array in outputs]
     raw = bool(request.raw_input_contents) or any(dtype.name not in CONTENTS_FIELD for _, _, dtype in found)
@@ -112,7 +115,9 @@ def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata
 def model_metadata(record: ModelRecord, versions: list[int]) -> pb.ModelMetadataResponse:
     """Tensor inputs and outputs only: V2 has no way to describe sequences or maps."""
     return pb.ModelMetadataResponse(
-        name=record.name, versions=[str(v) for v in versions], platform=PLATFORM,
+        name=record.name,
+        versions=[str(v) for v in versions],
+        platform=PLATFORM,
         inputs=[tensor_metadata(s) for s in record.inputs if s.dtype],
-        outputs=[tensor_metadata(s) for s in record.outputs if s.dtype])
-
+        outputs=[tensor_metadata(s) for s in record.outputs if s.dtype],
+    )

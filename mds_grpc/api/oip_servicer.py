@@ -19,8 +19,13 @@ from mds_grpc.core.limits import TensorLimits
 
 
 class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: InferenceEngine, is_ready: Callable[[], Awaitable[bool]], stream_max_in_flight: int,
-                 limits: TensorLimits):
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        is_ready: Callable[[], Awaitable[bool]],
+        stream_max_in_flight: int,
+        limits: TensorLimits,
+    ):
         self.engine = engine
         self.registry = engine.registry
         self.is_ready = is_ready
@@ -49,12 +54,18 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return model_metadata(record, [r.version for r in versions])
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        prediction = await self.engine.predict(request.model_name, parse_version(request.model_version),
-                                               input_arrays(request, self.limits), [o.name for o in request.outputs], deadline)
+        prediction = await self.engine.predict(
+            request.model_name,
+            parse_version(request.model_version),
+            input_arrays(request, self.limits),
+            [o.name for o in request.outputs],
+            deadline,
+        )
         structured = [name for name, value in prediction.outputs if not isinstance(value, np.ndarray)]
         if structured and request.outputs:
-            raise InvalidArgument(f"output {structured[0]!r} is not a tensor, which V2 cannot carry; "
-                                  "use mds.v1 Predict for it")
+            raise InvalidArgument(
+                f"output {structured[0]!r} is not a tensor, which V2 cannot carry; use mds.v1 Predict for it"
+            )
         tensors = [(name, value) for name, value in prediction.outputs if isinstance(value, np.ndarray)]
         return infer_response(request, prediction.model, prediction.version, tensors)
 
@@ -73,8 +84,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
             except Exception as error:
                 code, message = status_of(error)
-                return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
-                                                   infer_response=pb.ModelInferResponse(id=request.id))
+                return pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}", infer_response=pb.ModelInferResponse(id=request.id)
+                )
 
         async for reply in in_order(request_iterator, handle, self.stream_max_in_flight):
             yield reply

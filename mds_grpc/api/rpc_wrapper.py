@@ -35,8 +35,9 @@ class _RpcScope:
 
     async def __aenter__(self) -> None:
         self.start = time.perf_counter()
-        self.fields = {target: value for source, target in self.route.logged
-                       if (value := getattr(self.request, source))}
+        self.fields = {
+            target: value for source, target in self.route.logged if (value := getattr(self.request, source))
+        }
         call_record.start(self.fields)
         if self.route.guard is not None:
             try:
@@ -58,19 +59,27 @@ class _RpcScope:
 
     def _record(self, code: str) -> None:
         if self.route.access is not None:  # else a probe: no access line, no metrics
-            call_record.finish(self.route.access, self.route.method, self.fields, code,
-                               time.perf_counter() - self.start)
+            call_record.finish(
+                self.route.access, self.route.method, self.fields, code, time.perf_counter() - self.start
+            )
 
 
-def _wrap(method: str, rpc: Rpc, handler: grpc.RpcMethodHandler, guard,
-          access: AccessLog | None) -> grpc.RpcMethodHandler:
+def _wrap(
+    method: str, rpc: Rpc, handler: grpc.RpcMethodHandler, guard, access: AccessLog | None
+) -> grpc.RpcMethodHandler:
     # A unary request is a message whose class the deserializer (`Message.FromString`) is bound to.
     message_class = getattr(handler.request_deserializer, "__self__", None)
-    present = message_class.DESCRIPTOR.fields_by_name if message_class and (
-        handler.unary_unary or handler.unary_stream) else {}
+    present = (
+        message_class.DESCRIPTOR.fields_by_name
+        if message_class and (handler.unary_unary or handler.unary_stream)
+        else {}
+    )
     logged = ((rpc.model_field, "model"),) if rpc.model_field else ()
-    logged += tuple(pair for pair in _REQUEST_FIELDS if pair[0] in present
-                    and not (pair[0] == "id" and method.startswith("/inference.")))  # there `id` is a request id
+    logged += tuple(
+        pair
+        for pair in _REQUEST_FIELDS
+        if pair[0] in present and not (pair[0] == "id" and method.startswith("/inference."))
+    )  # there `id` is a request id
     route = _Route(method, guard, access, logged)
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
@@ -112,7 +121,9 @@ class ServedServer:
         missing = [f"/{service}/{name}" for name in handlers if f"/{service}/{name}" not in self.rpcs]
         if missing:
             raise SystemExit(f"error: {missing[0]} is served but not in the contract's table of scopes")
-        wrapped = {name: _wrap(f"/{service}/{name}", self.rpcs[f"/{service}/{name}"], handler, self.guard,
-                               self.access) for name, handler in handlers.items()}
+        wrapped = {
+            name: _wrap(f"/{service}/{name}", self.rpcs[f"/{service}/{name}"], handler, self.guard, self.access)
+            for name, handler in handlers.items()
+        }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         self.server.add_registered_method_handlers(service, wrapped)

@@ -8,8 +8,9 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 
-async def in_order(requests: AsyncIterable[Request], handle: Callable[[Request], Awaitable[Reply]],
-                   max_in_flight: int) -> AsyncIterator[Reply]:
+async def in_order(
+    requests: AsyncIterable[Request], handle: Callable[[Request], Awaitable[Reply]], max_in_flight: int
+) -> AsyncIterator[Reply]:
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
 
     `handle` must turn its own failures into replies; an error reading the requests ends the stream.

@@ -15,9 +15,13 @@ PREFIX = "DATA_TYPE_"
 # The TensorContents field that carries each dtype; FP16 and BF16 have none (raw only).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
     "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
     "UINT64": "uint64_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
@@ -48,13 +52,19 @@ def typed_values(name: str, dtype: dtypes.DType, contents, raw_field: str) -> Se
         raise InvalidArgument(f"tensor {name!r} is {dtype.name}, which travels only as {raw_field}")
     stray = [f.name for f, _ in contents.ListFields() if f.name != field]
     if stray:
-        raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in "
-                              f"contents.{field}, not {stray[0]}")
+        raise InvalidArgument(f"tensor {name!r} is {dtype.name}: its values belong in contents.{field}, not {stray[0]}")
     return getattr(contents, field)
 
 
-def from_typed(name: str, dtype: dtypes.DType, shape: tuple[int, ...], contents, raw_field: str,
-               limits: TensorLimits, elements_so_far: int) -> np.ndarray:
+def from_typed(
+    name: str,
+    dtype: dtypes.DType,
+    shape: tuple[int, ...],
+    contents,
+    raw_field: str,
+    limits: TensorLimits,
+    elements_so_far: int,
+) -> np.ndarray:
     values = typed_values(name, dtype, contents, raw_field)
     where = f"contents.{CONTENTS_FIELD[dtype.name]}"
     if dtype.name == "STRING":

@@ -13,9 +13,34 @@ Failed calls raise an MdsError subclass named after the gRPC status (NotFound, I
 from mds.v1.job_service_pb2 import JobState
 from mds_grpc.client.client import Client
 from mds_grpc.client.replies import Prediction, ResultBatch
-from mds_grpc.core.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MdsError, NotFound,
-                                  PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
+from mds_grpc.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MdsError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 
-__all__ = ["Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "JobState", "MdsError",
-           "NotFound", "PermissionDenied", "Prediction", "ResourceExhausted", "ResultBatch", "Unauthenticated",
-           "Unavailable", "Unimplemented"]
+__all__ = [
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "JobState",
+    "MdsError",
+    "NotFound",
+    "PermissionDenied",
+    "Prediction",
+    "ResourceExhausted",
+    "ResultBatch",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]

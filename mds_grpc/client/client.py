@@ -31,8 +31,16 @@ class Client:
     are allowed both ways.
     """
 
-    def __init__(self, address: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
-                 tls_ca: Pem | None = None, tls_cert: Pem | None = None, tls_key: Pem | None = None):
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+    ):
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         if tls or tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(_pem(tls_ca), _pem(tls_key), _pem(tls_cert))
@@ -77,23 +85,35 @@ class Client:
 
     # Models
 
-    def upload(self, model: str | os.PathLike | bytes, name: str, *, description: str = "",
-               labels: Mapping[str, str] | None = None, metadata: Mapping[str, Any] | None = None,
-               max_batch_size: int = 0, max_queue_delay_us: int = 0,
-               progress: Progress | None = None) -> model_service_pb2.Model:
+    def upload(
+        self,
+        model: str | os.PathLike | bytes,
+        name: str,
+        *,
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        max_batch_size: int = 0,
+        max_queue_delay_us: int = 0,
+        progress: Progress | None = None,
+    ) -> model_service_pb2.Model:
         """Upload an .onnx file (with the external-data files it references, found beside it) or a model's
         bytes as a new version of `name`. `max_batch_size` > 1 turns on dynamic batching. `progress(sent, total)`
         is called, from the thread that sends, as bytes go out."""
         upload = ModelUpload(model)
-        header = upload.header(name=name, description=description, labels=labels or {},
-                               batching=model_service_pb2.Batching(max_batch_size=max_batch_size,
-                                                                   max_queue_delay_us=max_queue_delay_us))
+        header = upload.header(
+            name=name,
+            description=description,
+            labels=labels or {},
+            batching=model_service_pb2.Batching(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us),
+        )
         if metadata:
             header.metadata.update(metadata)
         stored = self._call(self._models.UploadModel, upload.requests(header, progress))
         if stored.sha256 != upload.digest.hexdigest():
-            raise error_for("DATA_LOSS", f"server stored sha256 {stored.sha256}, "
-                                         f"the file hashes to {upload.digest.hexdigest()}")
+            raise error_for(
+                "DATA_LOSS", f"server stored sha256 {stored.sha256}, the file hashes to {upload.digest.hexdigest()}"
+            )
         return stored
 
     def get_model(self, name: str, version: int = 0) -> model_service_pb2.Model:
@@ -110,13 +130,15 @@ class Client:
 
     # Predictions
 
-    def predict(self, model: str, inputs: Mapping[str, np.ndarray], *, version: int = 0,
-                outputs: Sequence[str] = ()) -> Prediction:
+    def predict(
+        self, model: str, inputs: Mapping[str, np.ndarray], *, version: int = 0, outputs: Sequence[str] = ()
+    ) -> Prediction:
         """Run a model (version 0: the latest) on named arrays; only `outputs` when given."""
         return Prediction.of(self._call(self._inference.Predict, _predict_request(model, inputs, version, outputs)))
 
-    def stream(self, model: str, inputs: Iterable[Mapping[str, np.ndarray]], *, version: int = 0,
-               outputs: Sequence[str] = ()) -> Iterator[Prediction | MdsError]:
+    def stream(
+        self, model: str, inputs: Iterable[Mapping[str, np.ndarray]], *, version: int = 0, outputs: Sequence[str] = ()
+    ) -> Iterator[Prediction | MdsError]:
         """Run a model on each set of inputs over one stream, as they come. Yields one item per set, in order:
         its Prediction, or the MdsError it failed with (the stream goes on). A failure of the stream itself
         is raised."""
@@ -126,20 +148,33 @@ class Client:
 
     # Jobs
 
-    def create_job(self, model: str, inputs: Mapping[str, np.ndarray], *, version: int = 0,
-                   outputs: Sequence[str] = (), batch_rows: int = 0, chunk_rows: int = 0) -> job_service_pb2.Job:
+    def create_job(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: int = 0,
+        outputs: Sequence[str] = (),
+        batch_rows: int = 0,
+        chunk_rows: int = 0,
+    ) -> job_service_pb2.Job:
         """Upload inputs (rows along dimension 0; memory-mapped arrays are read as they are sent, `chunk_rows`
         per message, default ~16 MiB) and queue a job running `model` on them, `batch_rows` per run
         (0: the server's default). Returns the job, QUEUED."""
         uploaded = self._call(self._jobs.UploadJobInput, job_input_requests(inputs, chunk_rows))
-        return self._call(self._jobs.CreateJob, job_service_pb2.CreateJobRequest(
-            model=model, version=version, input_id=uploaded.id, output_names=outputs, batch_rows=batch_rows))
+        return self._call(
+            self._jobs.CreateJob,
+            job_service_pb2.CreateJobRequest(
+                model=model, version=version, input_id=uploaded.id, output_names=outputs, batch_rows=batch_rows
+            ),
+        )
 
     def get_job(self, job_id: str) -> job_service_pb2.Job:
         return self._call(self._jobs.GetJob, job_service_pb2.GetJobRequest(id=job_id))
 
-    def list_jobs(self, *, state: int = job_service_pb2.JOB_STATE_UNSPECIFIED,
-                  model: str = "") -> Iterator[job_service_pb2.Job]:
+    def list_jobs(
+        self, *, state: int = job_service_pb2.JOB_STATE_UNSPECIFIED, model: str = ""
+    ) -> Iterator[job_service_pb2.Job]:
         """Jobs newest first, only in `state` (a JobState) and of `model` when given, page after page."""
         return self._pages(self._jobs.ListJobs, job_service_pb2.ListJobsRequest(state=state, model=model), "jobs")
 
@@ -152,12 +187,17 @@ class Client:
 
     def job_results(self, job_id: str) -> Iterator[ResultBatch]:
         """A succeeded job's outputs in row order, batch by batch."""
-        return map(ResultBatch.of, self._replies(self._jobs.GetJobResults,
-                                                 job_service_pb2.GetJobResultsRequest(id=job_id)))
+        return map(
+            ResultBatch.of, self._replies(self._jobs.GetJobResults, job_service_pb2.GetJobResultsRequest(id=job_id))
+        )
 
 
-def _predict_request(model: str, inputs: Mapping[str, np.ndarray], version: int,
-                     outputs: Sequence[str]) -> inference_service_pb2.PredictRequest:
+def _predict_request(
+    model: str, inputs: Mapping[str, np.ndarray], version: int, outputs: Sequence[str]
+) -> inference_service_pb2.PredictRequest:
     return inference_service_pb2.PredictRequest(
-        model=model, version=version, output_names=outputs,
-        inputs=[from_array(name, array, raw=True) for name, array in inputs.items()])
+        model=model,
+        version=version,
+        output_names=outputs,
+        inputs=[from_array(name, array, raw=True) for name, array in inputs.items()],
+    )

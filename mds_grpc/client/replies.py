@@ -12,8 +12,9 @@ from mds_grpc.api.tensors import to_array
 from mds_grpc.core.limits import TensorLimits
 
 # The server's limits are for what it accepts; what it sends back is decoded whatever its size.
-NO_LIMITS = TensorLimits(max_inputs=sys.maxsize, max_rank=sys.maxsize, max_elements=sys.maxsize,
-                         max_string_bytes=sys.maxsize)
+NO_LIMITS = TensorLimits(
+    max_inputs=sys.maxsize, max_rank=sys.maxsize, max_elements=sys.maxsize, max_string_bytes=sys.maxsize
+)
 
 
 def arrays_of(tensors) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ def size_of(source: Source) -> int:
 
 def chunks(source: Source) -> Iterator[bytes]:
     if isinstance(source, bytes):
-        yield from (source[start:start + CHUNK_BYTES] for start in range(0, len(source), CHUNK_BYTES))
+        yield from (source[start : start + CHUNK_BYTES] for start in range(0, len(source), CHUNK_BYTES))
         return
     with open(source, "rb") as handle:
         while chunk := handle.read(CHUNK_BYTES):
@@ -54,8 +54,9 @@ class ModelUpload:
         files = [model_service_pb2.ModelFile(path=name, size_bytes=size_of(path)) for name, path in self.side]
         return model_service_pb2.ModelHeader(size_bytes=size_of(self.main), external_files=files, **fields)
 
-    def requests(self, header: model_service_pb2.ModelHeader,
-                 progress: Progress | None) -> Iterator[model_service_pb2.UploadModelRequest]:
+    def requests(
+        self, header: model_service_pb2.ModelHeader, progress: Progress | None
+    ) -> Iterator[model_service_pb2.UploadModelRequest]:
         """The header, the main file's chunks, then each side file's; `progress(sent, total)` after each chunk."""
         total = header.size_bytes + sum(file.size_bytes for file in header.external_files)
         sent = 0
@@ -68,28 +69,39 @@ class ModelUpload:
                 if progress is not None:
                     progress(sent, total)
                 if name:
-                    yield model_service_pb2.UploadModelRequest(file_chunk=model_service_pb2.FileChunk(path=name,
-                                                                                                     data=chunk))
+                    yield model_service_pb2.UploadModelRequest(
+                        file_chunk=model_service_pb2.FileChunk(path=name, data=chunk)
+                    )
                 else:
                     self.digest.update(chunk)
                     yield model_service_pb2.UploadModelRequest(chunk=chunk)
 
 
-def job_input_requests(arrays: Mapping[str, np.ndarray],
-                       chunk_rows: int = 0) -> Iterator[job_service_pb2.UploadJobInputRequest]:
+def job_input_requests(
+    arrays: Mapping[str, np.ndarray], chunk_rows: int = 0
+) -> Iterator[job_service_pb2.UploadJobInputRequest]:
     """The header, then every input's next `chunk_rows` rows per message (default: ~16 MiB messages).
     Rows are read as they are sent, so memory-mapped arrays stay on disk."""
     if not arrays:
         raise ValueError("a job needs at least one input")
-    specs = [tensor_pb2.TensorSpec(name=name, dtype=to_wire_dtype(dtype_name(name, a)), shape=a.shape)
-             for name, a in arrays.items()]
+    specs = [
+        tensor_pb2.TensorSpec(name=name, dtype=to_wire_dtype(dtype_name(name, a)), shape=a.shape)
+        for name, a in arrays.items()
+    ]
     rows = next(iter(arrays.values())).shape[0]
     row_bytes = sum(a[:1].nbytes for a in arrays.values()) or 1
     chunk_rows = chunk_rows or max(1, JOB_MESSAGE_BYTES // row_bytes)
     header = job_service_pb2.UploadJobInputRequest(header=job_service_pb2.JobInputHeader(inputs=specs))
-    chunks = (job_service_pb2.UploadJobInputRequest(chunk=job_service_pb2.JobInputChunk(
-        inputs=[from_array(name, np.asarray(a[start:start + chunk_rows]), raw=True) for name, a in arrays.items()]))
-        for start in range(0, rows, chunk_rows))
+    chunks = (
+        job_service_pb2.UploadJobInputRequest(
+            chunk=job_service_pb2.JobInputChunk(
+                inputs=[
+                    from_array(name, np.asarray(a[start : start + chunk_rows]), raw=True) for name, a in arrays.items()
+                ]
+            )
+        )
+        for start in range(0, rows, chunk_rows)
+    )
     return itertools.chain([header], chunks)
 
 

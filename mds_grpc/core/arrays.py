@@ -25,26 +25,49 @@ def checked_shape(name: str, shape: Sequence[int], limits: TensorLimits) -> tupl
     return shape
 
 
-def _check_size(name: str, dtype: dtypes.DType, shape: tuple[int, ...], received: int, raw: bool, where: str,
-                limits: TensorLimits, elements_so_far: int) -> None:
+def _check_size(
+    name: str,
+    dtype: dtypes.DType,
+    shape: tuple[int, ...],
+    received: int,
+    raw: bool,
+    where: str,
+    limits: TensorLimits,
+    elements_so_far: int,
+) -> None:
     count = math.prod(shape)
     expected = count * dtype.numpy.itemsize if raw else count
     if received != expected:
         unit = f"bytes of {where}" if raw else f"values in {where}"
-        raise InvalidArgument(f"tensor {name!r} with shape {list(shape)} and dtype {dtype.name} needs "
-                              f"{expected} {unit}, got {received}")
+        raise InvalidArgument(
+            f"tensor {name!r} with shape {list(shape)} and dtype {dtype.name} needs {expected} {unit}, got {received}"
+        )
     limits.check_elements(name, shape, count, elements_so_far)  # the data is here: judge its size
 
 
-def from_raw(name: str, dtype: dtypes.DType, shape: tuple[int, ...], data: bytes, where: str,
-             limits: TensorLimits, elements_so_far: int = 0) -> np.ndarray:
+def from_raw(
+    name: str,
+    dtype: dtypes.DType,
+    shape: tuple[int, ...],
+    data: bytes,
+    where: str,
+    limits: TensorLimits,
+    elements_so_far: int = 0,
+) -> np.ndarray:
     """A fixed-size dtype's little-endian bytes, as an array over them (no copy)."""
     _check_size(name, dtype, shape, len(data), True, where, limits, elements_so_far)
     return np.frombuffer(data, dtype=LITTLE_ENDIAN[dtype.name]).reshape(shape)
 
 
-def from_values(name: str, dtype: dtypes.DType, shape: tuple[int, ...], values: Sequence, where: str,
-                limits: TensorLimits, elements_so_far: int = 0) -> np.ndarray:
+def from_values(
+    name: str,
+    dtype: dtypes.DType,
+    shape: tuple[int, ...],
+    values: Sequence,
+    where: str,
+    limits: TensorLimits,
+    elements_so_far: int = 0,
+) -> np.ndarray:
     """Typed values (ints, floats or bools, wider than the dtype on the wire), range-checked."""
     _check_size(name, dtype, shape, len(values), False, where, limits, elements_so_far)
     kind = dtype.numpy.kind
@@ -56,8 +79,14 @@ def from_values(name: str, dtype: dtypes.DType, shape: tuple[int, ...], values: 
     return wide.astype(dtype.numpy, copy=False).reshape(shape)
 
 
-def from_strings(name: str, shape: tuple[int, ...], values: Sequence[bytes], where: str,
-                 limits: TensorLimits, elements_so_far: int = 0) -> np.ndarray:
+def from_strings(
+    name: str,
+    shape: tuple[int, ...],
+    values: Sequence[bytes],
+    where: str,
+    limits: TensorLimits,
+    elements_so_far: int = 0,
+) -> np.ndarray:
     """STRING elements (UTF-8 bytes) as an object array of str."""
     _check_size(name, dtypes.BY_NAME["STRING"], shape, len(values), False, where, limits, elements_so_far)
     limits.check_string(name, max(map(len, values), default=0))

@@ -35,8 +35,9 @@ def new_key(scopes: list[str], prefixes: list[str], description: str = "") -> tu
     if not scopes or unknown:
         raise InvalidArgument(f"scopes must be among {list(SCOPES)}, got {scopes}")
     key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-    return f"mds_{key_id}_{secret}", ApiKey(key_id, _digest(secret), tuple(sorted(set(scopes))), tuple(prefixes),
-                                             description)
+    return f"mds_{key_id}_{secret}", ApiKey(
+        key_id, _digest(secret), tuple(sorted(set(scopes))), tuple(prefixes), description
+    )
 
 
 class Authenticator:

@@ -20,15 +20,18 @@ def check_policy(policy: BatchingPolicy, inputs: tuple[TensorSpec, ...], outputs
     if not policy.enabled:
         return
     if policy.max_queue_delay_us > MAX_QUEUE_DELAY_US:
-        raise InvalidArgument(f"batching.max_queue_delay_us must be at most {MAX_QUEUE_DELAY_US} (one second), "
-                              f"got {policy.max_queue_delay_us}")
+        raise InvalidArgument(
+            f"batching.max_queue_delay_us must be at most {MAX_QUEUE_DELAY_US} (one second), "
+            f"got {policy.max_queue_delay_us}"
+        )
     for kind, specs in (("input", inputs), ("output", outputs)):
         for spec in specs:
             if spec.dtype is None or not spec.shape or spec.shape[0] >= 0:
                 raise InvalidArgument(
                     f"batching needs every input and output to be a tensor whose first dimension is dynamic; "
                     f"{kind} {spec.name!r} is {spec.onnx_type} with shape {list(spec.shape)}: "
-                    "upload it with batching off")
+                    "upload it with batching off"
+                )
 
 
 @dataclass(eq=False)
@@ -56,13 +59,15 @@ class Batcher:
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._running: set[asyncio.Task] = set()
 
-    async def submit(self, model: LoadedModel, inputs: dict[str, np.ndarray], output_names: list[str],
-                     deadline: float | None) -> list:
+    async def submit(
+        self, model: LoadedModel, inputs: dict[str, np.ndarray], output_names: list[str], deadline: float | None
+    ) -> list:
         """The request's outputs, in `output_names` order, cut from its batch's outputs."""
         rows = {array.shape[0] for array in inputs.values()}
         if len(rows) != 1:
-            raise InvalidArgument(f"this model batches requests, so every input needs the same first dimension; "
-                                  f"got {sorted(rows)}")
+            raise InvalidArgument(
+                f"this model batches requests, so every input needs the same first dimension; got {sorted(rows)}"
+            )
         loop = asyncio.get_running_loop()
         key = (tuple(output_names), tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items())))
         waiting = _Waiting(model, inputs, rows.pop(), deadline, loop.create_future())
@@ -106,15 +111,19 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run_batch(self, batch: list[_Waiting], output_names: list[str], rows: int) -> None:
-        feeds = batch[0].inputs if len(batch) == 1 else {
-            name: np.concatenate([w.inputs[name] for w in batch]) for name in batch[0].inputs}
+        feeds = (
+            batch[0].inputs
+            if len(batch) == 1
+            else {name: np.concatenate([w.inputs[name] for w in batch]) for name in batch[0].inputs}
+        )
         try:
             values = await self.run(batch[0].model, feeds, output_names)
             for name, value in zip(output_names, values):
                 if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != rows:
                     raise FailedPrecondition(
                         f"output {name!r} does not keep the batch's {rows} rows as its first dimension, so "
-                        "requests cannot share a run: upload the model with batching off")
+                        "requests cannot share a run: upload the model with batching off"
+                    )
         except Exception as error:
             for waiting in batch:
                 if not waiting.reply.done():
@@ -123,5 +132,5 @@ class Batcher:
         start = 0
         for waiting in batch:
             if not waiting.reply.done():
-                waiting.reply.set_result([value[start:start + waiting.rows] for value in values])
+                waiting.reply.set_result([value[start : start + waiting.rows] for value in values])
             start += waiting.rows

@@ -51,5 +51,5 @@ def of_array(array: np.ndarray) -> DType | None:
 def of_onnx_type(onnx_type: str) -> DType | None:
     """The DType of an onnxruntime type string like "tensor(float)", or None for non-tensors."""
     if onnx_type.startswith("tensor(") and onnx_type.endswith(")"):
-        return BY_ONNX.get(onnx_type[len("tensor("):-1])
+        return BY_ONNX.get(onnx_type[len("tensor(") : -1])
     return None

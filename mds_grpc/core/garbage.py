@@ -25,8 +25,13 @@ CLAIM_RETRY_SECONDS = 0.05  # how often a write retries a blob another process i
 T = TypeVar("T")
 
 
-def store_and_record(metadata: MetadataStore, blobs: BlobStore, writes: list[tuple[str, Callable[[], bool]]],
-                     record: Callable[[], T], jobs: JobStore | None = None) -> T:
+def store_and_record(
+    metadata: MetadataStore,
+    blobs: BlobStore,
+    writes: list[tuple[str, Callable[[], bool]]],
+    record: Callable[[], T],
+    jobs: JobStore | None = None,
+) -> T:
     """Run each (sha256, write) — a write returns True when it created the blob — then `record()`.
 
     Every blob is claimed throughout, so no deletion races it. When anything fails, the blobs this
@@ -62,14 +67,18 @@ def _release(metadata: MetadataStore, sha256s: list[str]) -> None:
             log.warning("blob claim left to expire", extra={"sha256": sha256, "error": str(error)})
 
 
-def delete_unreferenced(metadata: MetadataStore, blobs: BlobStore, sha256: str,
-                        claims_stale_before: datetime | None = None, jobs: JobStore | None = None) -> bool:
+def delete_unreferenced(
+    metadata: MetadataStore,
+    blobs: BlobStore,
+    sha256: str,
+    claims_stale_before: datetime | None = None,
+    jobs: JobStore | None = None,
+) -> bool:
     """Delete the blob unless a record (in `jobs` too, when given) references it or a write holds it;
     True when deleted."""
     token = uuid.uuid4().hex
     now = datetime.now(timezone.utc)
-    if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE,
-                                        now - DELETION_LEASE):
+    if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE, now - DELETION_LEASE):
         return False
     give_up = time.monotonic() + DELETION_LEASE.total_seconds() / 2  # well before a claim may take the mark over
     try:
@@ -101,6 +110,10 @@ def collect_garbage(storage: Storage, grace_seconds: float) -> dict[str, list[st
     partial = storage.blobs.sweep_partial(cutoff)
     candidates = storage.blobs.list_blobs(cutoff)
     referenced = storage.metadata.referenced_blobs() | storage.jobs.referenced_blobs()
-    orphans = [sha for sha in candidates if sha not in referenced
-               and delete_unreferenced(storage.metadata, storage.blobs, sha, min(cutoff, started), storage.jobs)]
+    orphans = [
+        sha
+        for sha in candidates
+        if sha not in referenced
+        and delete_unreferenced(storage.metadata, storage.blobs, sha, min(cutoff, started), storage.jobs)
+    ]
     return {"orphan_blobs": orphans, "partial_writes": partial}

@@ -82,8 +82,14 @@ class InferenceEngine:
         self.executor = executor
         self.inline_max_seconds = inline_max_seconds
 
-    async def predict(self, model: str, version: int, inputs: dict[str, np.ndarray],
-                      output_names: Sequence[str] = (), deadline: float | None = None) -> Prediction:
+    async def predict(
+        self,
+        model: str,
+        version: int,
+        inputs: dict[str, np.ndarray],
+        output_names: Sequence[str] = (),
+        deadline: float | None = None,
+    ) -> Prediction:
         """Run one request. `deadline` is a time.monotonic() value after which the model is not run."""
         loaded = await self.registry.load(model, version)
         record = loaded.record
@@ -97,8 +103,9 @@ class InferenceEngine:
             values = await self._run(loaded, inputs, names, deadline)
         return Prediction(record.name, record.version, list(zip(names, values)))
 
-    async def _run(self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str],
-                   deadline: float | None) -> list:
+    async def _run(
+        self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str], deadline: float | None
+    ) -> list:
         record, session = loaded.record, loaded.session
         elements = max(1, sum(a.size for a in inputs.values()))
         on_loop = session.estimate_seconds(elements) <= self.inline_max_seconds
@@ -124,8 +131,12 @@ class InferenceEngine:
             # On a thread, CPU time rather than wall time: that run also waits for the GIL while the
             # loop is busy, and counting the wait would keep a short model off the loop for good.
             session.observe(computed if on_loop else time.thread_time() - cpu_started, elements)
-            metrics.observe_run(record.name, None if on_loop else started - submitted, computed, next(
-                (a.shape[0] for a in inputs.values() if a.ndim), 1))
+            metrics.observe_run(
+                record.name,
+                None if on_loop else started - submitted,
+                computed,
+                next((a.shape[0] for a in inputs.values() if a.ndim), 1),
+            )
             return values
 
         if on_loop:

@@ -51,8 +51,9 @@ def _check_external_data(graph: onnx.ModelProto, folder: Path, uploaded: set[str
             )
 
 
-def inspect_model(path: Path, side_files: set[str], intra_op_threads: int = 0,
-                  serve: bool = True) -> tuple[OnnxSession, ModelInfo]:
+def inspect_model(
+    path: Path, side_files: set[str], intra_op_threads: int = 0, serve: bool = True
+) -> tuple[OnnxSession, ModelInfo]:
     """Load the model at `path` to validate it; raise InvalidArgument naming the problem.
 
     With `serve`, the session can then serve; without, it is lean (see OnnxSession) and only checks.

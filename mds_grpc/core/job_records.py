@@ -82,10 +82,12 @@ def job_to_dict(record: JobRecord) -> dict:
 
 
 def job_from_dict(data: dict) -> JobRecord:
-    return JobRecord(**{
-        **data,
-        "state": JobState(data["state"]),
-        "input": input_from_dict(data["input"]),
-        "output_names": tuple(data["output_names"]),
-        "results": tuple(JobResult(**r) for r in data["results"]),
-    })
+    return JobRecord(
+        **{
+            **data,
+            "state": JobState(data["state"]),
+            "input": input_from_dict(data["input"]),
+            "output_names": tuple(data["output_names"]),
+            "results": tuple(JobResult(**r) for r in data["results"]),
+        }
+    )

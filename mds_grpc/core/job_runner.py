@@ -74,8 +74,9 @@ class JobRunner:
         record = self.storage.metadata.get(job.model, job.version)
         if record is None:
             raise _JobFailed(f"model {job.model!r} version {job.version} was deleted")
-        session = OnnxSession(materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE,
-                              self.intra_op_threads)
+        session = OnnxSession(
+            materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE, self.intra_op_threads
+        )
         columns = {}
         for i, tensor in enumerate(job.input.tensors):
             path = folder / f"input-{i}"  # never a client-chosen name in a path
@@ -84,7 +85,7 @@ class JobRunner:
             columns[tensor.name] = read_rows(path, tensor.dtype, job.rows_total, tensor.row_shape)
 
         def run_batch(offset: int, rows: int) -> list[np.ndarray]:
-            feeds = {name: np.ascontiguousarray(column[offset:offset + rows]) for name, column in columns.items()}
+            feeds = {name: np.ascontiguousarray(column[offset : offset + rows]) for name, column in columns.items()}
             try:
                 return session.run(job.output_names, feeds)
             except RunFailed as error:
@@ -93,8 +94,9 @@ class JobRunner:
         while job.rows_done < job.rows_total:
             offset = end = job.rows_done
             batches, size, started, failure = [], 0, time.monotonic(), None
-            while end < job.rows_total and (not batches or size < RESULT_BYTES
-                                            and time.monotonic() - started < self.commit_seconds):
+            while end < job.rows_total and (
+                not batches or size < RESULT_BYTES and time.monotonic() - started < self.commit_seconds
+            ):
                 rows = min(job.batch_rows, job.rows_total - end)
                 try:
                     batches.append(run_batch(end, rows))
@@ -111,7 +113,6 @@ class JobRunner:
                 raise failure
         self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)
         log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total})
-
 
     def _record(self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]):
         """Store the outputs of rows [offset, offset + rows) and record them; the job as it now is."""
@@ -130,9 +131,13 @@ class JobRunner:
             return recorded
 
         try:
-            return store_and_record(self.storage.metadata, self.storage.blobs,
-                                    [(sha256, partial(self.storage.blobs.put_file, result_path, sha256))], record,
-                                    jobs=self.storage.jobs)
+            return store_and_record(
+                self.storage.metadata,
+                self.storage.blobs,
+                [(sha256, partial(self.storage.blobs.put_file, result_path, sha256))],
+                record,
+                jobs=self.storage.jobs,
+            )
         except _NotRecorded:  # the result blob is gone again (unless another job uses the same bytes)
             return self.storage.jobs.get(job.id)
 

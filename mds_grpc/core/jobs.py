@@ -26,7 +26,6 @@ from mds_grpc.core.uploads import sha256_of
 from mds_grpc.storage import Storage
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ColumnSpec:
     """A job input as declared before its rows arrive: full shape, rows first."""
@@ -77,7 +76,8 @@ class _InputWriter:
             if dtype is None or dtype.name != spec.dtype or array.shape[1:] != spec.shape[1:]:
                 raise InvalidArgument(
                     f"chunk tensor {name!r} must be {spec.dtype} with rows of shape {list(spec.shape[1:])}, "
-                    f"got {dtype.name if dtype else array.dtype} {list(array.shape)}")
+                    f"got {dtype.name if dtype else array.dtype} {list(array.shape)}"
+                )
             self.files[name].write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
         self.written += count
 
@@ -105,8 +105,15 @@ def _bytes_of(array: np.ndarray) -> int:
 
 
 class JobManager:
-    def __init__(self, storage: Storage, registry: ModelRegistry, tmp_dir: Path, enqueue: Callable[[str], object],
-                 limits: JobLimits, poll_seconds: float = 0.2):
+    def __init__(
+        self,
+        storage: Storage,
+        registry: ModelRegistry,
+        tmp_dir: Path,
+        enqueue: Callable[[str], object],
+        limits: JobLimits,
+        poll_seconds: float = 0.2,
+    ):
         self.storage = storage
         self.registry = registry
         self.tmp_dir = Path(tmp_dir)
@@ -114,8 +121,9 @@ class JobManager:
         self.limits = limits
         self.poll_seconds = poll_seconds
 
-    async def upload_input(self, specs: Sequence[ColumnSpec],
-                           chunks: AsyncIterable[dict[str, np.ndarray]]) -> JobInputRecord:
+    async def upload_input(
+        self, specs: Sequence[ColumnSpec], chunks: AsyncIterable[dict[str, np.ndarray]]
+    ) -> JobInputRecord:
         """Store a job input streamed as chunks of rows; nothing stays behind on failure."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
@@ -126,29 +134,52 @@ class JobManager:
                 await asyncio.to_thread(writer.write, chunk)
             columns = await asyncio.to_thread(writer.finish)
             hashes = [await asyncio.to_thread(sha256_of, path) for _, path in columns]
-            record = JobInputRecord(uuid.uuid4().hex, writer.rows, tuple(
-                JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256) for (spec, _), sha256 in zip(columns, hashes)),
-                utc_now())
-            writes = [(sha256, partial(self.storage.blobs.put_file, path, sha256))
-                      for (_, path), sha256 in zip(columns, hashes)]
-            await asyncio.to_thread(store_and_record, self.storage.metadata, self.storage.blobs, writes,
-                                    partial(self.storage.jobs.create_input, record), jobs=self.storage.jobs)
+            record = JobInputRecord(
+                uuid.uuid4().hex,
+                writer.rows,
+                tuple(
+                    JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256)
+                    for (spec, _), sha256 in zip(columns, hashes)
+                ),
+                utc_now(),
+            )
+            writes = [
+                (sha256, partial(self.storage.blobs.put_file, path, sha256))
+                for (_, path), sha256 in zip(columns, hashes)
+            ]
+            await asyncio.to_thread(
+                store_and_record,
+                self.storage.metadata,
+                self.storage.blobs,
+                writes,
+                partial(self.storage.jobs.create_input, record),
+                jobs=self.storage.jobs,
+            )
             return record
         finally:
             if writer is not None:
                 writer.close()
             await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def create(self, model: str, version: int, inline: dict[str, np.ndarray] | None, input_id: str,
-                     output_names: Sequence[str], batch_rows: int) -> JobRecord:
+    async def create(
+        self,
+        model: str,
+        version: int,
+        inline: dict[str, np.ndarray] | None,
+        input_id: str,
+        output_names: Sequence[str],
+        batch_rows: int,
+    ) -> JobRecord:
         """Validate, store and enqueue a job; returns it QUEUED without waiting for any work."""
         if bool(inline) == bool(input_id):
             raise InvalidArgument("give the job's rows either inline in `inputs` or as `input_id`, not both or neither")
         self.limits.check_batch_rows(batch_rows)
         record = await self.registry.get(model, version)
         if inline:
-            specs = [ColumnSpec(name, getattr(dtypes.of_array(a), "name", str(a.dtype)), a.shape)
-                     for name, a in inline.items()]
+            specs = [
+                ColumnSpec(name, getattr(dtypes.of_array(a), "name", str(a.dtype)), a.shape)
+                for name, a in inline.items()
+            ]
             self._check_fits(record, specs)
 
             async def one_chunk():
@@ -159,16 +190,25 @@ class JobManager:
             job_input = await asyncio.to_thread(self.storage.jobs.get_input, input_id)
             if job_input is None:
                 raise NotFound(f"job input {input_id!r} does not exist")
-            self._check_fits(record, [ColumnSpec(t.name, t.dtype, (job_input.rows, *t.row_shape))
-                                      for t in job_input.tensors])
+            self._check_fits(
+                record, [ColumnSpec(t.name, t.dtype, (job_input.rows, *t.row_shape)) for t in job_input.tensors]
+            )
         names = select_outputs(record, output_names)
         not_tensors = [s.name for s in record.outputs if s.name in names and s.dtype is None]
         if not_tensors:
             raise InvalidArgument(f"output {not_tensors[0]!r} is not a tensor; list the tensor outputs in output_names")
         now = utc_now()
-        job = JobRecord(id=uuid.uuid4().hex, model=record.name, version=record.version, state=JobState.QUEUED,
-                        input=job_input, output_names=tuple(names), batch_rows=batch_rows or self.limits.default_batch_rows,
-                        created_at=now, updated_at=now)
+        job = JobRecord(
+            id=uuid.uuid4().hex,
+            model=record.name,
+            version=record.version,
+            state=JobState.QUEUED,
+            input=job_input,
+            output_names=tuple(names),
+            batch_rows=batch_rows or self.limits.default_batch_rows,
+            created_at=now,
+            updated_at=now,
+        )
         await asyncio.to_thread(self.storage.jobs.create, job)
         try:
             await asyncio.to_thread(self.enqueue, job.id)
@@ -183,7 +223,8 @@ class JobManager:
         for spec in record.inputs:
             if not spec.shape or spec.shape[0] >= 0:
                 raise InvalidArgument(
-                    f"input {spec.name!r} of model {record.name!r} has no symbolic first dimension to batch rows along")
+                    f"input {spec.name!r} of model {record.name!r} has no symbolic first dimension to batch rows along"
+                )
         check_inputs(record, {c.name: _as_rows(c) for c in columns})
 
     async def get(self, job_id: str) -> JobRecord:
@@ -192,8 +233,9 @@ class JobManager:
             raise NotFound(f"job {job_id!r} does not exist")
         return job
 
-    async def list_page(self, state: JobState | None, model: str, page_size: int,
-                        page_token: str) -> tuple[list[JobRecord], str]:
+    async def list_page(
+        self, state: JobState | None, model: str, page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
         limit = page_limit(page_size)
         after = decode_token(page_token, (datetime.fromisoformat, str))
         jobs = await asyncio.to_thread(self.storage.jobs.list_page, state, model or None, after, limit + 1)
@@ -203,11 +245,14 @@ class JobManager:
         return jobs, ""
 
     async def cancel(self, job_id: str) -> JobRecord:
-        job = await asyncio.to_thread(self.storage.jobs.transition, job_id,
-                                      {JobState.QUEUED, JobState.RUNNING}, JobState.CANCELLED)
+        job = await asyncio.to_thread(
+            self.storage.jobs.transition, job_id, {JobState.QUEUED, JobState.RUNNING}, JobState.CANCELLED
+        )
         if job is None:
             current = await self.get(job_id)
-            raise FailedPrecondition(f"job {job_id!r} is {current.state.value}; only queued or running jobs can be cancelled")
+            raise FailedPrecondition(
+                f"job {job_id!r} is {current.state.value}; only queued or running jobs can be cancelled"
+            )
         return job
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
@@ -233,7 +278,7 @@ class JobManager:
             step = max(1, self.limits.result_message_bytes // row_bytes)
             for start in range(0, result.rows, step):
                 rows = min(step, result.rows - start)
-                yield result.offset + start, rows, {name: a[start:start + rows] for name, a in arrays.items()}
+                yield result.offset + start, rows, {name: a[start : start + rows] for name, a in arrays.items()}
 
     def _read_result(self, result: JobResult, names: Sequence[str]) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:

@@ -15,8 +15,10 @@ class JobLimits:
 
     def check_batch_rows(self, batch_rows: int) -> None:
         if not 0 <= batch_rows <= self.max_batch_rows:
-            raise InvalidArgument(f"batch_rows must be between 0 (the server's default, {self.default_batch_rows}) "
-                                  f"and {self.max_batch_rows} (MDS_MAX_JOB_BATCH_ROWS), got {batch_rows}")
+            raise InvalidArgument(
+                f"batch_rows must be between 0 (the server's default, {self.default_batch_rows}) "
+                f"and {self.max_batch_rows} (MDS_MAX_JOB_BATCH_ROWS), got {batch_rows}"
+            )
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,20 @@ class TensorLimits:
     def check_rank(self, name: str, shape) -> None:
         if len(shape) > self.max_rank:
             raise ResourceExhausted(
-                f"tensor {name!r} has rank {len(shape)}, over the limit of {self.max_rank} (MDS_MAX_RANK)")
+                f"tensor {name!r} has rank {len(shape)}, over the limit of {self.max_rank} (MDS_MAX_RANK)"
+            )
 
     def check_elements(self, name: str, shape, count: int, elements_so_far: int) -> None:
         """Every dimension (even of an empty tensor) and the request's running total within the limit."""
         if max(shape, default=0) > self.max_elements or elements_so_far + count > self.max_elements:
-            raise ResourceExhausted(f"tensor {name!r} with shape {list(shape)} takes the request over the limit "
-                                    f"of {self.max_elements} elements (MDS_MAX_ELEMENTS)")
+            raise ResourceExhausted(
+                f"tensor {name!r} with shape {list(shape)} takes the request over the limit "
+                f"of {self.max_elements} elements (MDS_MAX_ELEMENTS)"
+            )
 
     def check_string(self, name: str, length: int) -> None:
         if length > self.max_string_bytes:
-            raise ResourceExhausted(f"tensor {name!r} has a {length}-byte STRING element, over the limit of "
-                                    f"{self.max_string_bytes} bytes (MDS_MAX_STRING_BYTES)")
+            raise ResourceExhausted(
+                f"tensor {name!r} has a {length}-byte STRING element, over the limit of "
+                f"{self.max_string_bytes} bytes (MDS_MAX_STRING_BYTES)"
+            )

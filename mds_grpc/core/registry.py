@@ -22,8 +22,16 @@ WARM_MAX_BYTES = 64 << 20
 
 
 class ModelRegistry:
-    def __init__(self, metadata: MetadataStore, blobs: BlobStore, cache: ModelCache, tmp_dir: Path,
-                 max_model_bytes: int, resolve_ttl: float = 1.0, warm_max_bytes: int = WARM_MAX_BYTES):
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        cache: ModelCache,
+        tmp_dir: Path,
+        max_model_bytes: int,
+        resolve_ttl: float = 1.0,
+        warm_max_bytes: int = WARM_MAX_BYTES,
+    ):
         self.metadata = metadata
         self.blobs = blobs
         self.cache = cache
@@ -46,14 +54,24 @@ class ModelRegistry:
             files = await receive(staging, parts)
             side_files = {stored.path for stored in files[1:]}
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
-            session, info = await asyncio.to_thread(inspect_model, staging.main_path, side_files,
-                                                    self.cache.intra_op_threads, warm)
+            session, info = await asyncio.to_thread(
+                inspect_model, staging.main_path, side_files, self.cache.intra_op_threads, warm
+            )
             draft = ModelRecord(
-                name=header.name, version=0, created_at=utc_now(), files=files,
-                inputs=info.inputs, outputs=info.outputs, opsets=info.opsets,
-                producer_name=info.producer_name, producer_version=info.producer_version,
-                ir_version=info.ir_version, description=header.description,
-                labels=dict(header.labels), metadata=dict(header.metadata), batching=header.batching,
+                name=header.name,
+                version=0,
+                created_at=utc_now(),
+                files=files,
+                inputs=info.inputs,
+                outputs=info.outputs,
+                opsets=info.opsets,
+                producer_name=info.producer_name,
+                producer_version=info.producer_version,
+                ir_version=info.ir_version,
+                description=header.description,
+                labels=dict(header.labels),
+                metadata=dict(header.metadata),
+                batching=header.batching,
             )
             check_policy(draft.batching, draft.inputs, draft.outputs)
             # Once the client has sent everything and the model is valid, finish even if it leaves:
@@ -80,10 +98,17 @@ class ModelRegistry:
         writes = []
         for stored in draft.files:
             upload = staging.remote.get(stored.path)
-            writes.append((stored.sha256, partial(upload.commit, stored.sha256) if upload is not None
-                           else partial(self.blobs.put_file, staging.dir / stored.path, stored.sha256)))
-        record = await asyncio.to_thread(store_and_record, self.metadata, self.blobs, writes,
-                                         partial(self.metadata.create, draft))
+            writes.append(
+                (
+                    stored.sha256,
+                    partial(upload.commit, stored.sha256)
+                    if upload is not None
+                    else partial(self.blobs.put_file, staging.dir / stored.path, stored.sha256),
+                )
+            )
+        record = await asyncio.to_thread(
+            store_and_record, self.metadata, self.blobs, writes, partial(self.metadata.create, draft)
+        )
         await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
         return record
 
@@ -108,7 +133,9 @@ class ModelRegistry:
             self.cache.trust(loaded, version, self.resolve_ttl)
         return loaded
 
-    async def list_page(self, name: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[ModelRecord], str]:
+    async def list_page(
+        self, name: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ModelRecord], str]:
         limit = page_limit(page_size)
         after = decode_token(page_token, (str, int))
         records = await asyncio.to_thread(self.metadata.list_page, name or None, after, limit + 1)

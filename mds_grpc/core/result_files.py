@@ -19,5 +19,7 @@ def load(path: Path, count: int) -> list[np.ndarray]:
     with np.load(path, allow_pickle=False) as saved:
         arrays = [saved[f"arr_{i}"] for i in range(count)]
         names = saved["dtypes"].tolist() if "dtypes" in saved.files else [""] * count
-    return [a.view(dtypes.BY_NAME[name or LEGACY_VOID[a.dtype.itemsize]].numpy) if a.dtype.kind == "V" else a
-            for a, name in zip(arrays, names)]
+    return [
+        a.view(dtypes.BY_NAME[name or LEGACY_VOID[a.dtype.itemsize]].numpy) if a.dtype.kind == "V" else a
+        for a, name in zip(arrays, names)
+    ]

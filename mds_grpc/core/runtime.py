@@ -84,8 +84,9 @@ class OnnxSession:
         self._session = ort.InferenceSession(str(path), options, providers=PROVIDERS)
         self.inputs = tuple(_spec(a) for a in self._session.get_inputs())
         self.outputs = tuple(_spec(a) for a in self._session.get_outputs())
-        self._extension_outputs = {s.name: dtypes.BY_NAME[s.dtype].numpy for s in self.outputs
-                                   if s.dtype and dtypes.BY_NAME[s.dtype].extension}
+        self._extension_outputs = {
+            s.name: dtypes.BY_NAME[s.dtype].numpy for s in self.outputs if s.dtype and dtypes.BY_NAME[s.dtype].extension
+        }
         # Moving average of run time per input element: the estimate of a run's cost.
         self._seconds_per_element: float | None = None
 
@@ -93,20 +94,23 @@ class OnnxSession:
     def intra_op_threads(self) -> int:
         return self._session.get_session_options().intra_op_num_threads
 
-    def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray],
-            cancellation: Cancellation | None = None) -> list:
+    def run(
+        self, output_names: Sequence[str], feeds: dict[str, np.ndarray], cancellation: Cancellation | None = None
+    ) -> list:
         """The outputs named, in that order; raise RunFailed with onnxruntime's reason."""
         options = None if cancellation is None else cancellation.options
         extensions = {self._extension_outputs[n] for n in output_names if n in self._extension_outputs} | {
-            a.dtype for a in feeds.values() if a.dtype.kind == "V"}  # DType.extension
+            a.dtype for a in feeds.values() if a.dtype.kind == "V"
+        }  # DType.extension
         try:
             if not extensions:
                 return self._session.run(list(output_names), feeds, options)
             # numpy-facing run() cannot carry extension types: they cross as OrtValues
             if any(a.dtype == object for a in feeds.values()):
                 names = "/".join(sorted(dtypes.BY_NUMPY[d].name for d in extensions))
-                raise Unimplemented(f"onnxruntime's Python API cannot run a model with both STRING inputs and "
-                                    f"{names} tensors")
+                raise Unimplemented(
+                    f"onnxruntime's Python API cannot run a model with both STRING inputs and {names} tensors"
+                )
             values = {name: _to_ort_value(array) for name, array in feeds.items()}
             return [_from_ort_value(v) for v in self._session.run_with_ort_values(list(output_names), values, options)]
         except Unimplemented:

@@ -76,8 +76,13 @@ class _OpenFile:
 class StagedUpload:
     """One upload's files in `DIR/upload-<id>/`, each written in one contiguous run of chunks."""
 
-    def __init__(self, tmp_root: Path, header: UploadHeader, max_bytes: int,
-                 open_remote: Callable[[], BlobUpload | None] = lambda: None):
+    def __init__(
+        self,
+        tmp_root: Path,
+        header: UploadHeader,
+        max_bytes: int,
+        open_remote: Callable[[], BlobUpload | None] = lambda: None,
+    ):
         check_name(header.name)
         _check_sha256(header.sha256, MAIN_FILE)
         declared = {MAIN_FILE: StoredFile(MAIN_FILE, header.sha256, header.size_bytes)}
@@ -130,9 +135,7 @@ class StagedUpload:
     def _close(self) -> None:
         if self._open is not None:
             self._open.handle.close()
-            self.received[self._open.path] = StoredFile(
-                self._open.path, self._open.hasher.hexdigest(), self._open.size
-            )
+            self.received[self._open.path] = StoredFile(self._open.path, self._open.hasher.hexdigest(), self._open.size)
             self._open = None
 
     def finish(self) -> tuple[StoredFile, ...]:

@@ -35,8 +35,14 @@ def open_storage(settings: Settings) -> Storage:
     if settings.s3_endpoint:
         from mds_grpc.storage.s3_blobs import S3BlobStore
 
-        blobs = S3BlobStore(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
-                            settings.s3_bucket, settings.s3_secure, settings.s3_region)
+        blobs = S3BlobStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_bucket,
+            settings.s3_secure,
+            settings.s3_region,
+        )
     else:
         from mds_grpc.storage.local_blobs import LocalBlobStore
 

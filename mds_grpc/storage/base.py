@@ -84,8 +84,9 @@ class MetadataStore(Protocol):
     def release_blob(self, sha256: str) -> None:
         """Drop one claim."""
 
-    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
-                            deletions_stale_before: datetime) -> bool:
+    def begin_blob_deletion(
+        self, sha256: str, token: str, claims_stale_before: datetime, deletions_stale_before: datetime
+    ) -> bool:
         """Mark the blob as being deleted under `token`; False while a claim or another deletion holds it.
 
         Claims and deletions taken before their cutoff count as abandoned by a crashed process.
@@ -118,12 +119,14 @@ class JobStore(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
-    def list_page(self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None,
-                  limit: int) -> list[JobRecord]:
+    def list_page(
+        self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JobRecord]:
         """Newest first (created_at, then id, descending), strictly after `after`."""
 
-    def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
-                   error: str = "") -> JobRecord | None:
+    def transition(
+        self, job_id: str, sources: Collection[JobState], target: JobState, error: str = ""
+    ) -> JobRecord | None:
         """Move the job to `target` if it is in one of `sources`; None (and no change) otherwise."""
 
     def count(self, state: JobState) -> int:

@@ -6,8 +6,16 @@ from datetime import datetime, timezone
 
 from pymongo import ReturnDocument
 
-from mds_grpc.core.job_records import (JobInputRecord, JobRecord, JobResult, JobState, input_from_dict,
-                                       input_to_dict, job_from_dict, job_to_dict)
+from mds_grpc.core.job_records import (
+    JobInputRecord,
+    JobRecord,
+    JobResult,
+    JobState,
+    input_from_dict,
+    input_to_dict,
+    job_from_dict,
+    job_to_dict,
+)
 from mds_grpc.storage.mongo_metadata import MongoConnection
 
 NO_ID = {"_id": 0}
@@ -45,16 +53,21 @@ class MongoJobStore:
             doc = self.jobs.find_one({"id": job_id}, NO_ID)
         return _job(doc) if doc else None
 
-    def list_page(self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None,
-                  limit: int) -> list[JobRecord]:
+    def list_page(
+        self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JobRecord]:
         query: dict = {}
         if state:
             query["state"] = state.value
         if model:
             query["model"] = model
         if after:
-            query = {"$and": [query, {"$or": [{"created_at": {"$lt": after[0]}},
-                                              {"created_at": after[0], "id": {"$lt": after[1]}}]}]}
+            query = {
+                "$and": [
+                    query,
+                    {"$or": [{"created_at": {"$lt": after[0]}}, {"created_at": after[0], "id": {"$lt": after[1]}}]},
+                ]
+            }
         with self.connection.reachable():
             cursor = self.jobs.find(query, NO_ID).sort([("created_at", -1), ("id", -1)]).limit(limit)
             return [_job(doc) for doc in cursor]
@@ -70,10 +83,13 @@ class MongoJobStore:
             doc = self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
         return _job(doc) if doc else None
 
-    def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
-                   error: str = "") -> JobRecord | None:
-        return self._update({"id": job_id, "state": {"$in": [s.value for s in sources]}},
-                            {"$set": {"state": target.value, "error": error}})
+    def transition(
+        self, job_id: str, sources: Collection[JobState], target: JobState, error: str = ""
+    ) -> JobRecord | None:
+        return self._update(
+            {"id": job_id, "state": {"$in": [s.value for s in sources]}},
+            {"$set": {"state": target.value, "error": error}},
+        )
 
     def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         query = {"id": job_id, "state": JobState.RUNNING.value, "rows_done": result.offset}
@@ -82,13 +98,21 @@ class MongoJobStore:
 
     def referenced_blobs(self) -> set[str]:
         with self.connection.reachable():
-            return (set(self.inputs.distinct("tensors.sha256")) | set(self.jobs.distinct("input.tensors.sha256"))
-                    | set(self.jobs.distinct("results.sha256")))
+            return (
+                set(self.inputs.distinct("tensors.sha256"))
+                | set(self.jobs.distinct("input.tensors.sha256"))
+                | set(self.jobs.distinct("results.sha256"))
+            )
 
     def blob_in_use(self, sha256: str) -> bool:
         with self.connection.reachable():
-            return (self.inputs.find_one({"tensors.sha256": sha256}, {"_id": 1}) is not None or self.jobs.find_one(
-                {"$or": [{"input.tensors.sha256": sha256}, {"results.sha256": sha256}]}, {"_id": 1}) is not None)
+            return (
+                self.inputs.find_one({"tensors.sha256": sha256}, {"_id": 1}) is not None
+                or self.jobs.find_one(
+                    {"$or": [{"input.tensors.sha256": sha256}, {"results.sha256": sha256}]}, {"_id": 1}
+                )
+                is not None
+            )
 
     def ping(self) -> None:
         self.connection.ping()

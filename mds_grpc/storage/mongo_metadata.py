@@ -41,8 +41,9 @@ class MongoConnection:
     """One client and database shared by the Mongo stores; errors of reach become Unavailable."""
 
     def __init__(self, uri: str, database: str = "mds", timeout_ms: int = 3000):
-        self.client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
-                                          connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000)
+        self.client = pymongo.MongoClient(
+            uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000
+        )
         # For messages: hosts only, never the credentials.
         self.where = ",".join(f"{host}:{port}" for host, port in uri_parser.parse_uri(uri)["nodelist"])
         self.db = self.client[database]
@@ -90,7 +91,9 @@ class MongoMetadataStore:
             while True:
                 try:
                     counter = self.names.find_one_and_update(
-                        {"_id": record.name}, {"$inc": {"last_version": 1}}, upsert=True,
+                        {"_id": record.name},
+                        {"$inc": {"last_version": 1}},
+                        upsert=True,
                         return_document=ReturnDocument.AFTER,
                     )
                     stored = dataclasses.replace(record, version=counter["last_version"])
@@ -108,8 +111,12 @@ class MongoMetadataStore:
     def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
         query: dict = {"name": name} if name else {}
         if after:
-            query = {"$and": [query, {"$or": [{"name": {"$gt": after[0]}},
-                                              {"name": after[0], "version": {"$gt": after[1]}}]}]}
+            query = {
+                "$and": [
+                    query,
+                    {"$or": [{"name": {"$gt": after[0]}}, {"name": after[0], "version": {"$gt": after[1]}}]},
+                ]
+            }
         with self.connection.reachable():
             cursor = self.models.find(query, MODEL_FIELDS).sort([("name", 1), ("version", 1)]).limit(limit)
             return [_from_doc(doc) for doc in cursor]
@@ -136,18 +143,26 @@ class MongoMetadataStore:
 
     def claim_blob(self, sha256: str, deletions_stale_before: datetime) -> bool:
         no_deletion = {"$or": [{"deleting": None}, {"deleting_at": {"$lt": deletions_stale_before}}]}
-        return self._guard(sha256, no_deletion, {"$inc": {"claims": 1}, "$max": {"claimed_at": _now()},
-                                                 "$unset": {"deleting": "", "deleting_at": ""}})
+        return self._guard(
+            sha256,
+            no_deletion,
+            {"$inc": {"claims": 1}, "$max": {"claimed_at": _now()}, "$unset": {"deleting": "", "deleting_at": ""}},
+        )
 
     def release_blob(self, sha256: str) -> None:
         with self.connection.reachable():
             self.guards.update_one({"_id": sha256}, {"$inc": {"claims": -1}})
             self.guards.delete_one({"_id": sha256, "claims": {"$lte": 0}, "deleting": None})
 
-    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
-                            deletions_stale_before: datetime) -> bool:
-        free = {"$and": [{"$or": [{"claims": {"$not": {"$gt": 0}}}, {"claimed_at": {"$lt": claims_stale_before}}]},
-                         {"$or": [{"deleting": None}, {"deleting_at": {"$lt": deletions_stale_before}}]}]}
+    def begin_blob_deletion(
+        self, sha256: str, token: str, claims_stale_before: datetime, deletions_stale_before: datetime
+    ) -> bool:
+        free = {
+            "$and": [
+                {"$or": [{"claims": {"$not": {"$gt": 0}}}, {"claimed_at": {"$lt": claims_stale_before}}]},
+                {"$or": [{"deleting": None}, {"deleting_at": {"$lt": deletions_stale_before}}]},
+            ]
+        }
         return self._guard(sha256, free, {"$set": {"deleting": token, "deleting_at": _now()}})
 
     def end_blob_deletion(self, sha256: str, token: str) -> None:

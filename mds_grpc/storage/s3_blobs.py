@@ -91,8 +91,9 @@ class S3StreamingUpload:
     def _upload(self) -> None:
         try:
             with self.store._reachable():
-                self.store.client.put_object(self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES,
-                                             num_parallel_uploads=1)
+                self.store.client.put_object(
+                    self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES, num_parallel_uploads=1
+                )
         except BaseException as error:  # kept for commit(); the client has aborted the multipart upload
             self.error = error
         finally:
@@ -113,8 +114,9 @@ class S3StreamingUpload:
             try:
                 if self.store._exists(sha256):
                     return False
-                self.store.client.copy_object(self.store.bucket, self.store._key(sha256),
-                                              CopySource(self.store.bucket, self.key))
+                self.store.client.copy_object(
+                    self.store.bucket, self.store._key(sha256), CopySource(self.store.bucket, self.key)
+                )
                 return True
             finally:
                 self.store.client.remove_object(self.store.bucket, self.key)
@@ -132,13 +134,26 @@ class S3StreamingUpload:
 
 
 class S3BlobStore:
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False,
-                 region: str | None = None, timeout_seconds: float = 5.0):
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = False,
+        region: str | None = None,
+        timeout_seconds: float = 5.0,
+    ):
         timeout = urllib3.Timeout(connect=timeout_seconds, read=60)
-        http = urllib3.PoolManager(timeout=timeout, retries=urllib3.Retry(total=1, backoff_factor=0.2),
-                                   maxsize=16)
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
-                            region=region or None, http_client=http)
+        http = urllib3.PoolManager(timeout=timeout, retries=urllib3.Retry(total=1, backoff_factor=0.2), maxsize=16)
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region or None,
+            http_client=http,
+        )
         self.endpoint = endpoint
         self.bucket = bucket
         self._bucket_ready = False
@@ -160,7 +175,9 @@ class S3BlobStore:
             if isinstance(error, FileNotFoundError) or (isinstance(error, MinioException) and not _transient(error)):
                 raise
             reason = str(error).split(" (Caused by")[0][:200]
-            raise Unavailable(f"object store at {self.endpoint} is unreachable ({reason}); retry when it is back") from None
+            raise Unavailable(
+                f"object store at {self.endpoint} is unreachable ({reason}); retry when it is back"
+            ) from None
 
     @staticmethod
     def _key(sha256: str) -> str:
@@ -204,8 +221,11 @@ class S3BlobStore:
 
     def _objects(self, prefix: str, older_than: datetime) -> list[str]:
         with self._reachable():
-            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
-                    if o.last_modified < older_than]
+            return [
+                o.object_name
+                for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.last_modified < older_than
+            ]
 
     def list_blobs(self, older_than: datetime) -> list[str]:
         return [name.removeprefix("sha256/") for name in self._objects("sha256/", older_than)]

@@ -6,8 +6,16 @@ from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mds_grpc.core.job_records import (JobInputRecord, JobRecord, JobResult, JobState, input_from_dict,
-                                       input_to_dict, job_from_dict, job_to_dict)
+from mds_grpc.core.job_records import (
+    JobInputRecord,
+    JobRecord,
+    JobResult,
+    JobState,
+    input_from_dict,
+    input_to_dict,
+    job_from_dict,
+    job_to_dict,
+)
 from mds_grpc.storage.sqlite_db import SqliteDatabase
 
 SCHEMA = """
@@ -53,15 +61,18 @@ class SqliteJobStore:
 
     def create(self, job: JobRecord) -> None:
         with self.db.transaction() as db:
-            db.execute("INSERT INTO jobs (id, model, state, created_at, record) VALUES (?, ?, ?, ?, ?)",
-                       (job.id, job.model, job.state.value, job.created_at.isoformat(), _dumps(job_to_dict(job))))
+            db.execute(
+                "INSERT INTO jobs (id, model, state, created_at, record) VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.model, job.state.value, job.created_at.isoformat(), _dumps(job_to_dict(job))),
+            )
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self.db.query("SELECT record FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0][0]) if rows else None
 
-    def list_page(self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None,
-                  limit: int) -> list[JobRecord]:
+    def list_page(
+        self, state: JobState | None, model: str | None, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JobRecord]:
         where, params = [], []
         if state:
             where.append("state = ?")
@@ -86,14 +97,18 @@ class SqliteJobStore:
             changed = change(_job(rows[0][0])) if rows else None
             if changed is not None:
                 changed = dataclasses.replace(changed, updated_at=datetime.now(timezone.utc))
-                db.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?",
-                           (changed.state.value, _dumps(job_to_dict(changed)), job_id))
+                db.execute(
+                    "UPDATE jobs SET state = ?, record = ? WHERE id = ?",
+                    (changed.state.value, _dumps(job_to_dict(changed)), job_id),
+                )
             return changed
 
-    def transition(self, job_id: str, sources: Collection[JobState], target: JobState,
-                   error: str = "") -> JobRecord | None:
-        return self._update(job_id, lambda job: dataclasses.replace(job, state=target, error=error)
-                            if job.state in sources else None)
+    def transition(
+        self, job_id: str, sources: Collection[JobState], target: JobState, error: str = ""
+    ) -> JobRecord | None:
+        return self._update(
+            job_id, lambda job: dataclasses.replace(job, state=target, error=error) if job.state in sources else None
+        )
 
     def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         def append(job: JobRecord) -> JobRecord | None:
@@ -106,13 +121,20 @@ class SqliteJobStore:
     def referenced_blobs(self) -> set[str]:
         inputs = [input_from_dict(_dates(json.loads(t))) for (t,) in self.db.query("SELECT record FROM job_inputs")]
         jobs = [_job(text) for (text,) in self.db.query("SELECT record FROM jobs")]
-        return ({t.sha256 for i in inputs for t in i.tensors} | {r.sha256 for j in jobs for r in j.results}
-                | {t.sha256 for j in jobs for t in j.input.tensors})
+        return (
+            {t.sha256 for i in inputs for t in i.tensors}
+            | {r.sha256 for j in jobs for r in j.results}
+            | {t.sha256 for j in jobs for t in j.input.tensors}
+        )
 
     def blob_in_use(self, sha256: str) -> bool:
         pattern = f'%"{sha256}"%'  # records are JSON: a blob appears as a quoted hex string
-        return bool(self.db.query("SELECT 1 FROM job_inputs WHERE record LIKE ? UNION ALL "
-                                  "SELECT 1 FROM jobs WHERE record LIKE ? LIMIT 1", (pattern, pattern)))
+        return bool(
+            self.db.query(
+                "SELECT 1 FROM job_inputs WHERE record LIKE ? UNION ALL SELECT 1 FROM jobs WHERE record LIKE ? LIMIT 1",
+                (pattern, pattern),
+            )
+        )
 
     def ping(self) -> None:
         self.db.query("SELECT 1")

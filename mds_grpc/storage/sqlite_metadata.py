@@ -56,8 +56,14 @@ def _encode_key(key: ApiKey) -> str:
 
 def _decode_key(text: str) -> ApiKey:
     data = json.loads(text)
-    return ApiKey(**{**data, "scopes": tuple(data["scopes"]), "prefixes": tuple(data["prefixes"]),
-                     "created_at": datetime.fromisoformat(data["created_at"])})
+    return ApiKey(
+        **{
+            **data,
+            "scopes": tuple(data["scopes"]),
+            "prefixes": tuple(data["prefixes"]),
+            "created_at": datetime.fromisoformat(data["created_at"]),
+        }
+    )
 
 
 class SqliteMetadataStore:
@@ -87,9 +93,7 @@ class SqliteMetadataStore:
         if version:
             rows = self.db.query("SELECT record FROM models WHERE name = ? AND version = ?", (name, version))
         else:
-            rows = self.db.query(
-                "SELECT record FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-            )
+            rows = self.db.query("SELECT record FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
         return _decode(rows[0][0]) if rows else None
 
     def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
@@ -120,8 +124,9 @@ class SqliteMetadataStore:
     @staticmethod
     def _guard(db, sha256: str) -> tuple:
         """(claims, claimed_at, deleting, deleting_at) of the blob, zeros when it has no guard row."""
-        rows = db.execute("SELECT claims, claimed_at, deleting, deleting_at FROM blob_guards WHERE sha256 = ?",
-                          (sha256,)).fetchall()
+        rows = db.execute(
+            "SELECT claims, claimed_at, deleting, deleting_at FROM blob_guards WHERE sha256 = ?", (sha256,)
+        ).fetchall()
         return rows[0] if rows else (0, 0.0, None, 0.0)
 
     def claim_blob(self, sha256: str, deletions_stale_before: datetime) -> bool:
@@ -129,9 +134,12 @@ class SqliteMetadataStore:
             _, _, deleting, deleting_at = self._guard(db, sha256)
             if deleting is not None and deleting_at >= deletions_stale_before.timestamp():
                 return False
-            db.execute("INSERT INTO blob_guards (sha256, claims, claimed_at) VALUES (?, 1, ?) "
-                       "ON CONFLICT (sha256) DO UPDATE SET claims = claims + 1, claimed_at = excluded.claimed_at, "
-                       "deleting = NULL, deleting_at = NULL", (sha256, time.time()))
+            db.execute(
+                "INSERT INTO blob_guards (sha256, claims, claimed_at) VALUES (?, 1, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET claims = claims + 1, claimed_at = excluded.claimed_at, "
+                "deleting = NULL, deleting_at = NULL",
+                (sha256, time.time()),
+            )
         return True
 
     def release_blob(self, sha256: str) -> None:
@@ -139,16 +147,21 @@ class SqliteMetadataStore:
             db.execute("UPDATE blob_guards SET claims = claims - 1 WHERE sha256 = ?", (sha256,))
             db.execute("DELETE FROM blob_guards WHERE sha256 = ? AND claims <= 0 AND deleting IS NULL", (sha256,))
 
-    def begin_blob_deletion(self, sha256: str, token: str, claims_stale_before: datetime,
-                            deletions_stale_before: datetime) -> bool:
+    def begin_blob_deletion(
+        self, sha256: str, token: str, claims_stale_before: datetime, deletions_stale_before: datetime
+    ) -> bool:
         with self.db.transaction() as db:
             claims, claimed_at, deleting, deleting_at = self._guard(db, sha256)
-            if (claims > 0 and claimed_at >= claims_stale_before.timestamp()) or \
-                    (deleting is not None and deleting_at >= deletions_stale_before.timestamp()):
+            if (claims > 0 and claimed_at >= claims_stale_before.timestamp()) or (
+                deleting is not None and deleting_at >= deletions_stale_before.timestamp()
+            ):
                 return False
-            db.execute("INSERT INTO blob_guards (sha256, deleting, deleting_at) VALUES (?, ?, ?) "
-                       "ON CONFLICT (sha256) DO UPDATE SET deleting = excluded.deleting, "
-                       "deleting_at = excluded.deleting_at", (sha256, token, time.time()))
+            db.execute(
+                "INSERT INTO blob_guards (sha256, deleting, deleting_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET deleting = excluded.deleting, "
+                "deleting_at = excluded.deleting_at",
+                (sha256, token, time.time()),
+            )
         return True
 
     def end_blob_deletion(self, sha256: str, token: str) -> None:

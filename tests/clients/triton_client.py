@@ -28,8 +28,10 @@ def inputs_of(arrays: dict) -> list:
 
 def as_json(result) -> dict:
     response = result.get_response()
-    return {o.name: {"datatype": o.datatype, "shape": list(o.shape), "data": result.as_numpy(o.name).tolist()}
-            for o in response.outputs}
+    return {
+        o.name: {"datatype": o.datatype, "shape": list(o.shape), "data": result.as_numpy(o.name).tolist()}
+        for o in response.outputs
+    }
 
 
 def typed_infer(address: str, model: str, arrays: dict) -> dict:
@@ -39,8 +41,12 @@ def typed_infer(address: str, model: str, arrays: dict) -> dict:
     request = service_pb2.ModelInferRequest(model_name=model)
     for name, array in arrays.items():
         tensor = request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=array.shape)
-        field = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents",
-                 "BYTES": "bytes_contents"}[tensor.datatype]
+        field = {
+            "FP32": "fp32_contents",
+            "INT64": "int64_contents",
+            "INT32": "int_contents",
+            "BYTES": "bytes_contents",
+        }[tensor.datatype]
         values = array.ravel().tolist()
         if tensor.datatype == "BYTES":
             values = [v.encode() for v in values]
@@ -50,8 +56,11 @@ def typed_infer(address: str, model: str, arrays: dict) -> dict:
     outputs = {}
     for output in response.outputs:
         values = next(list(v) for _, v in output.contents.ListFields())
-        outputs[output.name] = {"datatype": output.datatype, "shape": list(output.shape),
-                                "data": np.array(values).reshape(list(output.shape)).tolist()}
+        outputs[output.name] = {
+            "datatype": output.datatype,
+            "shape": list(output.shape),
+            "data": np.array(values).reshape(list(output.shape)).tolist(),
+        }
     return outputs
 
 
@@ -60,8 +69,7 @@ def stream(client, model: str, arrays: dict, count: int, bad_index: int) -> list
     replies: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: replies.put((result, error)))
     for i in range(count):
-        client.async_stream_infer(model if i != bad_index else model + "-missing", inputs_of(arrays),
-                                  request_id=str(i))
+        client.async_stream_infer(model if i != bad_index else model + "-missing", inputs_of(arrays), request_id=str(i))
     out = []
     for _ in range(count):
         result, error = replies.get(timeout=60)
