@@ -20,8 +20,13 @@ import grpc
 import numpy as np
 
 from mds.v1 import inference_service_pb2 as pb
-from mds.v1 import inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
-from mds.v1 import model_service_pb2, model_service_pb2_grpc
+from mds.v1 import (
+    inference_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+)
 from mds_grpc.api.tensors import from_array
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "scripts")]

@@ -25,22 +25,22 @@ from mds.v1 import (
 )
 from mds_grpc import job_queue, metrics
 from mds_grpc.api import contract
-from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.api.auth import Guard
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
+from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.config import Settings
-from mds_grpc.logs import AccessLog
 from mds_grpc.core.auth import Authenticator
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
-from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.jobs import JobManager
+from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.logs import AccessLog
 from mds_grpc.storage import Storage, open_storage
 
 log = logging.getLogger("mds.server")

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import envoy
 import swagger_ui_bundle
 
+import envoy
 from local_machine import CACHE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,15 +1,14 @@
 import hashlib
 import os
-import time
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from harness import REPO, ServerProcess, backend_env, wait_until
-
 from mds_grpc.config import load_settings
 from mds_grpc.server import build_core
 

@@ -11,17 +11,24 @@ from pathlib import Path
 import grpc
 import ml_dtypes
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from local_machine import BIN, free_port
 from minio import Minio
 
+import onnx_models
+from local_machine import BIN, free_port
 from mds.oip import grpc_service_pb2
-from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
-from mds.v1 import model_service_pb2, model_service_pb2_grpc, tensor_pb2
+from mds.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    tensor_pb2,
+)
 from mds_grpc.api.tensors import from_array, to_array
 from mds_grpc.config import load_settings
 from mds_grpc.storage import open_storage

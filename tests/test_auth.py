@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-import onnx_models
 from google.protobuf import message_factory
 from google.rpc import status_pb2
-from harness import REPO, ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import onnx_models
+from harness import REPO, ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
 from mds.oip import grpc_service_pb2
 from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
 from mds_grpc.api import contract

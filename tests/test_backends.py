@@ -3,12 +3,13 @@
 import uuid
 
 import grpc
-import requests
 import numpy as np
-import onnx_models
 import pytest
-from backends import ferretdb, minio, redis, server_env
+import requests
 from grpc_health.v1 import health_pb2
+
+import onnx_models
+from backends import ferretdb, minio, redis, server_env
 from harness import (
     ONE,
     EnvoyProcess,
@@ -20,7 +21,6 @@ from harness import (
     upload_requests,
     wait_for_health,
 )
-
 from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb
 from mds_grpc.api.tensors import from_array

@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import assert_status, outputs_of, parts, request, upload_requests
 from prometheus_client import REGISTRY
 
+import onnx_models
+from harness import assert_status, outputs_of, parts, request, upload_requests
 from mds.v1 import model_service_pb2
 from mds_grpc.core.errors import DeadlineExceeded, InvalidArgument
 from mds_grpc.core.inference import InferenceEngine

@@ -10,13 +10,13 @@ deletion too slow for its lease gives up, and a private FerretDB stops while a p
 import asyncio
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+
+import pytest
 
 import onnx_models
-import pytest
 from backends import private_services, server_env
 from harness import wait_until
-
 from mds_grpc.config import load_settings
 from mds_grpc.core import garbage
 from mds_grpc.core.errors import Unavailable
@@ -27,7 +27,7 @@ from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.storage import Storage, open_storage
 
 SHARED = onnx_models.add_two(7.0)  # the bytes of both the old and the new model
-FOREVER = datetime(9999, 1, 1, tzinfo=timezone.utc)
+FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class Interposed:
@@ -186,7 +186,7 @@ async def test_gc_keeps_a_blob_a_job_input_recorded_after_its_snapshot(open_stor
     stores = open_stores()
     await orphan_or_last_use("gc", stores, tmp_path / "a")
     (sha256,) = stores.blobs.list_blobs(older_than=FOREVER)
-    rows = JobInputRecord(uuid.uuid4().hex, 1, (JobTensor("x", "FP32", (), sha256),), datetime.now(timezone.utc))
+    rows = JobInputRecord(uuid.uuid4().hex, 1, (JobTensor("x", "FP32", (), sha256),), datetime.now(UTC))
     stores.jobs.create_input(rows)
     assert not garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256, jobs=stores.jobs)
     assert stores.blobs.exists(sha256)

@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx_models
 import onnxruntime as ort
+
+import onnx_models
 
 
 def mds(server, *args, check=True):

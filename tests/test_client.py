@@ -5,11 +5,11 @@ import sys
 
 import grpc
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import DENSE, SAMPLES, ServerProcess, create_key, free_port, in_process
 
+import onnx_models
+from harness import DENSE, SAMPLES, ServerProcess, create_key, free_port, in_process
 from mds_grpc.client import (
     Client,
     FailedPrecondition,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from google.rpc import status_pb2
+
 from harness import REPO
 from local_machine import BIN
 

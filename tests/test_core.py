@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx_models
 import pytest
-from harness import parts
 
+import onnx_models
+from harness import parts
 from mds_grpc.config import load_settings
 from mds_grpc.core.batching import Batcher
 from mds_grpc.core.errors import DeadlineExceeded, NotFound

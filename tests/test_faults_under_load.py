@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-import onnx_models
 import pytest
-from backends import private_services, server_env
 from grpc_health.v1 import health_pb2
+
+import onnx_models
+from backends import private_services, server_env
 from harness import (
     DENSE,
     ONE,
@@ -34,7 +35,6 @@ from harness import (
     wait_until,
     watch,
 )
-
 from mds.v1 import job_service_pb2 as jobs_pb
 from mds.v1 import model_service_pb2 as pb
 from mds_grpc.api.tensors import from_array

@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 
 import grpc
-import onnx_models
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import ServerProcess, assert_status, upload_requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import onnx_models
+from harness import ServerProcess, assert_status, upload_requests
 from mds.oip import grpc_service_pb2 as oip_pb
 from mds.oip import grpc_service_pb2_grpc
 from mds.v1 import inference_service_pb2 as ipb

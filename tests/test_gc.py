@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 
+import grpc
 
 import onnx_models
 from harness import (
@@ -20,8 +21,6 @@ from harness import (
     upload_requests,
     wait_until,
 )
-
-import grpc
 from mds.v1 import model_service_pb2 as pb
 
 

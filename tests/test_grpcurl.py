@@ -3,9 +3,9 @@
 import base64
 
 import numpy as np
+
 import onnx_models
 from harness import every_rpc, grpcurl_call
-
 from mds.v1 import job_service_pb2
 from mds_grpc.api.tensors import from_array
 

@@ -2,11 +2,11 @@
 
 import grpc
 import numpy as np
-import onnx_models
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import assert_status, deploy, outputs_of, request, upload
 
+import onnx_models
+from harness import assert_status, deploy, outputs_of, request, upload
 from mds.oip import grpc_service_pb2 as oip_pb
 from mds.oip import grpc_service_pb2_grpc
 from mds.v1 import model_service_pb2 as pb

@@ -4,6 +4,7 @@ import signal
 import uuid
 
 import numpy as np
+
 from harness import (
     DENSE,
     ServerProcess,
@@ -15,7 +16,6 @@ from harness import (
     upload_requests,
     watch,
 )
-
 from mds.v1 import job_service_pb2 as pb
 
 ROWS, BATCH = 20_000, 100

@@ -1,7 +1,7 @@
 """Every job store passes the same tests: SQLite (embedded default) and MongoDB (FerretDB here)."""
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -10,7 +10,7 @@ from mds_grpc.storage.mongo_jobs import MongoJobStore
 from mds_grpc.storage.mongo_metadata import MongoConnection
 from mds_grpc.storage.sqlite_jobs import SqliteJobStore
 
-NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "mongo"])

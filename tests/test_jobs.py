@@ -4,10 +4,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx_models
 import pytest
-from harness import DENSE, ServerProcess, assert_status, chunked_input, in_process, results, upload_requests, watch
 
+import onnx_models
+from harness import DENSE, ServerProcess, assert_status, chunked_input, in_process, results, upload_requests, watch
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import from_array

@@ -3,7 +3,7 @@
 import dataclasses
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ def draft(name: str, sha: str = "a" * 64) -> ModelRecord:
     return ModelRecord(
         name=name,
         version=0,
-        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+        created_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         files=(StoredFile("model.onnx", sha, 10), StoredFile("w.bin", "b" * 64, 20)),
         inputs=(TensorSpec("x", "FP32", (-1, 3), "tensor(float)", ("n", "")),),
         outputs=(TensorSpec("y", None, (), "seq(map(int64,tensor(float)))"),),
@@ -93,7 +93,7 @@ HOUR = timedelta(hours=1)
 
 
 def ago(delta: timedelta = timedelta()) -> datetime:
-    return datetime.now(timezone.utc) - delta
+    return datetime.now(UTC) - delta
 
 
 def test_claims_and_deletions_of_a_blob_exclude_each_other_across_clients(open_store):

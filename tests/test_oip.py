@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import assert_status, upload_requests
 
-import grpc
+import onnx_models
+from harness import assert_status, upload_requests
 from mds.oip import grpc_service_pb2 as pb
 from mds.oip import grpc_service_pb2_grpc
 

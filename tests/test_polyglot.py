@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
+
+import onnx_models
 
 TESTS = Path(__file__).parent
 

@@ -3,14 +3,14 @@
 import threading
 
 import grpc
-from google.protobuf import json_format
 import ml_dtypes
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
-from harness import ONE, SAMPLES, assert_status, deploy, outputs_of, request, upload_requests
+from google.protobuf import json_format
 
+import onnx_models
+from harness import ONE, SAMPLES, assert_status, deploy, outputs_of, request, upload_requests
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import tensor_pb2
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 import onnx_models
 from harness import ServerProcess, outputs_of, request, upload_requests, wait_until
-
 from mds.v1 import inference_service_pb2_grpc
 
 

@@ -6,12 +6,12 @@ import tempfile
 
 import grpc
 import numpy as np
-import onnx_models
 import onnxruntime as ort
 import pytest
 import requests
-from harness import ONE, EnvoyProcess, ServerProcess, create_key, outputs_of, request, upload_requests
 
+import onnx_models
+from harness import ONE, EnvoyProcess, ServerProcess, create_key, outputs_of, request, upload_requests
 from mds.v1 import inference_service_pb2_grpc
 
 

@@ -5,10 +5,11 @@ import threading
 
 import grpc
 import numpy as np
-import onnx_models
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import onnx_models
 from harness import (
     ONE,
     ServerProcess,

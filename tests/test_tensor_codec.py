@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from harness import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import SAMPLES
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import from_array, to_array, to_arrays
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted

@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 import grpc
-import onnx_models
 import pytest
-from harness import ONE, ServerProcess, deploy, outputs_of, request
 
+import onnx_models
+from harness import ONE, ServerProcess, deploy, outputs_of, request
 from mds.v1 import model_service_pb2
 
 

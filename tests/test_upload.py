@@ -5,10 +5,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import onnx_models
 import pytest
-from harness import ServerProcess, assert_status, upload, upload_requests, wait_until
 
+import onnx_models
+from harness import ServerProcess, assert_status, upload, upload_requests, wait_until
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import tensor_pb2
 

@@ -9,9 +9,9 @@ from google.rpc import status_pb2
 
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import inference_service_pb2_grpc, tensor_pb2
+from mds_grpc.api.auth import check_model
 from mds_grpc.api.call_record import annotate
 from mds_grpc.api.statuses import status_of
-from mds_grpc.api.auth import check_model
 from mds_grpc.api.streams import in_order
 from mds_grpc.api.tensors import from_array, to_arrays
 from mds_grpc.core.inference import InferenceEngine, Prediction

@@ -2,8 +2,8 @@
 
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import job_service_pb2_grpc
-from mds_grpc.api.call_record import annotate
 from mds_grpc.api.auth import check_listing, check_model
+from mds_grpc.api.call_record import annotate
 from mds_grpc.api.jobs import batch_to_wire, column_from_wire, input_to_wire, job_to_wire, state_from_wire
 from mds_grpc.api.tensors import to_arrays
 from mds_grpc.core.errors import InvalidArgument

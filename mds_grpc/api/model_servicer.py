@@ -2,10 +2,10 @@
 
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import model_service_pb2_grpc
-from mds_grpc.api.call_record import annotate
 from mds_grpc.api.auth import check_listing, check_model
-from mds_grpc.core.auth import ADMIN
+from mds_grpc.api.call_record import annotate
 from mds_grpc.api.models import model_to_wire, split_upload
+from mds_grpc.core.auth import ADMIN
 from mds_grpc.core.registry import ModelRegistry
 
 

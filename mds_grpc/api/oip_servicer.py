@@ -7,11 +7,11 @@ import numpy as np
 
 from mds.oip import grpc_service_pb2 as pb
 from mds.oip import grpc_service_pb2_grpc
-from mds_grpc.api.call_record import annotate
-from mds_grpc.api.statuses import status_of
 from mds_grpc.api.auth import check_model
+from mds_grpc.api.call_record import annotate
 from mds_grpc.api.inference_servicer import deadline_of
 from mds_grpc.api.oip import infer_response, input_arrays, model_metadata, parse_version
+from mds_grpc.api.statuses import status_of
 from mds_grpc.api.streams import in_order
 from mds_grpc.core.errors import InvalidArgument, NotFound
 from mds_grpc.core.inference import InferenceEngine

@@ -8,8 +8,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from mds.v1 import inference_service_pb2, inference_service_pb2_grpc, job_service_pb2, job_service_pb2_grpc
-from mds.v1 import model_service_pb2, model_service_pb2_grpc
+from mds.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+)
 from mds_grpc.api.tensors import from_array
 from mds_grpc.client.errors import error_for, error_of, typed_errors
 from mds_grpc.client.replies import Prediction, ResultBatch

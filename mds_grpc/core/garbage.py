@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from mds_grpc.storage import Storage
@@ -42,7 +42,7 @@ def store_and_record(
     created: list[str] = []
     try:
         for sha256 in dict.fromkeys(sha256 for sha256, _ in writes):
-            while not metadata.claim_blob(sha256, datetime.now(timezone.utc) - DELETION_LEASE):
+            while not metadata.claim_blob(sha256, datetime.now(UTC) - DELETION_LEASE):
                 time.sleep(CLAIM_RETRY_SECONDS)  # another process is deleting it: store it again after
             held.append(sha256)
         for sha256, write in writes:
@@ -77,7 +77,7 @@ def delete_unreferenced(
     """Delete the blob unless a record (in `jobs` too, when given) references it or a write holds it;
     True when deleted."""
     token = uuid.uuid4().hex
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if not metadata.begin_blob_deletion(sha256, token, claims_stale_before or now - CLAIM_LEASE, now - DELETION_LEASE):
         return False
     give_up = time.monotonic() + DELETION_LEASE.total_seconds() / 2  # well before a claim may take the mark over
@@ -105,7 +105,7 @@ def collect_garbage(storage: Storage, grace_seconds: float) -> dict[str, list[st
 
     Returns what was removed.
     """
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     cutoff = started - timedelta(seconds=grace_seconds)
     partial = storage.blobs.sweep_partial(cutoff)
     candidates = storage.blobs.list_blobs(cutoff)

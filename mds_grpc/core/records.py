@@ -2,14 +2,14 @@
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 MAIN_FILE = "model.onnx"
 
 
 def utc_now() -> datetime:
     """The current UTC time at the precision every store keeps (MongoDB: milliseconds)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 

@@ -1,10 +1,9 @@
 """The two small interfaces every storage backend implements."""
 
 from collections.abc import Collection
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
-
-from datetime import datetime
 
 from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState

@@ -2,7 +2,7 @@
 
 import dataclasses
 from collections.abc import Collection
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pymongo import ReturnDocument
 
@@ -77,7 +77,7 @@ class MongoJobStore:
             return self.jobs.count_documents({"state": state.value})
 
     def _update(self, query: dict, update: dict) -> JobRecord | None:
-        update.setdefault("$set", {})["updated_at"] = datetime.now(timezone.utc)
+        update.setdefault("$set", {})["updated_at"] = datetime.now(UTC)
         with self.connection.reachable():
             # No projection: FerretDB does not implement one for findAndModify.
             doc = self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)

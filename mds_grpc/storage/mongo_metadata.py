@@ -11,11 +11,10 @@ condition does not hold.
 import dataclasses
 import threading
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pymongo
-from pymongo import uri_parser
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, uri_parser
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from mds_grpc.core.auth import ApiKey
@@ -30,7 +29,7 @@ def _key(doc: dict) -> ApiKey:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _from_doc(doc: dict) -> ModelRecord:

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 from collections.abc import Collection
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mds_grpc.core.job_records import (
@@ -96,7 +96,7 @@ class SqliteJobStore:
             rows = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchall()
             changed = change(_job(rows[0][0])) if rows else None
             if changed is not None:
-                changed = dataclasses.replace(changed, updated_at=datetime.now(timezone.utc))
+                changed = dataclasses.replace(changed, updated_at=datetime.now(UTC))
                 db.execute(
                     "UPDATE jobs SET state = ?, record = ? WHERE id = ?",
                     (changed.state.value, _dumps(job_to_dict(changed)), job_id),
