@@ -234,7 +234,7 @@ def chart(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(results), 1, figsize=(12, 5 * len(results)), squeeze=False)
-    for ax, (key, rows) in zip(axes[:, 0], results.items()):
+    for ax, (key, rows) in zip(axes[:, 0], results.items(), strict=True):
         workload = WORKLOADS[key]
         labels = [
             " ".join(str(r[k]) for k in ("target", "call", "model") if r.get(k))

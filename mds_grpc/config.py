@@ -228,7 +228,7 @@ def load_settings(**overrides) -> Settings:
         try:
             values[name] = parse(kinds[name], raw)
         except ValueError:
-            raise SystemExit(f"error: {variable}={raw!r} is not a valid {kinds[name].__name__}")
+            raise SystemExit(f"error: {variable}={raw!r} is not a valid {kinds[name].__name__}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
     if settings.auth not in ("auto", "on", "off"):

@@ -56,8 +56,8 @@ class AccessLog:
     Call flush() before exiting.
     """
 
-    def __init__(self, logger: logging.Logger = logging.getLogger("mds.access")):
-        self.logger = logger
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("mds.access")
         self._pending: list[tuple[float, dict]] = []
         self._timer: asyncio.TimerHandle | None = None
 

@@ -49,8 +49,8 @@ async def test_concurrent_requests_share_one_run_and_get_their_own_rows(registry
     requests = [rows(1), rows(2), rows(1)]  # 4 rows: the batch is full, so nobody waits the full second
     results = await asyncio.gather(*(engine.predict("dense-batched", 0, x) for x in requests))
     assert runs_and_rows("dense-batched") == (1, 4)
-    for x, result in zip(requests, results):
-        for (name, got), want in zip(result.outputs, expected(x)):
+    for x, result in zip(requests, results, strict=True):
+        for (name, got), want in zip(result.outputs, expected(x), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
     # A request bigger than the batch runs by itself.
     alone = rows(6)
@@ -139,6 +139,6 @@ async def test_requests_left_for_the_next_batch_are_joined_by_newcomers(registry
     await engine.predict("dense-overflow", 0, rows(8))  # a full batch; the model's lookup is cached from now on
     requests = [rows(5), rows(5), rows(2)]  # so all three queue in the same event-loop turn
     results = await asyncio.gather(*(engine.predict("dense-overflow", 0, x) for x in requests))
-    for x, result in zip(requests, results):
+    for x, result in zip(requests, results, strict=True):
         np.testing.assert_allclose(result.outputs[0][1], expected(x)[0], rtol=1e-6)
     assert runs_and_rows("dense-overflow") == (3, 20)

@@ -165,7 +165,7 @@ def stack(tmp_path):
         server = ServerProcess(tmp_path / "server", **server_env(*backends)).start()
         server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=60)
         server.models.UploadModel(upload_requests("dense", DENSE), timeout=60)
-        yield server, dict(zip(("mongo", "s3", "redis"), backends))
+        yield server, dict(zip(("mongo", "s3", "redis"), backends, strict=True))
         assert server.stop() == 0
 
 

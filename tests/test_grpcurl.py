@@ -20,12 +20,10 @@ def test_grpcurl_calls_every_rpc(server, unique):
         return grpcurl_call(server.address, method, *messages)
 
     model = base64.b64encode(onnx_models.add_two(2.0)).decode()
-    tensor = lambda name, values: {
-        "name": name,
-        "dtype": FP32,
-        "shape": [len(values)],  # noqa: E731
-        "contents": {"fp32_contents": values},
-    }
+
+    def tensor(name: str, values: list) -> dict:
+        return {"name": name, "dtype": FP32, "shape": [len(values)], "contents": {"fp32_contents": values}}
+
     inputs = [tensor("a", [1, 2]), tensor("b", [10, 20])]
 
     (uploaded,) = call(

@@ -1,5 +1,6 @@
 """Bulk jobs against a real server: embedded (in-process worker) and MongoDB + S3 + Redis (mds worker)."""
 
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -189,7 +190,7 @@ def test_unknown_job(server):
         (server.jobs.GetJob, pb.GetJobRequest(id="nope")),
         (server.jobs.CancelJob, pb.CancelJobRequest(id="nope")),
     ):
-        assert_status(lambda: call(request), grpc.StatusCode.NOT_FOUND, "job 'nope' does not exist")
+        assert_status(partial(call, request), grpc.StatusCode.NOT_FOUND, "job 'nope' does not exist")
     assert_status(lambda: watch(server, "nope"), grpc.StatusCode.NOT_FOUND)
 
 

@@ -61,7 +61,7 @@ def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, t
     server.models.UploadModel(upload_requests(unique, data))
     arrays = make_inputs()
     session = ort.InferenceSession(data)
-    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, arrays)))
+    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, arrays), strict=True))
 
     report = run_client(server, unique, arrays, tmp_path, stream=5)
     assert (report["live"], report["ready"], report["model_ready"], report["unknown_model_ready"]) == (

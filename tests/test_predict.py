@@ -19,7 +19,7 @@ RNG = np.random.default_rng(42)
 
 def reference(model, feeds: dict) -> dict:
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model))
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
 
 
 def predict_both_ways(server, name, inputs, raw=True) -> list[dict]:
@@ -133,7 +133,7 @@ def test_sklearn_classifier_zipmap_becomes_structured_output(server, unique):
     assert_same(outputs_of(response), {"output_label": want["output_label"]})
     probabilities = json_format.MessageToDict(response.structured_outputs["output_probability"])
     assert len(probabilities) == 3
-    for got, expected in zip(probabilities, want["output_probability"]):
+    for got, expected in zip(probabilities, want["output_probability"], strict=True):
         assert got.keys() == {str(k) for k in expected}
         assert [got[str(k)] for k in expected] == pytest.approx([float(v) for v in expected.values()], rel=1e-6)
 

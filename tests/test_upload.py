@@ -3,6 +3,7 @@
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import pytest
@@ -252,7 +253,7 @@ def test_side_files_cannot_nest_in_one_another(server, unique):
     for paths in (["a", "a/b"], ["model.onnx/x"]):
         files = [pb.ModelFile(path=p) for p in paths]
         assert_status(
-            lambda: upload(server, unique, onnx_models.add_two(), external_files=files),
+            partial(upload, server, unique, onnx_models.add_two(), external_files=files),
             grpc.StatusCode.INVALID_ARGUMENT,
             "is also used as a folder",
         )

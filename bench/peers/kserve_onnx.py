@@ -26,7 +26,7 @@ class OnnxModel(Model):
     def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
         outputs = self.session.run(None, {i.name: i.as_numpy() for i in payload.inputs})
         infer_outputs = []
-        for spec, y in zip(self.session.get_outputs(), outputs):
+        for spec, y in zip(self.session.get_outputs(), outputs, strict=True):
             out = InferOutput(spec.name, list(y.shape), "FP32")
             out.set_data_from_numpy(y)
             infer_outputs.append(out)

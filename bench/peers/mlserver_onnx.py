@@ -23,7 +23,7 @@ class OnnxRuntime(MLModel):
         return InferenceResponse(
             model_name=self.name,
             id=payload.id,
-            outputs=[NumpyCodec.encode_output(n, y) for n, y in zip(self.output_names, outputs)],
+            outputs=[NumpyCodec.encode_output(n, y) for n, y in zip(self.output_names, outputs, strict=True)],
         )
 
     async def predict_stream(self, payloads):

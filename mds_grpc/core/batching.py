@@ -118,7 +118,7 @@ class Batcher:
         )
         try:
             values = await self.run(batch[0].model, feeds, output_names)
-            for name, value in zip(output_names, values):
+            for name, value in zip(output_names, values, strict=True):
                 if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != rows:
                     raise FailedPrecondition(
                         f"output {name!r} does not keep the batch's {rows} rows as its first dimension, so "

@@ -52,7 +52,7 @@ def _check_input(spec: TensorSpec, array: np.ndarray) -> None:
     if spec.dtype and got != spec.dtype:
         raise InvalidArgument(f"input {spec.name!r} must have dtype {spec.dtype}, got {got}")
     wrong_rank = len(array.shape) != len(spec.shape)
-    if wrong_rank or any(want >= 0 and want != have for want, have in zip(spec.shape, array.shape)):
+    if wrong_rank or any(want >= 0 and want != have for want, have in zip(spec.shape, array.shape, strict=True)):
         raise InvalidArgument(
             f"input {spec.name!r} must have shape {_shape_text(spec.shape)}, got {_shape_text(array.shape)}"
         )
@@ -101,7 +101,7 @@ class InferenceEngine:
             values = await loaded.batcher.submit(loaded, inputs, names, deadline)
         else:
             values = await self._run(loaded, inputs, names, deadline)
-        return Prediction(record.name, record.version, list(zip(names, values)))
+        return Prediction(record.name, record.version, list(zip(names, values, strict=True)))
 
     async def _run(
         self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str], deadline: float | None

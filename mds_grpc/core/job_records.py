@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"

@@ -119,7 +119,7 @@ class JobRunner:
         current = self.storage.jobs.get(job.id)
         if current.state != JobState.RUNNING or current.rows_done != offset:
             return current  # cancelled, or another worker got there first: store nothing
-        outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches)]
+        outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches, strict=True)]
         result_path = folder / f"result-{offset}.npz"
         result_files.save(result_path, outputs)
         sha256 = sha256_of(result_path)

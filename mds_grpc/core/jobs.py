@@ -139,13 +139,13 @@ class JobManager:
                 writer.rows,
                 tuple(
                     JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256)
-                    for (spec, _), sha256 in zip(columns, hashes)
+                    for (spec, _), sha256 in zip(columns, hashes, strict=True)
                 ),
                 utc_now(),
             )
             writes = [
                 (sha256, partial(self.storage.blobs.put_file, path, sha256))
-                for (_, path), sha256 in zip(columns, hashes)
+                for (_, path), sha256 in zip(columns, hashes, strict=True)
             ]
             await asyncio.to_thread(
                 store_and_record,
@@ -285,4 +285,4 @@ class JobManager:
             path = Path(folder) / "result.npz"
             self.storage.blobs.fetch_to(result.sha256, path)
             arrays = result_files.load(path, len(names))
-        return dict(zip(names, arrays))
+        return dict(zip(names, arrays, strict=True))

@@ -27,6 +27,6 @@ def decode_token(token: str, kinds: tuple[type, ...]) -> tuple | None:
         parts = json.loads(base64.urlsafe_b64decode(token.encode()))
         if len(parts) != len(kinds):
             raise ValueError(token)
-        return tuple(kind(part) for kind, part in zip(kinds, parts))
+        return tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
     except Exception:
         raise InvalidArgument("malformed page_token: pass next_page_token from the previous page") from None

@@ -21,5 +21,5 @@ def load(path: Path, count: int) -> list[np.ndarray]:
         names = saved["dtypes"].tolist() if "dtypes" in saved.files else [""] * count
     return [
         a.view(dtypes.BY_NAME[name or LEGACY_VOID[a.dtype.itemsize]].numpy) if a.dtype.kind == "V" else a
-        for a, name in zip(arrays, names)
+        for a, name in zip(arrays, names, strict=True)
     ]
