@@ -54,8 +54,10 @@ class Target:
         self.start()
 
     def start(self) -> None:
-        self.output = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.argv, env=self.env, stdout=self.output, stderr=subprocess.STDOUT)
+        self.output = open(self.log, "ab") if self.log else None
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=self.output or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_receive_message_length", -1)])
         ready = grpc.channel_ready_future(self.channel)
         deadline = time.monotonic() + 120
@@ -70,7 +72,7 @@ class Target:
         self.channel.close()
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
-        if self.log:
+        if self.output:
             self.output.close()
 
     def call(self, method: str, request, response_type, **kwargs):

@@ -140,7 +140,9 @@ def cold_start(bench) -> list[dict]:
     import serving
 
     rows = big_shape(bench)[0]
-    cases = [("big", models.big_model(*big_shape(bench)), (models.BIG_DATA,), np.ones((1, rows), np.float32))]
+    cases: list[tuple[str, Path, tuple[str, ...], np.ndarray]] = [
+        ("big", models.big_model(*big_shape(bench)), (models.BIG_DATA,), np.ones((1, rows), np.float32))
+    ]
     if bench.smoke:
         cases.insert(0, ("mlp", bench.mlp_path, (), np.ones((1, 784), np.float32)))
     else:

@@ -204,7 +204,7 @@ def add_ratios(rows: list[dict], workload: Workload) -> None:
                 for r in candidates
                 if (r.get("concurrency"), r.get("model")) == (row.get("concurrency"), row.get("model"))
             ]
-            base = (same or (candidates if len(candidates) == 1 else [None]))[0]
+            base = same[0] if same else candidates[0] if len(candidates) == 1 else None
             if base and base[workload.value]:
                 row["ratios"][column] = row[workload.value] / base[workload.value]
 

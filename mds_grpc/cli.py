@@ -153,7 +153,7 @@ def _predict(args) -> None:
         arrays = dict(_input_array(spec, wanted) for spec in args.input)
         prediction = client.predict(args.name, arrays, version=model.version, outputs=args.output)
     result = {
-        name: {"dtype": dtypes.of_array(a).name, "shape": list(a.shape), "data": a.tolist()}
+        name: {"dtype": dtypes.of_output(name, a).name, "shape": list(a.shape), "data": a.tolist()}
         for name, a in prediction.outputs.items()
     }
     result.update(prediction.structured_outputs)

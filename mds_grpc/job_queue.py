@@ -39,7 +39,6 @@ def declare_actor(broker: dramatiq.Broker, runner: JobRunner) -> dramatiq.Actor:
         runner.run(job_id)
 
     return dramatiq.actor(
-        run_job,
         actor_name=ACTOR_NAME,
         queue_name=QUEUE_NAME,
         broker=broker,
@@ -48,7 +47,7 @@ def declare_actor(broker: dramatiq.Broker, runner: JobRunner) -> dramatiq.Actor:
         min_backoff=500,
         max_backoff=30_000,
         retry_when=lambda retries, error: isinstance(error, Unavailable),
-    )
+    )(run_job)
 
 
 def ping_broker(broker: dramatiq.Broker) -> None:

@@ -30,7 +30,7 @@ def configure_logging(log_dir: Path, level: str = "INFO", file_name: str = "mds.
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
     )
     log_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [
+    handlers: list[logging.Handler] = [
         logging.StreamHandler(sys.stdout),
         logging.handlers.RotatingFileHandler(log_dir / file_name, maxBytes=50 * 2**20, backupCount=5),
     ]
@@ -75,7 +75,8 @@ class AccessLog:
         batch, self._pending = self._pending, []
         if not (batch and self.logger.isEnabledFor(logging.INFO)):
             return
-        record, size = [], 0
+        record: list[str] = []
+        size = 0
         for t, fields in batch:
             line = json.dumps(
                 {"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc", **fields},

@@ -3,6 +3,7 @@
 import math
 from collections.abc import Callable
 from functools import lru_cache, partial
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -24,6 +25,7 @@ BATCH_ROWS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
 )
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
+State = TypeVar("State", bound=str)  # a job state, labelled by its lower-case name
 JOBS = Gauge("mds_jobs", "Jobs by state, read from the job store at each scrape (queued: the queue's depth)", ["state"])
 
 
@@ -63,10 +65,10 @@ def observe_run(model: str, queued: float | None, computed: float, rows: int) ->
     batch.observe(rows)
 
 
-def watch_jobs(count: Callable[[str], int], states: tuple[str, ...]) -> None:
+def watch_jobs(count: Callable[[State], int], states: tuple[State, ...]) -> None:
     """mds_jobs{state} calls `count(state)` at each scrape; NaN while the store cannot answer."""
 
-    def reading(state: str) -> float:
+    def reading(state: State) -> float:
         try:
             return count(state)
         except Exception:  # a scrape must not fail with the job store, which health reports already

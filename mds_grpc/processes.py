@@ -31,7 +31,8 @@ def _stop(signum, frame):
 def _serve_one(settings: Settings, process: int) -> None:
     # A serving process must not outlive its supervisor, even one killed with SIGKILL.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != multiprocessing.parent_process().pid:
+    parent = multiprocessing.parent_process()
+    if parent is None or os.getppid() != parent.pid:
         return  # the supervisor died before prctl took effect
     configure_logging(settings.log_dir, settings.log_level, f"mds-{process}.log")
     asyncio.run(serve(settings, process))

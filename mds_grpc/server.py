@@ -206,7 +206,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+    # The stubs ask for a whole server; registration only needs what ServedServer has.
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer((*SERVICES, *contract.PROBE_SERVICES)), probes
     )

@@ -74,7 +74,7 @@ def _default_cell(f: Field) -> str:
     if not text:
         return "empty"
     for unit, unit_name in ((GiB, "GiB"), (MiB, "MiB")):
-        if f.name.endswith("_bytes") and f.default % unit == 0:
+        if f.name.endswith("_bytes") and isinstance(f.default, int) and f.default % unit == 0:
             return f"`{text}` ({f.default // unit} {unit_name})"
     return f"`{text}`"
 

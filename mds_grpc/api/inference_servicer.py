@@ -34,7 +34,6 @@ def encode_prediction(prediction: Prediction, request: pb.PredictRequest, respon
             from_array(name, value, raw, into=response.outputs.add())
         else:  # sequences and maps, e.g. ZipMap: JSON-like values with string keys
             response.structured_outputs[name].CopyFrom(json_format.ParseDict(_jsonable(value), struct_pb2.Value()))
-    return response
 
 
 def _jsonable(value):

@@ -13,7 +13,7 @@ def job_to_wire(job: JobRecord) -> pb.Job:
         id=job.id,
         model=job.model,
         version=job.version,
-        state=pb.JobState.Value("JOB_STATE_" + job.state.value),
+        state="JOB_STATE_" + job.state.value,
         rows_total=job.rows_total,
         rows_done=job.rows_done,
         error=job.error,

@@ -93,7 +93,7 @@ def infer_response(
     request: pb.ModelInferRequest, model: str, version: int, outputs: list[tuple[str, np.ndarray]]
 ) -> pb.ModelInferResponse:
     """Outputs raw when the inputs were (or when FP16/BF16 leave no other choice), typed otherwise."""
-    found = [(name, array, dtypes.of_array(array)) for name, array in outputs]
+    found = [(name, array, dtypes.of_output(name, array)) for name, array in outputs]
     raw = bool(request.raw_input_contents) or any(dtype.name not in CONTENTS_FIELD for _, _, dtype in found)
     response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     for name, array, dtype in found:
@@ -107,17 +107,20 @@ def infer_response(
     return response
 
 
-def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
-    datatype = V2_NAMES.get(spec.dtype, spec.dtype)
-    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=datatype, shape=spec.shape)
+def tensor_metadata(specs: tuple[TensorSpec, ...]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """The tensors among `specs`: V2 has no way to describe sequences or maps."""
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=V2_NAMES.get(s.dtype, s.dtype), shape=s.shape)
+        for s in specs
+        if s.dtype
+    ]
 
 
 def model_metadata(record: ModelRecord, versions: list[int]) -> pb.ModelMetadataResponse:
-    """Tensor inputs and outputs only: V2 has no way to describe sequences or maps."""
     return pb.ModelMetadataResponse(
         name=record.name,
         versions=[str(v) for v in versions],
         platform=PLATFORM,
-        inputs=[tensor_metadata(s) for s in record.inputs if s.dtype],
-        outputs=[tensor_metadata(s) for s in record.outputs if s.dtype],
+        inputs=tensor_metadata(record.inputs),
+        outputs=tensor_metadata(record.outputs),
     )

@@ -2,7 +2,9 @@
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 
@@ -14,13 +16,18 @@ from mds_grpc.logs import AccessLog
 # Besides the field the contract marks as naming the model (logged as `model`):
 _REQUEST_FIELDS = (("version", "version"), ("request_id", "request_id"), ("id", "job"))
 
+# guard(method, request, context): raises (or aborts) to refuse the call.
+_Guard = Callable[[str, Any, grpc.aio.ServicerContext], Awaitable[None]]
+# grpc's stubs type handlers for the sync server; under grpc.aio a streaming one is an async generator.
+_AsyncStreaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
 
 @dataclass(frozen=True)
 class _Route:
     """What every call of one method shares: its name, guard, access log and the request fields it logs."""
 
     method: str
-    guard: object
+    guard: _Guard | None
     access: AccessLog | None
     logged: tuple[tuple[str, str], ...]  # (request field, access-line field) the request message has
 
@@ -65,7 +72,7 @@ class _RpcScope:
 
 
 def _wrap(
-    method: str, rpc: Rpc, handler: grpc.RpcMethodHandler, guard, access: AccessLog | None
+    method: str, rpc: Rpc, handler: grpc.RpcMethodHandler, guard: _Guard | None, access: AccessLog | None
 ) -> grpc.RpcMethodHandler:
     # A unary request is a message whose class the deserializer (`Message.FromString`) is bound to.
     message_class = getattr(handler.request_deserializer, "__self__", None)
@@ -74,28 +81,28 @@ def _wrap(
         if message_class and (handler.unary_unary or handler.unary_stream)
         else {}
     )
-    logged = ((rpc.model_field, "model"),) if rpc.model_field else ()
+    logged: tuple[tuple[str, str], ...] = ((rpc.model_field, "model"),) if rpc.model_field else ()
     logged += tuple(
         pair
         for pair in _REQUEST_FIELDS
         if pair[0] in present and not (pair[0] == "id" and method.startswith("/inference."))
     )  # there `id` is a request id
     route = _Route(method, guard, access, logged)
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
+    unary = handler.unary_unary or handler.stream_unary
+    if unary is not None:
 
         async def unary_response(request, context):
             async with _RpcScope(route, request, context):
-                return await inner(request, context)
+                return await unary(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(unary_response, handler.request_deserializer, handler.response_serializer)
 
-    inner = handler.unary_stream or handler.stream_stream
+    streaming = cast(_AsyncStreaming, handler.unary_stream or handler.stream_stream)
 
     async def stream_response(request, context):
         async with _RpcScope(route, request, context):
-            async for response in inner(request, context):
+            async for response in streaming(request, context):
                 yield response
 
     factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
@@ -111,7 +118,7 @@ class ServedServer:
     `access`, calls leave no access line and no metrics.
     """
 
-    def __init__(self, server: grpc.aio.Server, rpcs: dict[str, Rpc], guard, access: AccessLog | None):
+    def __init__(self, server: grpc.aio.Server, rpcs: dict[str, Rpc], guard: _Guard | None, access: AccessLog | None):
         self.server, self.rpcs, self.guard, self.access = server, rpcs, guard, access
 
     def add_generic_rpc_handlers(self, handlers) -> None:
@@ -126,4 +133,5 @@ class ServedServer:
             for name, handler in handlers.items()
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-        self.server.add_registered_method_handlers(service, wrapped)
+        # grpc.aio.Server has it (the generated add_*Servicer_to_server calls it); grpc's stubs lack it.
+        self.server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 """mds.v1 Tensor <-> numpy, checked (by core.arrays) against shape and dtype before anything is allocated."""
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -29,12 +30,13 @@ CONTENTS_FIELD = {
 }
 
 
-# Looked up once: protobuf's enum helpers cost microseconds per call.
-WIRE_OF = {d.name: DataType.Value(PREFIX + d.name) for d in dtypes.DTYPES}
-BY_WIRE = {value: dtypes.BY_NAME[name] for name, value in WIRE_OF.items()}
+# Looked up once: protobuf's enum helpers cost microseconds per call. (Value() is typed int, the
+# generated .pyi types an enum's values as the enum: the same numbers.)
+WIRE_OF = {d.name: cast(DataType, DataType.Value(PREFIX + d.name)) for d in dtypes.DTYPES}
+BY_WIRE: dict[int, dtypes.DType] = {value: dtypes.BY_NAME[name] for name, value in WIRE_OF.items()}
 
 
-def to_wire_dtype(name: str | None) -> int:
+def to_wire_dtype(name: str | None) -> DataType:
     return WIRE_OF[name] if name else DataType.DATA_TYPE_UNSPECIFIED
 
 
@@ -112,9 +114,7 @@ def from_array(name: str, array: np.ndarray, raw: bool, into: tensor_pb2.Tensor 
     """Encode one array (into a new Tensor, or `into`, which saves a copy when it is part of a reply);
     FP16/BF16 always raw, STRING always as bytes_contents."""
     array = np.asarray(array)
-    dtype = dtypes.of_array(array)
-    if dtype is None:
-        raise TypeError(f"output {name!r} has unsupported dtype {array.dtype}")
+    dtype = dtypes.of_output(name, array)
     tensor = tensor_pb2.Tensor() if into is None else into
     tensor.name, tensor.dtype = name, WIRE_OF[dtype.name]
     tensor.shape.extend(array.shape)

@@ -3,7 +3,7 @@
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -182,7 +182,8 @@ class Client:
         self, *, state: int = job_service_pb2.JOB_STATE_UNSPECIFIED, model: str = ""
     ) -> Iterator[job_service_pb2.Job]:
         """Jobs newest first, only in `state` (a JobState) and of `model` when given, page after page."""
-        return self._pages(self._jobs.ListJobs, job_service_pb2.ListJobsRequest(state=state, model=model), "jobs")
+        request = job_service_pb2.ListJobsRequest(state=cast(job_service_pb2.JobState, state), model=model)
+        return self._pages(self._jobs.ListJobs, request, "jobs")
 
     def watch_job(self, job_id: str) -> Iterator[job_service_pb2.Job]:
         """The job now, then again at each change of state or progress, until it has ended."""

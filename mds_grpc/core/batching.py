@@ -91,7 +91,8 @@ class Batcher:
             timer.cancel()
         queue = self._queues.pop(key, [])
         now = asyncio.get_running_loop().time()
-        batch, rows = [], 0
+        batch: list[_Waiting] = []
+        rows = 0
         while queue and (not batch or rows + queue[0].rows <= self.max_rows):
             waiting = queue.pop(0)
             if waiting.reply.done():  # cancelled by its caller

@@ -48,6 +48,14 @@ def of_array(array: np.ndarray) -> DType | None:
     return BY_NUMPY.get(array.dtype)
 
 
+def of_output(name: str, array: np.ndarray) -> DType:
+    """The DType of an array to send; TypeError (a fault of the server or its model) when it has none."""
+    dtype = of_array(array)
+    if dtype is None:
+        raise TypeError(f"output {name!r} has unsupported dtype {array.dtype}")
+    return dtype
+
+
 def of_onnx_type(onnx_type: str) -> DType | None:
     """The DType of an onnxruntime type string like "tensor(float)", or None for non-tensors."""
     if onnx_type.startswith("tensor(") and onnx_type.endswith(")"):

@@ -10,7 +10,7 @@ uploads, job inputs and job results all write blobs through store_and_record.
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 def store_and_record(
     metadata: MetadataStore,
     blobs: BlobStore,
-    writes: list[tuple[str, Callable[[], bool]]],
+    writes: Sequence[tuple[str, Callable[[], bool]]],
     record: Callable[[], T],
     jobs: JobStore | None = None,
 ) -> T:

@@ -139,7 +139,7 @@ class InferenceEngine:
             )
             return values
 
-        if on_loop:
+        if cancellation is None:  # on the loop
             return run()
         future = asyncio.get_running_loop().run_in_executor(self.executor, run)
         try:

@@ -67,7 +67,7 @@ class JobRunner:
             return
         if job.state == JobState.QUEUED:
             job = jobs.transition(job_id, {JobState.QUEUED}, JobState.RUNNING) or jobs.get(job_id)
-        if job.state == JobState.RUNNING:
+        if job is not None and job.state == JobState.RUNNING:
             self._run_batches(job, folder)
 
     def _run_batches(self, job: JobRecord, folder: Path) -> None:
@@ -93,7 +93,8 @@ class JobRunner:
 
         while job.rows_done < job.rows_total:
             offset = end = job.rows_done
-            batches, size, started, failure = [], 0, time.monotonic(), None
+            batches: list[list[np.ndarray]] = []
+            size, started, failure = 0, time.monotonic(), None
             while end < job.rows_total and (
                 not batches or size < RESULT_BYTES and time.monotonic() - started < self.commit_seconds
             ):
@@ -106,19 +107,22 @@ class JobRunner:
                 size += sum(output.nbytes for output in batches[-1])
                 end += rows
             if batches:
-                job = self._record(job, folder, offset, end - offset, batches)
-                if job.state != JobState.RUNNING:
+                recorded = self._record(job, folder, offset, end - offset, batches)
+                if recorded is None or recorded.state != JobState.RUNNING:
                     return
+                job = recorded
             if failure is not None:
                 raise failure
         self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)
         log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total})
 
-    def _record(self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]):
+    def _record(
+        self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]
+    ) -> JobRecord | None:
         """Store the outputs of rows [offset, offset + rows) and record them; the job as it now is."""
         current = self.storage.jobs.get(job.id)
-        if current.state != JobState.RUNNING or current.rows_done != offset:
-            return current  # cancelled, or another worker got there first: store nothing
+        if current is None or current.state != JobState.RUNNING or current.rows_done != offset:
+            return current  # gone, cancelled, or another worker got there first: store nothing
         outputs = batches[0] if len(batches) == 1 else [np.concatenate(parts) for parts in zip(*batches, strict=True)]
         result_path = folder / f"result-{offset}.npz"
         result_files.save(result_path, outputs)

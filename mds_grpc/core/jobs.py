@@ -175,6 +175,7 @@ class JobManager:
             raise InvalidArgument("give the job's rows either inline in `inputs` or as `input_id`, not both or neither")
         self.limits.check_batch_rows(batch_rows)
         record = await self.registry.get(model, version)
+        job_input: JobInputRecord | None
         if inline:
             specs = [
                 ColumnSpec(name, getattr(dtypes.of_array(a), "name", str(a.dtype)), a.shape)

@@ -2,6 +2,8 @@
 
 import base64
 import json
+from collections.abc import Callable
+from typing import Any
 
 from mds_grpc.core.errors import InvalidArgument
 
@@ -19,7 +21,7 @@ def encode_token(key: list) -> str:
     return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
 
 
-def decode_token(token: str, kinds: tuple[type, ...]) -> tuple | None:
+def decode_token(token: str, kinds: tuple[Callable[[Any], Any], ...]) -> tuple | None:
     """The key in `token` with each part converted by `kinds`; None for the first page."""
     if not token:
         return None

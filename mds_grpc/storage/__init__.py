@@ -20,6 +20,9 @@ class Storage:
 
 def open_storage(settings: Settings) -> Storage:
     """MongoDB when MDS_MONGO_URI is set and S3 when MDS_S3_ENDPOINT is; else the embedded default."""
+    metadata: MetadataStore
+    jobs: JobStore
+    blobs: BlobStore
     if settings.mongo_uri:
         from mds_grpc.storage.mongo_jobs import MongoJobStore
         from mds_grpc.storage.mongo_metadata import MongoConnection, MongoMetadataStore

@@ -12,6 +12,7 @@ import dataclasses
 import threading
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import pymongo
 from pymongo import ReturnDocument, uri_parser
@@ -40,7 +41,7 @@ class MongoConnection:
     """One client and database shared by the Mongo stores; errors of reach become Unavailable."""
 
     def __init__(self, uri: str, database: str = "mds", timeout_ms: int = 3000):
-        self.client = pymongo.MongoClient(
+        self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, socketTimeoutMS=30_000
         )
         # For messages: hosts only, never the credentials.
@@ -95,7 +96,8 @@ class MongoMetadataStore:
                         upsert=True,
                         return_document=ReturnDocument.AFTER,
                     )
-                    stored = dataclasses.replace(record, version=counter["last_version"])
+                    # upsert with ReturnDocument.AFTER always returns the document; pymongo types it as optional
+                    stored = dataclasses.replace(record, version=counter["last_version"])  # type: ignore[index]
                     self.models.insert_one(record_to_dict(stored))
                     return stored
                 except DuplicateKeyError:  # a concurrent upsert or allocation won this number

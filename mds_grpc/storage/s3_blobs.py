@@ -92,7 +92,12 @@ class S3StreamingUpload:
         try:
             with self.store._reachable():
                 self.store.client.put_object(
-                    self.store.bucket, self.key, self.pipe, length=-1, part_size=PART_BYTES, num_parallel_uploads=1
+                    self.store.bucket,
+                    self.key,
+                    self.pipe,  # type: ignore[arg-type]  # minio only calls read(); it asks for a whole BinaryIO
+                    length=-1,
+                    part_size=PART_BYTES,
+                    num_parallel_uploads=1,
                 )
         except BaseException as error:  # kept for commit(); the client has aborted the multipart upload
             self.error = error

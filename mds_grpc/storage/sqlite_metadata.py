@@ -97,7 +97,8 @@ class SqliteMetadataStore:
         return _decode(rows[0][0]) if rows else None
 
     def list_page(self, name: str | None, after: tuple[str, int] | None, limit: int) -> list[ModelRecord]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | int] = []
         if name:
             where.append("name = ?")
             params.append(name)
