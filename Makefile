@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test gen settings-docs services services-stop envoy bench soak clean
+.PHONY: run test lint install install-test gen settings-docs services services-stop envoy bench soak clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -14,6 +14,12 @@ run: install
 ## Install everything the tests need (idempotent, cached) and run the test suite.
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## ruff (lint, import order, formatting) and mypy (types); any finding fails.
+lint: install-test
+	$(BIN)/ruff check --quiet --output-format concise .
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/mypy
 
 install:
 	scripts/bootstrap.sh

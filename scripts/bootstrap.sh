@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv outside the repo with the pinned Python
 # packages, this checkout installed into it (editable), and with `--test`
-# the test tools (grpcurl, protoc-gen-openapiv2, Chromium; MinIO, FerretDB and Redis) and
+# the linters and the test tools (grpcurl, protoc-gen-openapiv2, Chromium; MinIO, FerretDB and Redis) and
 # the real ONNX models the tests use.
 # Everything built or downloaded is cached under $MDS_CACHE, so a second run
 # takes seconds.
@@ -11,7 +11,7 @@ cache=${MDS_CACHE:-$HOME/.cache/mds}
 venv=${MDS_VENV:-$cache/venv}
 python=${PYTHON:-python3}
 extras=dev,rest
-[ "${1:-}" = "--test" ] && extras=test
+[ "${1:-}" = "--test" ] && extras=test,lint
 
 mkdir -p "$cache"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -30,7 +30,7 @@ if ! (cd / && "$venv/bin/python" -c "import mds_grpc.cli as m, sys; sys.exit(not
   "$venv/bin/pip" install --quiet --no-deps -e "$repo"
 fi
 
-if [ "$extras" = test ]; then
+if [ "${1:-}" = "--test" ]; then
   "$repo/scripts/install_go_tools.sh"
   (cd "$repo" && npm ci --no-audit --no-fund --silent)  # protoc-gen-es and the Node client test; ~/.npm caches it
   if ! command -v chromium >/dev/null; then  # the browser test of the API docs page
