@@ -40,8 +40,9 @@ from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.core.stores import Storage
 from mds_grpc.logs import AccessLog
-from mds_grpc.storage import Storage, open_storage
+from mds_grpc.storage import open_storage
 
 log = logging.getLogger("mds.server")
 SERVICES = tuple(

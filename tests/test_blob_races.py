@@ -23,8 +23,9 @@ from mds_grpc.core.errors import Unavailable
 from mds_grpc.core.job_records import JobInputRecord, JobTensor
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.core.stores import Storage
 from mds_grpc.core.uploads import UploadHeader
-from mds_grpc.storage import Storage, open_storage
+from mds_grpc.storage import open_storage
 
 SHARED = onnx_models.add_two(7.0)  # the bytes of both the old and the new model
 FOREVER = datetime(9999, 1, 1, tzinfo=UTC)

@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from mds_grpc.storage import Storage
-from mds_grpc.storage.base import BlobStore, JobStore, MetadataStore
+from mds_grpc.core.stores import BlobStore, JobStore, MetadataStore, Storage
 
 log = logging.getLogger("mds.gc")
 

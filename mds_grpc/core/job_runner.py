@@ -16,8 +16,8 @@ from mds_grpc.core.job_records import JobRecord, JobResult, JobState
 from mds_grpc.core.model_cache import materialize
 from mds_grpc.core.records import MAIN_FILE
 from mds_grpc.core.runtime import OnnxSession, RunFailed
+from mds_grpc.core.stores import Storage
 from mds_grpc.core.uploads import sha256_of
-from mds_grpc.storage import Storage
 
 log = logging.getLogger("mds.jobs")
 RESULT_BYTES = 16 << 20  # outputs stored in one result blob, at most about

@@ -22,8 +22,8 @@ from mds_grpc.core.limits import JobLimits
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import utc_now
 from mds_grpc.core.registry import ModelRegistry
+from mds_grpc.core.stores import Storage
 from mds_grpc.core.uploads import sha256_of
-from mds_grpc.storage import Storage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from mds_grpc import metrics
 from mds_grpc.core.errors import NotFound
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
 from mds_grpc.core.runtime import OnnxSession
-from mds_grpc.storage.base import BlobStore
+from mds_grpc.core.stores import BlobStore
 
 if TYPE_CHECKING:
     from mds_grpc.core.batching import Batcher

@@ -13,8 +13,8 @@ from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
+from mds_grpc.core.stores import BlobStore, MetadataStore
 from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
-from mds_grpc.storage.base import BlobStore, MetadataStore
 
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
 # loaded on first use, so an upload's memory stays flat whatever the model's size.

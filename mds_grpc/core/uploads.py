@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, StoredFile
-from mds_grpc.storage.base import BlobUpload
+from mds_grpc.core.stores import BlobUpload
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,255}")  # 255: the longest file name Linux allows

@@ -1,21 +1,7 @@
 """Where models and jobs live: a blob store for files, and metadata and job stores for records."""
 
-from dataclasses import dataclass
-
 from mds_grpc.config import Settings
-from mds_grpc.storage.base import BlobStore, JobStore, MetadataStore
-
-
-@dataclass(frozen=True)
-class Storage:
-    metadata: MetadataStore
-    blobs: BlobStore
-    jobs: JobStore
-
-    def ping(self) -> None:
-        """Raise Unavailable naming the first backend that cannot be reached."""
-        self.metadata.ping()
-        self.blobs.ping()
+from mds_grpc.core.stores import BlobStore, JobStore, MetadataStore, Storage
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -1,6 +1,7 @@
-"""The two small interfaces every storage backend implements."""
+"""The core's ports: the store interfaces every storage backend (mds_grpc/storage) implements, and the trio of them."""
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -145,3 +146,15 @@ class JobStore(Protocol):
 
     def ping(self) -> None:
         """Raise Unavailable when the store cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    metadata: MetadataStore
+    blobs: BlobStore
+    jobs: JobStore
+
+    def ping(self) -> None:
+        """Raise Unavailable naming the first backend that cannot be reached."""
+        self.metadata.ping()
+        self.blobs.ping()
