@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mds_grpc.core.records import ModelRecord, StoredFile, TensorSpec
+from mds_grpc.core.alias_records import AliasRecord
+from mds_grpc.core.records import ModelRecord, StoredFile, TensorSpec, utc_now
 from mds_grpc.storage.mongo_metadata import MongoConnection, MongoMetadataStore
 from mds_grpc.storage.sqlite_metadata import SqliteMetadataStore
 
@@ -120,3 +121,69 @@ def test_guards_left_by_a_crashed_process_go_stale(store):
     assert not store.begin_blob_deletion(SHA, "t2", ago(HOUR), ago(HOUR))
     store.release_blob(SHA)
     assert store.begin_blob_deletion(SHA, "t2", ago(-HOUR), ago(HOUR))
+
+
+def alias(name: str, version: int, canary_version: int = 0, canary_percent: int = 0, model: str = "m") -> AliasRecord:
+    return AliasRecord(model, name, version, canary_version, canary_percent)
+
+
+def test_aliases_are_created_moved_listed_and_deleted(store):
+    before = utc_now()
+    created = store.set_alias(alias("prod", 1), who="k1")
+    assert created == dataclasses.replace(alias("prod", 1), updated_at=created.updated_at)
+    assert before <= created.updated_at <= utc_now() and created.updated_at.tzinfo is not None
+    assert store.get_alias("m", "prod") == created
+    moved = store.set_alias(alias("prod", 2, canary_version=3, canary_percent=10), who="k2")
+    assert store.get_alias("m", "prod") == moved and (moved.version, moved.canary_version) == (2, 3)
+    store.set_alias(alias("beta", 3), who="k1")
+    assert [(a.alias, a.version) for a in store.list_aliases("m")] == [("beta", 3), ("prod", 2)]
+    assert store.delete_alias("m", "prod", who="k3") == moved
+    assert store.get_alias("m", "prod") is None and store.delete_alias("m", "prod", who="k3") is None
+    assert [a.alias for a in store.list_aliases("m")] == ["beta"]
+
+
+def test_alias_history_lists_every_change_oldest_first_and_outlives_the_alias(store):
+    first = store.set_alias(alias("prod", 1), who="k1")
+    second = store.set_alias(alias("prod", 2, canary_version=3, canary_percent=10), who="k2")
+    store.delete_alias("m", "prod", who="k3")
+    store.delete_alias("m", "prod", who="k4")  # nothing to delete: no event
+    history = store.alias_history("m", "prod")
+    assert [(e.action, e.who, e.version, e.canary_version, e.canary_percent) for e in history] == [
+        ("set", "k1", 1, 0, 0),
+        ("set", "k2", 2, 3, 10),
+        ("delete", "k3", 2, 3, 10),
+    ]
+    assert {(e.model, e.alias) for e in history} == {("m", "prod")}
+    assert [e.at for e in history[:2]] == [first.updated_at, second.updated_at] and history[2].at >= history[1].at
+    store.set_alias(alias("prod", 4), who="k5")
+    assert [(e.action, e.version) for e in store.alias_history("m", "prod")[2:]] == [("delete", 2), ("set", 4)]
+
+
+def test_aliases_of_different_models_are_independent(store):
+    store.set_alias(alias("prod", 1, model="a"), who="")
+    store.set_alias(alias("prod", 7, model="b"), who="")
+    store.delete_alias("a", "prod", who="")
+    assert store.get_alias("a", "prod") is None and store.get_alias("b", "prod").version == 7
+    assert [a.model for a in store.list_aliases("b")] == ["b"] and store.list_aliases("a") == []
+    assert [e.action for e in store.alias_history("b", "prod")] == ["set"]
+    assert store.alias_history("c", "prod") == []
+
+
+def test_concurrent_sets_of_one_alias_from_two_clients_leave_one_alias_and_every_event(open_store):
+    stores, names = [open_store(), open_store()], [f"a{i}" for i in range(5)]  # each new alias is a race to create it
+    with ThreadPoolExecutor(8) as pool:
+        for name in names:
+            for done in [pool.submit(stores[v % 2].set_alias, alias(name, v), f"k{v}") for v in range(1, 17)]:
+                done.result()
+    assert [a.alias for a in stores[0].list_aliases("m")] == names
+    for name in names:
+        assert 1 <= stores[1].get_alias("m", name).version <= 16
+        history = stores[1].alias_history("m", name)
+        assert sorted((e.version, e.who) for e in history) == [(v, f"k{v}") for v in range(1, 17)]
+
+
+def test_an_existing_database_opens_again_with_its_aliases(open_store):
+    open_store().set_alias(alias("prod", 1), who="k1")
+    reopened = open_store()
+    assert reopened.get_alias("m", "prod").version == 1
+    assert [e.who for e in reopened.alias_history("m", "prod")] == ["k1"]

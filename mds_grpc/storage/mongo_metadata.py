@@ -6,6 +6,8 @@ find_one_and_update, so several server processes never allocate the same version
 `blob_guards` holds one document per blob being published or deleted (see MetadataStore):
 each claim or deletion mark is one conditional upsert, refused by the unique `_id` when its
 condition does not hold.
+`aliases` holds one document per (model, alias) under a unique index; `alias_events` holds
+their history, one document per change, written after the change itself.
 """
 
 import dataclasses
@@ -18,9 +20,10 @@ import pymongo
 from pymongo import ReturnDocument, uri_parser
 from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
+from mds_grpc.core.alias_records import AliasEvent, AliasRecord
 from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.errors import Unavailable
-from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
+from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict, utc_now
 
 MODEL_FIELDS = {"_id": 0}
 
@@ -33,8 +36,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _without_id(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != "_id"}
+
+
 def _from_doc(doc: dict) -> ModelRecord:
-    return record_from_dict({k: v for k, v in doc.items() if k != "_id"})
+    return record_from_dict(_without_id(doc))
 
 
 class MongoConnection:
@@ -84,6 +91,10 @@ class MongoMetadataStore:
         self.guards = connection.db["blob_guards"]
         self.keys = connection.db["api_keys"]
         connection.index(self.keys, [("id", 1)], unique=True, name="api_keys_id")
+        self.aliases = connection.db["aliases"]
+        connection.index(self.aliases, [("model", 1), ("alias", 1)], unique=True, name="model_alias")
+        self.alias_events = connection.db["alias_events"]
+        connection.index(self.alias_events, [("model", 1), ("alias", 1), ("at", 1)], name="alias_events_alias")
 
     def create(self, record: ModelRecord) -> ModelRecord:
         """The unique (name, version) index is the guarantee: a collision takes the next number."""
@@ -169,6 +180,48 @@ class MongoMetadataStore:
     def end_blob_deletion(self, sha256: str, token: str) -> None:
         with self.connection.reachable():
             self.guards.delete_one({"_id": sha256, "deleting": token})
+
+    def _record_event(self, alias: AliasRecord, action: str, at: datetime, who: str) -> None:
+        targets = (alias.version, alias.canary_version, alias.canary_percent)
+        event = AliasEvent(alias.model, alias.alias, action, *targets, at=at, who=who)
+        self.alias_events.insert_one(dataclasses.asdict(event))
+
+    def set_alias(self, alias: AliasRecord, who: str) -> AliasRecord:
+        now = utc_now()
+        stored = dataclasses.replace(alias, updated_at=now)
+        key = {"model": alias.model, "alias": alias.alias}
+        with self.connection.reachable():
+            while True:
+                try:
+                    self.aliases.update_one(key, {"$set": dataclasses.asdict(stored)}, upsert=True)
+                    break
+                except DuplicateKeyError:  # a concurrent upsert created it first: this one now moves it
+                    continue
+            self._record_event(stored, "set", now, who)
+        return stored
+
+    def get_alias(self, model: str, alias: str) -> AliasRecord | None:
+        with self.connection.reachable():
+            doc = self.aliases.find_one({"model": model, "alias": alias}, {"_id": 0})
+        return AliasRecord(**doc) if doc else None
+
+    def list_aliases(self, model: str) -> list[AliasRecord]:
+        with self.connection.reachable():
+            return [AliasRecord(**doc) for doc in self.aliases.find({"model": model}, {"_id": 0}).sort("alias", 1)]
+
+    def delete_alias(self, model: str, alias: str, who: str) -> AliasRecord | None:
+        with self.connection.reachable():
+            # No projection: FerretDB does not implement one for findAndModify.
+            doc = self.aliases.find_one_and_delete({"model": model, "alias": alias})
+            deleted = AliasRecord(**_without_id(doc)) if doc else None
+            if deleted:
+                self._record_event(deleted, "delete", utc_now(), who)
+        return deleted
+
+    def alias_history(self, model: str, alias: str) -> list[AliasEvent]:
+        with self.connection.reachable():
+            cursor = self.alias_events.find({"model": model, "alias": alias}, {"_id": 0}).sort([("at", 1), ("_id", 1)])
+            return [AliasEvent(**doc) for doc in cursor]
 
     def create_key(self, key: ApiKey) -> None:
         with self.connection.reachable():

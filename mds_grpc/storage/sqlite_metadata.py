@@ -6,8 +6,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from mds_grpc.core.alias_records import AliasEvent, AliasRecord
 from mds_grpc.core.auth import ApiKey
-from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict
+from mds_grpc.core.records import ModelRecord, record_from_dict, record_to_dict, utc_now
 from mds_grpc.storage.sqlite_db import SqliteDatabase
 
 SCHEMA = """
@@ -35,7 +36,30 @@ CREATE TABLE IF NOT EXISTS blob_guards (
     deleting TEXT,
     deleting_at REAL
 );
+CREATE TABLE IF NOT EXISTS aliases (
+    model TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    canary_version INTEGER NOT NULL,
+    canary_percent INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (model, alias)
+);
+CREATE TABLE IF NOT EXISTS alias_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    action TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    canary_version INTEGER NOT NULL,
+    canary_percent INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    who TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alias_events_alias ON alias_events (model, alias, seq);
 """
+ALIAS_COLUMNS = "model, alias, version, canary_version, canary_percent, updated_at"
+EVENT_COLUMNS = "model, alias, action, version, canary_version, canary_percent, at, who"
 
 
 def _encode(record: ModelRecord) -> str:
@@ -64,6 +88,20 @@ def _decode_key(text: str) -> ApiKey:
             "created_at": datetime.fromisoformat(data["created_at"]),
         }
     )
+
+
+def _targets(alias: AliasRecord) -> tuple[int, int, int]:
+    return alias.version, alias.canary_version, alias.canary_percent
+
+
+def _alias(row: tuple) -> AliasRecord:
+    model, alias, version, canary_version, canary_percent, updated_at = row
+    return AliasRecord(model, alias, version, canary_version, canary_percent, datetime.fromisoformat(updated_at))
+
+
+def _event(row: tuple) -> AliasEvent:
+    model, alias, action, version, canary_version, canary_percent, at, who = row
+    return AliasEvent(model, alias, action, version, canary_version, canary_percent, datetime.fromisoformat(at), who)
 
 
 class SqliteMetadataStore:
@@ -168,6 +206,47 @@ class SqliteMetadataStore:
     def end_blob_deletion(self, sha256: str, token: str) -> None:
         with self.db.transaction() as db:
             db.execute("DELETE FROM blob_guards WHERE sha256 = ? AND deleting = ?", (sha256, token))
+
+    @staticmethod
+    def _record_event(db, alias: AliasRecord, action: str, at: datetime, who: str) -> None:
+        db.execute(
+            f"INSERT INTO alias_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (alias.model, alias.alias, action, *_targets(alias), at.isoformat(), who),
+        )
+
+    def set_alias(self, alias: AliasRecord, who: str) -> AliasRecord:
+        now = utc_now()
+        with self.db.transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO aliases ({ALIAS_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (alias.model, alias.alias, *_targets(alias), now.isoformat()),
+            )
+            self._record_event(db, alias, "set", now, who)
+        return dataclasses.replace(alias, updated_at=now)
+
+    def get_alias(self, model: str, alias: str) -> AliasRecord | None:
+        rows = self.db.query(f"SELECT {ALIAS_COLUMNS} FROM aliases WHERE model = ? AND alias = ?", (model, alias))
+        return _alias(rows[0]) if rows else None
+
+    def list_aliases(self, model: str) -> list[AliasRecord]:
+        rows = self.db.query(f"SELECT {ALIAS_COLUMNS} FROM aliases WHERE model = ? ORDER BY alias", (model,))
+        return [_alias(row) for row in rows]
+
+    def delete_alias(self, model: str, alias: str, who: str) -> AliasRecord | None:
+        with self.db.transaction() as db:
+            rows = db.execute(
+                f"DELETE FROM aliases WHERE model = ? AND alias = ? RETURNING {ALIAS_COLUMNS}", (model, alias)
+            ).fetchall()
+            deleted = _alias(rows[0]) if rows else None
+            if deleted:
+                self._record_event(db, deleted, "delete", utc_now(), who)
+        return deleted
+
+    def alias_history(self, model: str, alias: str) -> list[AliasEvent]:
+        rows = self.db.query(
+            f"SELECT {EVENT_COLUMNS} FROM alias_events WHERE model = ? AND alias = ? ORDER BY seq", (model, alias)
+        )
+        return [_event(row) for row in rows]
 
     def create_key(self, key: ApiKey) -> None:
         with self.db.transaction() as db:
