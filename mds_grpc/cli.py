@@ -143,15 +143,24 @@ def _input_array(spec: str, dtypes_by_input: dict) -> tuple[str, np.ndarray]:
     return name, np.array(json.loads(value), dtype=dtype.numpy if dtype else None)
 
 
+def _model_ref(text: str) -> tuple[str, str]:
+    """MODEL or MODEL@ALIAS as (model, alias); a model name never holds an '@'."""
+    name, _, alias = text.partition("@")
+    return name, alias
+
+
 def _predict(args) -> None:
     from mds_grpc.api.tensors import BY_WIRE
     from mds_grpc.core import dtypes
 
+    name, alias = _model_ref(args.name)
     with _client(args) as client:
-        model = client.get_model(args.name, args.version)
+        model = client.get_model(name, args.version, alias=alias)
         wanted = {spec.name: BY_WIRE.get(spec.dtype) for spec in model.inputs}
         arrays = dict(_input_array(spec, wanted) for spec in args.input)
-        prediction = client.predict(args.name, arrays, version=model.version, outputs=args.output)
+        # Through an alias the server picks the version (its canary too); else the one whose dtypes were read.
+        version = 0 if alias else model.version
+        prediction = client.predict(name, arrays, version=version, alias=alias, outputs=args.output)
     result = {
         name: {"dtype": dtypes.of_output(name, a).name, "shape": list(a.shape), "data": a.tolist()}
         for name, a in prediction.outputs.items()
@@ -166,9 +175,31 @@ def _models(args) -> None:
             for model in client.list_models(args.name or ""):
                 print(f"{model.name}\t{model.version}\t{model.size_bytes}\t{model.created_at.ToJsonString()}")
         elif args.action == "get":
-            _print_message(client.get_model(args.name, args.version))
+            name, alias = _model_ref(args.name)
+            _print_message(client.get_model(name, args.version, alias=alias))
         else:
-            _print_message(client.delete_model(args.name, args.version))
+            _print_message(client.delete_model(args.name, args.version, remove_aliases=args.remove_aliases))
+
+
+def _canary(version: int, percent: int) -> str:
+    return f"canary {version} at {percent}%" if version else "-"
+
+
+def _alias(args) -> None:
+    with _client(args) as client:
+        if args.action == "set":
+            _print_message(client.set_alias(args.model, args.alias, args.version, args.canary, args.percent))
+        elif args.action == "list":
+            for a in client.list_aliases(args.model):
+                canary = _canary(a.canary_version, a.canary_percent)
+                print(f"{a.alias}\t{a.version}\t{canary}\t{a.updated_at.ToJsonString()}")
+        elif args.action == "delete":
+            _print_message(client.delete_alias(args.model, args.alias))
+        else:
+            for change in client.alias_history(args.model, args.alias):
+                canary = _canary(change.canary_version, change.canary_percent)
+                who = change.who or "-"
+                print(f"{change.at.ToJsonString()}\t{change.action}\t{change.version}\t{canary}\t{who}")
 
 
 def _jobs(args) -> None:
@@ -180,11 +211,13 @@ def _jobs(args) -> None:
                 if not path.endswith(".npy"):
                     raise SystemExit(f"error: --input {spec!r} must be NAME=FILE.npy (rows along dimension 0)")
                 arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            name, alias = _model_ref(args.target)
             _print_message(
                 client.create_job(
-                    args.target,
+                    name,
                     arrays,
                     version=args.version,
+                    alias=alias,
                     outputs=args.output,
                     batch_rows=args.batch_rows,
                     chunk_rows=args.chunk_rows,
@@ -338,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.set_defaults(run=_upload)
 
     predict = sub.add_parser("predict", parents=[client], help="run a model on inputs and print its outputs")
-    predict.add_argument("name")
+    predict.add_argument("name", metavar="MODEL[@ALIAS]")
     predict.add_argument("--version", type=int, default=0)
     predict.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy|NAME=JSON")
     predict.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")
@@ -346,13 +379,31 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", parents=[client], help="list, get or delete models")
     models.add_argument("action", choices=["list", "get", "delete"])
-    models.add_argument("name", nargs="?")
+    models.add_argument("name", nargs="?", help="the model (get: MODEL@ALIAS too)")
     models.add_argument("--version", type=int, default=0)
+    models.add_argument(
+        "--remove-aliases", action="store_true", help="delete: also delete the aliases that point at what is deleted"
+    )
     models.set_defaults(run=_models)
+
+    alias = sub.add_parser("alias", help="aliases such as prod: set (with a canary), list, delete, history")
+    actions = alias.add_subparsers(dest="action", required=True)
+    set_alias = actions.add_parser("set", parents=[client], help="point an alias at a version (moves it)")
+    set_alias.add_argument("model")
+    set_alias.add_argument("alias")
+    set_alias.add_argument("version", type=int)
+    set_alias.add_argument("--canary", type=int, default=0, metavar="VERSION", help="send a share to this version")
+    set_alias.add_argument("--percent", type=int, default=0, help="the canary's share of requests, 0-100")
+    actions.add_parser("list", parents=[client], help="a model's aliases").add_argument("model")
+    for action, what in (("delete", "delete an alias"), ("history", "every change of an alias: when, what, who")):
+        named = actions.add_parser(action, parents=[client], help=what)
+        named.add_argument("model")
+        named.add_argument("alias")
+    alias.set_defaults(run=_alias)
 
     jobs = sub.add_parser("jobs", parents=[client], help="bulk jobs: create, list, get, watch, cancel, results")
     jobs.add_argument("action", choices=["create", "list", "get", "watch", "cancel", "results"])
-    jobs.add_argument("target", nargs="?", help="the model (create, list) or the job id")
+    jobs.add_argument("target", nargs="?", help="the model (create: MODEL@ALIAS too; list) or the job id")
     jobs.add_argument("--version", type=int, default=0)
     jobs.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     jobs.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")

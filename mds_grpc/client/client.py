@@ -122,33 +122,79 @@ class Client:
             )
         return stored
 
-    def get_model(self, name: str, version: int = 0) -> model_service_pb2.Model:
-        """One version of a model (0: the latest), with its inputs, outputs and files."""
-        return self._call(self._models.GetModel, model_service_pb2.GetModelRequest(name=name, version=version))
+    def get_model(self, name: str, version: int = 0, *, alias: str = "") -> model_service_pb2.Model:
+        """One version of a model (0: the latest; or the main version `alias` points at), with its inputs,
+        outputs, files and the aliases that point at it."""
+        request = model_service_pb2.GetModelRequest(name=name, version=version, alias=alias)
+        return self._call(self._models.GetModel, request)
 
     def list_models(self, name: str = "") -> Iterator[model_service_pb2.Model]:
         """Every stored version (of `name` only, when given), by name then version, page after page."""
         return self._pages(self._models.ListModels, model_service_pb2.ListModelsRequest(name=name), "models")
 
-    def delete_model(self, name: str, version: int = 0) -> model_service_pb2.DeleteModelResponse:
-        """Delete one version, or every version (0), of a model."""
-        return self._call(self._models.DeleteModel, model_service_pb2.DeleteModelRequest(name=name, version=version))
+    def delete_model(
+        self, name: str, version: int = 0, *, remove_aliases: bool = False
+    ) -> model_service_pb2.DeleteModelResponse:
+        """Delete one version, or every version (0), of a model. An alias pointing at one of them makes this
+        FailedPrecondition, unless `remove_aliases`: then those aliases are deleted too."""
+        request = model_service_pb2.DeleteModelRequest(name=name, version=version, remove_aliases=remove_aliases)
+        return self._call(self._models.DeleteModel, request)
+
+    # Aliases
+
+    def set_alias(
+        self, model: str, alias: str, version: int, canary_version: int = 0, canary_percent: int = 0
+    ) -> model_service_pb2.Alias:
+        """Point `alias` at `version` (moving it when it exists), sending `canary_percent` of its requests to
+        `canary_version`. Returns once the server has loaded and warmed the targets."""
+        request = model_service_pb2.SetAliasRequest(
+            model=model, alias=alias, version=version, canary_version=canary_version, canary_percent=canary_percent
+        )
+        return self._call(self._models.SetAlias, request)
+
+    def list_aliases(self, model: str) -> list[model_service_pb2.Alias]:
+        """A model's aliases, by name."""
+        return list(self._call(self._models.ListAliases, model_service_pb2.ListAliasesRequest(model=model)).aliases)
+
+    def delete_alias(self, model: str, alias: str) -> model_service_pb2.Alias:
+        """Delete an alias; returns it as it was."""
+        return self._call(self._models.DeleteAlias, model_service_pb2.DeleteAliasRequest(model=model, alias=alias))
+
+    def alias_history(self, model: str, alias: str) -> list[model_service_pb2.AliasChange]:
+        """Every change of an alias, oldest first: action, targets, when (`at`) and who (an API key id)."""
+        request = model_service_pb2.ListAliasHistoryRequest(model=model, alias=alias)
+        return list(self._call(self._models.ListAliasHistory, request).changes)
 
     # Predictions
 
     def predict(
-        self, model: str, inputs: Mapping[str, np.ndarray], *, version: int = 0, outputs: Sequence[str] = ()
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: int = 0,
+        alias: str = "",
+        outputs: Sequence[str] = (),
+        request_id: str = "",
     ) -> Prediction:
-        """Run a model (version 0: the latest) on named arrays; only `outputs` when given."""
-        return Prediction.of(self._call(self._inference.Predict, _predict_request(model, inputs, version, outputs)))
+        """Run a model (version 0: the latest; or through `alias`) on named arrays; only `outputs` when given.
+        Through an alias with a canary, `request_id` picks the version, so a retry lands on the same one."""
+        request = _predict_request(model, inputs, version, alias, outputs, request_id)
+        return Prediction.of(self._call(self._inference.Predict, request))
 
     def stream(
-        self, model: str, inputs: Iterable[Mapping[str, np.ndarray]], *, version: int = 0, outputs: Sequence[str] = ()
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, np.ndarray]],
+        *,
+        version: int = 0,
+        alias: str = "",
+        outputs: Sequence[str] = (),
     ) -> Iterator[Prediction | MdsError]:
         """Run a model on each set of inputs over one stream, as they come. Yields one item per set, in order:
         its Prediction, or the MdsError it failed with (the stream goes on). A failure of the stream itself
         is raised."""
-        requests = (_predict_request(model, arrays, version, outputs) for arrays in inputs)
+        requests = (_predict_request(model, arrays, version, alias, outputs) for arrays in inputs)
         for reply in self._replies(self._inference.PredictStream, requests):
             yield error_of(reply.error) if reply.HasField("error") else Prediction.of(reply.response)
 
@@ -160,20 +206,25 @@ class Client:
         inputs: Mapping[str, np.ndarray],
         *,
         version: int = 0,
+        alias: str = "",
         outputs: Sequence[str] = (),
         batch_rows: int = 0,
         chunk_rows: int = 0,
     ) -> job_service_pb2.Job:
         """Upload inputs (rows along dimension 0; memory-mapped arrays are read as they are sent, `chunk_rows`
         per message, default ~16 MiB) and queue a job running `model` on them, `batch_rows` per run
-        (0: the server's default). Returns the job, QUEUED."""
+        (0: the server's default). Through `alias`, the job keeps the version the alias points at now
+        (`Job.version`). Returns the job, QUEUED."""
         uploaded = self._call(self._jobs.UploadJobInput, job_input_requests(inputs, chunk_rows))
-        return self._call(
-            self._jobs.CreateJob,
-            job_service_pb2.CreateJobRequest(
-                model=model, version=version, input_id=uploaded.id, output_names=outputs, batch_rows=batch_rows
-            ),
+        request = job_service_pb2.CreateJobRequest(
+            model=model,
+            version=version,
+            alias=alias,
+            input_id=uploaded.id,
+            output_names=outputs,
+            batch_rows=batch_rows,
         )
+        return self._call(self._jobs.CreateJob, request)
 
     def get_job(self, job_id: str) -> job_service_pb2.Job:
         return self._call(self._jobs.GetJob, job_service_pb2.GetJobRequest(id=job_id))
@@ -200,11 +251,18 @@ class Client:
 
 
 def _predict_request(
-    model: str, inputs: Mapping[str, np.ndarray], version: int, outputs: Sequence[str]
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    version: int,
+    alias: str,
+    outputs: Sequence[str],
+    request_id: str = "",
 ) -> inference_service_pb2.PredictRequest:
     return inference_service_pb2.PredictRequest(
         model=model,
         version=version,
+        alias=alias,
+        request_id=request_id,
         output_names=outputs,
         inputs=[from_array(name, array, raw=True) for name, array in inputs.items()],
     )
