@@ -14,15 +14,20 @@ REQUEST_SECONDS = Histogram("mds_request_seconds", "RPC duration", ["method", "m
 QUEUE_SECONDS = Histogram(
     "mds_inference_queue_seconds",
     "Time a run waited for an inference thread (runs on the event loop wait for none and are not counted)",
-    ["model"],
+    ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-COMPUTE_SECONDS = Histogram("mds_inference_compute_seconds", "onnxruntime run time", ["model"], buckets=LATENCY_BUCKETS)
+COMPUTE_SECONDS = Histogram(
+    "mds_inference_compute_seconds", "onnxruntime run time", ["model", "version"], buckets=LATENCY_BUCKETS
+)
 BATCH_ROWS = Histogram(
     "mds_inference_batch_rows",
     "Rows along the first dimension per onnxruntime run",
-    ["model"],
+    ["model", "version"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
+)
+ALIAS_REQUESTS = Counter(
+    "mds_alias_requests", "Requests through an alias, by the version they were routed to", ["model", "alias", "version"]
 )
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
 State = TypeVar("State", bound=str)  # a job state, labelled by its lower-case name
@@ -36,8 +41,19 @@ def _rpc_series(method: str, model: str, code: str):
 
 
 @lru_cache(maxsize=1024)
-def _run_series(model: str):
-    return QUEUE_SECONDS.labels(model), COMPUTE_SECONDS.labels(model), BATCH_ROWS.labels(model)
+def _run_series(model: str, version: int):
+    labels = (model, str(version))
+    return QUEUE_SECONDS.labels(*labels), COMPUTE_SECONDS.labels(*labels), BATCH_ROWS.labels(*labels)
+
+
+@lru_cache(maxsize=1024)
+def _alias_series(model: str, alias: str, version: int):
+    return ALIAS_REQUESTS.labels(model, alias, str(version))
+
+
+def alias_request(model: str, alias: str, version: int) -> None:
+    """Count a request routed through `alias` to `version` (canary splits show here)."""
+    _alias_series(model, alias, version).inc()
 
 
 def cache_event(event: str) -> None:
@@ -56,9 +72,9 @@ def observe_rpc(method: str, model: str, code: str, seconds: float) -> None:
     latency.observe(seconds)
 
 
-def observe_run(model: str, queued: float | None, computed: float, rows: int) -> None:
+def observe_run(model: str, version: int, queued: float | None, computed: float, rows: int) -> None:
     """One onnxruntime run; `queued` is None for a run on the event loop, which never waits for a thread."""
-    queue, compute, batch = _run_series(model)
+    queue, compute, batch = _run_series(model, version)
     if queued is not None:
         queue.observe(queued)
     compute.observe(computed)

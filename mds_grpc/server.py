@@ -32,6 +32,7 @@ from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.config import Settings
+from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.auth import Authenticator
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
@@ -62,6 +63,7 @@ class Core:
 
     storage: Storage
     registry: ModelRegistry
+    aliases: Aliases
     broker: dramatiq.Broker
     run_job: dramatiq.Actor
     jobs: JobManager
@@ -108,8 +110,9 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
         settings.max_job_input_bytes,
         min(settings.max_message_bytes // 2, JobLimits.result_message_bytes),
     )
-    jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits)
-    return Core(storage, registry, broker, run_job, jobs)
+    aliases = Aliases(storage.metadata, registry, settings.resolve_ttl_seconds)
+    jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits, aliases)
+    return Core(storage, registry, aliases, broker, run_job, jobs)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -196,8 +199,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     served = ServedServer(server, rpcs, guard, access_log)
     # Health and reflection: open, or (MDS_AUTH_OPEN_PROBES=false) behind the guard; never in the access log.
     probes = server if settings.auth_open_probes or guard is None else ServedServer(server, rpcs, guard, None)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry), served)
-    engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry, core.aliases), served)
+    engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6, core.aliases)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(engine, settings.stream_max_in_flight, limits), served

@@ -23,7 +23,7 @@ RNG = np.random.default_rng(7)
 
 def runs_and_rows(model: str) -> tuple[float, float]:
     """onnxruntime runs so far for `model`, and the rows they took (from the batch-size histogram)."""
-    labels = {"model": model}
+    labels = {"model": model, "version": "1"}
     return (
         REGISTRY.get_sample_value("mds_inference_batch_rows_count", labels) or 0,
         REGISTRY.get_sample_value("mds_inference_batch_rows_sum", labels) or 0,

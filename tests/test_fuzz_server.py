@@ -483,7 +483,7 @@ def test_v2_version_strings(v2, version):
     assert_status(
         lambda: v2.ModelInfer(oip_pb.ModelInferRequest(model_name="adder", model_version=version), timeout=60),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "must be a version number",
+        "model_version must be empty (the latest), a version number or an alias",
     )
 
 

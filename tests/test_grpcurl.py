@@ -71,5 +71,14 @@ def test_grpcurl_calls_every_rpc(server, unique):
     )
     assert stream_reply["infer_response"]["outputs"][0]["contents"]["fp32_contents"] == [4]
 
+    alias = {"model": unique, "alias": "prod"}
+    assert call("mds.v1.ModelService/SetAlias", {**alias, "version": 1})[0]["version"] == "1"
+    assert [a["alias"] for a in call("mds.v1.ModelService/ListAliases", {"model": unique})[0]["aliases"]] == ["prod"]
+    (through_alias,) = call("mds.v1.InferenceService/Predict", {**alias, "model": unique, "inputs": inputs})
+    assert through_alias["version"] == "1"
+    assert call("mds.v1.ModelService/DeleteAlias", alias)[0]["alias"] == "prod"
+    changes = call("mds.v1.ModelService/ListAliasHistory", alias)[0]["changes"]
+    assert [c["action"] for c in changes] == ["set", "delete"]
+
     assert call("mds.v1.ModelService/DeleteModel", {"name": unique})[0]["deleted_versions"] == ["1"]
     assert called == every_rpc()

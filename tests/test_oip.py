@@ -97,7 +97,8 @@ def test_magika_metadata_shapes(server, pretrained, unique):
 @pytest.mark.parametrize(
     "request_fields, code, fragment",
     [
-        ({"model_version": "latest"}, grpc.StatusCode.INVALID_ARGUMENT, "model_version must be a version number"),
+        ({"model_version": "Latest"}, grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty (the latest)"),
+        ({"model_version": "latest"}, grpc.StatusCode.NOT_FOUND, "no alias 'latest'"),
         ({"raw_input_contents": [b"", b""]}, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries"),
         (
             {"inputs": [pb.ModelInferRequest.InferInputTensor(name="a", datatype="COMPLEX", shape=[1])]},

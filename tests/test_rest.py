@@ -59,6 +59,24 @@ def test_predict_with_typed_json_and_base64_raw(envoy):
     assert z.tolist() == [22.0, 44.0]
 
 
+def test_aliases_over_rest(envoy):
+    base = f"{envoy.url}/v1/models/rest-adder/aliases"
+    reply = requests.put(f"{base}/prod", json={"version": 1, "canaryVersion": 2, "canaryPercent": 0})
+    assert reply.status_code == 200, reply.text
+    assert (reply.json()["alias"], reply.json()["version"]) == ("prod", "1")
+    inputs = [{"name": n, "dtype": "DATA_TYPE_FP32", "shape": [1], "contents": {"fp32Contents": [1]}} for n in "ab"]
+    predicted = requests.post(f"{base}/prod:predict", json={"inputs": inputs}).json()
+    assert predicted["version"] == "1" and predicted["outputs"][0]["contents"]["fp32Contents"] == [4]
+    assert requests.get(f"{base}/prod/model").json()["version"] == "1"
+    assert [a["alias"] for a in requests.get(base).json()["aliases"]] == ["prod"]
+    refused = requests.delete(f"{envoy.url}/v1/models/rest-adder/versions/1")
+    assert refused.status_code == 400 and "alias 'prod'" in refused.json()["message"]  # FAILED_PRECONDITION
+    assert requests.delete(f"{base}/prod").json()["version"] == "1"
+    history = requests.get(f"{base}/prod/history").json()["changes"]
+    assert [c["action"] for c in history] == ["set", "delete"]
+    assert requests.post(f"{base}/prod:predict", json={"inputs": inputs}).status_code == 404
+
+
 @pytest.mark.parametrize(
     "method, path, body, status, fragment",
     [
@@ -175,7 +193,7 @@ def test_swagger_page_lists_the_operations_in_a_browser(envoy):
         for path, methods in requests.get(f"{envoy.url}/docs/openapi.json").json()["paths"].items()
         for method in methods
     ]
-    assert len(operations) == 16
+    assert len(operations) == 22
     assert page.count('class="opblock-summary-path"') == len(operations)
     for path, _ in operations:
         assert f'data-path="{path}"' in page

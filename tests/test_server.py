@@ -142,8 +142,8 @@ def test_prometheus_metrics(tmp_path):
     assert samples[f'mds_requests_total{{code="OK",{predict},model="adder"}}'] == 3
     assert samples[f'mds_requests_total{{code="NOT_FOUND",{predict},model=""}}'] == 1  # failed names never label
     assert samples[f'mds_request_seconds_count{{{predict},model="adder"}}'] == 3
-    assert samples['mds_inference_compute_seconds_count{model="adder"}'] == 3
-    assert samples['mds_inference_queue_seconds_count{model="adder"}'] == 3
+    assert samples['mds_inference_compute_seconds_count{model="adder",version="1"}'] == 3
+    assert samples['mds_inference_queue_seconds_count{model="adder",version="1"}'] == 3
     assert samples['mds_model_cache_events_total{event="hit"}'] == 3
     assert samples['mds_jobs{state="queued"}'] == samples['mds_jobs{state="running"}'] == 0
 

@@ -45,6 +45,12 @@ def check_listing(name_filter: str, field: str) -> None:
         )
 
 
+def caller() -> str:
+    """The id of the API key the current RPC came with; "" when auth is off."""
+    key = _current_key.get()
+    return key.id if key is not None else ""
+
+
 def check_model(model: str, scope: str = PREDICT) -> None:
     """Inside a streaming RPC: may the caller use `model`? (A no-op when auth is off.)"""
     key = _current_key.get()

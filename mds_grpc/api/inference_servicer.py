@@ -61,7 +61,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def _predict(self, request: pb.PredictRequest, deadline: float | None, response: pb.PredictResponse) -> None:
         prediction = await self.engine.predict(
-            request.model, request.version, to_arrays(request.inputs, self.limits), list(request.output_names), deadline
+            request.model,
+            request.version,
+            to_arrays(request.inputs, self.limits),
+            list(request.output_names),
+            deadline,
+            request.alias,
+            request.request_id,
         )
         encode_prediction(prediction, request, response)
 

@@ -39,6 +39,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             request.input_id,
             list(request.output_names),
             request.batch_rows,
+            request.alias,
         )
         annotate(job=job.id, version=job.version)
         return job_to_wire(job)

@@ -1,12 +1,13 @@
 """mds.v1 model messages <-> core records and upload headers."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from google.protobuf import json_format
 
 from mds.v1 import model_service_pb2 as pb
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import to_wire_dtype
+from mds_grpc.core.alias_records import AliasEvent, AliasRecord
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, ModelRecord, StoredFile, TensorSpec
 from mds_grpc.core.uploads import UploadHeader
@@ -22,7 +23,7 @@ def spec_to_wire(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     )
 
 
-def model_to_wire(record: ModelRecord) -> pb.Model:
+def model_to_wire(record: ModelRecord, aliases: Iterable[str] = ()) -> pb.Model:
     model = pb.Model(
         name=record.name,
         version=record.version,
@@ -37,6 +38,7 @@ def model_to_wire(record: ModelRecord) -> pb.Model:
         description=record.description,
         labels=record.labels,
         files=[pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in record.files],
+        aliases=sorted(aliases),
     )
     if record.batching.enabled:
         model.batching.max_batch_size = record.batching.max_batch_size
@@ -44,6 +46,31 @@ def model_to_wire(record: ModelRecord) -> pb.Model:
     model.created_at.FromDatetime(record.created_at)
     model.metadata.update(record.metadata)
     return model
+
+
+def alias_to_wire(alias: AliasRecord) -> pb.Alias:
+    wire = pb.Alias(
+        model=alias.model,
+        alias=alias.alias,
+        version=alias.version,
+        canary_version=alias.canary_version,
+        canary_percent=alias.canary_percent,
+    )
+    if alias.updated_at is not None:
+        wire.updated_at.FromDatetime(alias.updated_at)
+    return wire
+
+
+def alias_change_to_wire(event: AliasEvent) -> pb.AliasChange:
+    change = pb.AliasChange(
+        action=event.action,
+        version=event.version,
+        canary_version=event.canary_version,
+        canary_percent=event.canary_percent,
+        who=event.who,
+    )
+    change.at.FromDatetime(event.at)
+    return change
 
 
 def header_from_wire(header: pb.ModelHeader) -> UploadHeader:

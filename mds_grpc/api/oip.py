@@ -12,6 +12,7 @@ import numpy as np
 from mds.oip import grpc_service_pb2 as pb
 from mds_grpc.api.tensors import CONTENTS_FIELD, fill_typed, from_typed
 from mds_grpc.core import arrays, dtypes
+from mds_grpc.core.aliases import check_alias_name
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.limits import TensorLimits
 from mds_grpc.core.records import ModelRecord, TensorSpec
@@ -22,12 +23,19 @@ BY_DATATYPE = {**dtypes.BY_NAME, **{v2: dtypes.BY_NAME[core] for core, v2 in V2_
 PLATFORM = "onnxruntime_onnx"
 
 
-def parse_version(version: str) -> int:
+def parse_version(version: str) -> tuple[int, str]:
+    """V2's model_version as (version, alias): "" for the latest, a version number, or an alias name."""
     if not version:
-        return 0
-    if not re.fullmatch(r"[0-9]{1,18}", version):  # ASCII digits only, and within int64
-        raise InvalidArgument(f"model_version must be a version number or empty for the latest, got {version[:40]!r}")
-    return int(version)
+        return 0, ""
+    if re.fullmatch(r"[0-9]{1,18}", version):  # ASCII digits only, and within int64
+        return int(version), ""
+    try:
+        check_alias_name(version)
+    except InvalidArgument as error:
+        raise InvalidArgument(
+            f"model_version must be empty (the latest), a version number or an alias: {error}"
+        ) from None
+    return 0, version
 
 
 def _dtype(datatype: str, name: str) -> dtypes.DType:

@@ -38,9 +38,13 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=await self.is_ready())
 
+    async def _version(self, model: str, version: str) -> int:
+        """The version V2's model_version selects, an alias's main version for metadata and readiness."""
+        return await self.engine.aliases.version_for(model, *parse_version(version), canary=False)
+
     async def ModelReady(self, request, context):
         try:
-            await self.registry.load(request.name, parse_version(request.version))
+            await self.registry.load(request.name, await self._version(request.name, request.version))
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -49,17 +53,20 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="mds", version=package_version("mds"), extensions=[])
 
     async def ModelMetadata(self, request, context):
-        record = await self.registry.get(request.name, parse_version(request.version))
+        record = await self.registry.get(request.name, await self._version(request.name, request.version))
         versions, _ = await self.registry.list_page(record.name, page_size=1000)
         return model_metadata(record, [r.version for r in versions])
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        version, alias = parse_version(request.model_version)
         prediction = await self.engine.predict(
             request.model_name,
-            parse_version(request.model_version),
+            version,
             input_arrays(request, self.limits),
             [o.name for o in request.outputs],
             deadline,
+            alias,
+            request.id,
         )
         structured = [name for name, value in prediction.outputs if not isinstance(value, np.ndarray)]
         if structured and request.outputs:

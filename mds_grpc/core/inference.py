@@ -12,6 +12,7 @@ import numpy as np
 
 from mds_grpc import metrics
 from mds_grpc.core import dtypes
+from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.batching import Batcher
 from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from mds_grpc.core.model_cache import LoadedModel
@@ -77,8 +78,15 @@ class InferenceEngine:
     batcher of their loaded version.
     """
 
-    def __init__(self, registry: ModelRegistry, executor: Executor, inline_max_seconds: float = 0.0):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        executor: Executor,
+        inline_max_seconds: float = 0.0,
+        aliases: Aliases | None = None,
+    ):
         self.registry = registry
+        self.aliases = aliases or Aliases(registry.metadata, registry, registry.resolve_ttl)
         self.executor = executor
         self.inline_max_seconds = inline_max_seconds
 
@@ -89,8 +97,12 @@ class InferenceEngine:
         inputs: dict[str, np.ndarray],
         output_names: Sequence[str] = (),
         deadline: float | None = None,
+        alias: str = "",
+        request_id: str = "",
     ) -> Prediction:
-        """Run one request. `deadline` is a time.monotonic() value after which the model is not run."""
+        """Run one request on `version` (0: the latest) or through `alias` (a canary share routed by a hash of
+        `request_id`). `deadline` is a time.monotonic() value after which the model is not run."""
+        version = await self.aliases.version_for(model, version, alias, request_id)
         loaded = await self.registry.load(model, version)
         record = loaded.record
         check_inputs(record, inputs)
@@ -133,6 +145,7 @@ class InferenceEngine:
             session.observe(computed if on_loop else time.thread_time() - cpu_started, elements)
             metrics.observe_run(
                 record.name,
+                record.version,
                 None if on_loop else started - submitted,
                 computed,
                 next((a.shape[0] for a in inputs.values() if a.ndim), 1),

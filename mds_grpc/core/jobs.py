@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mds_grpc.core import dtypes, result_files
+from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mds_grpc.core.garbage import store_and_record
 from mds_grpc.core.inference import check_inputs, select_outputs
@@ -112,10 +113,12 @@ class JobManager:
         tmp_dir: Path,
         enqueue: Callable[[str], object],
         limits: JobLimits,
+        aliases: Aliases,
         poll_seconds: float = 0.2,
     ):
         self.storage = storage
         self.registry = registry
+        self.aliases = aliases
         self.tmp_dir = Path(tmp_dir)
         self.enqueue = enqueue
         self.limits = limits
@@ -169,11 +172,14 @@ class JobManager:
         input_id: str,
         output_names: Sequence[str],
         batch_rows: int,
+        alias: str = "",
     ) -> JobRecord:
-        """Validate, store and enqueue a job; returns it QUEUED without waiting for any work."""
+        """Validate, store and enqueue a job; returns it QUEUED without waiting for any work. Through an alias,
+        the job keeps the alias's main version (never its canary) whatever the alias does next."""
         if bool(inline) == bool(input_id):
             raise InvalidArgument("give the job's rows either inline in `inputs` or as `input_id`, not both or neither")
         self.limits.check_batch_rows(batch_rows)
+        version = await self.aliases.version_for(model, version, alias, canary=False)
         record = await self.registry.get(model, version)
         job_input: JobInputRecord | None
         if inline:

@@ -145,6 +145,7 @@ class ModelRegistry:
         return records, ""
 
     async def delete(self, name: str, version: int = 0) -> list[int]:
+        """Delete one version, or every version (0); see Aliases.delete_model for the check of aliases."""
         if version < 0:
             raise InvalidArgument(f"version must be positive, or 0 for every version; got {version}")
         deleted = await asyncio.to_thread(self.metadata.delete, name, version)

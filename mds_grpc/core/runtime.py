@@ -118,6 +118,17 @@ class OnnxSession:
         except Exception as error:  # onnxruntime raises its own exception types
             raise RunFailed(str(error)) from None
 
+    def warm_up(self) -> None:
+        """One run on zeros shaped like the inputs (symbolic dimensions as 1), so the first request pays no
+        lazy initialisation; nothing when an input is not a tensor."""
+        feeds = {}
+        for spec in self.inputs:
+            if spec.dtype is None:
+                return
+            shape, dtype = tuple(max(d, 1) for d in spec.shape), dtypes.BY_NAME[spec.dtype].numpy
+            feeds[spec.name] = np.full(shape, "" if spec.dtype == "STRING" else 0, dtype)
+        self.run([spec.name for spec in self.outputs], feeds)
+
     def estimate_seconds(self, elements: int) -> float:
         """A run's expected time for this many input elements (infinite until one run was timed)."""
         return float("inf") if self._seconds_per_element is None else self._seconds_per_element * elements

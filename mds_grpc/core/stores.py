@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from mds_grpc.core.alias_records import AliasEvent, AliasRecord
 from mds_grpc.core.auth import ApiKey
 from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState
 from mds_grpc.core.records import ModelRecord
@@ -94,6 +95,20 @@ class MetadataStore(Protocol):
 
     def end_blob_deletion(self, sha256: str, token: str) -> None:
         """Drop the deletion mark `token` set (a no-op when a claim took over a stale mark)."""
+
+    def set_alias(self, alias: AliasRecord, who: str) -> AliasRecord:
+        """Create or move an alias (updated_at: now) and append a "set" event to its history; the alias as stored."""
+
+    def get_alias(self, model: str, alias: str) -> AliasRecord | None: ...
+
+    def list_aliases(self, model: str) -> list[AliasRecord]:
+        """Every alias of `model`, by alias name."""
+
+    def delete_alias(self, model: str, alias: str, who: str) -> AliasRecord | None:
+        """Remove an alias and append a "delete" event; the alias as it was, or None when there was none."""
+
+    def alias_history(self, model: str, alias: str) -> list[AliasEvent]:
+        """Every change of the alias, oldest first (kept after the alias or the model is deleted)."""
 
     def create_key(self, key: ApiKey) -> None: ...
 

@@ -29,7 +29,7 @@ from mds.v1 import options_pb2 as mds_dot_v1_dot_options__pb2
 from mds.v1 import tensor_pb2 as mds_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\xb1\x01\n\x0ePredictRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12/\n\x0foutput_encoding\x18\x06 \x01(\x0e\x32\x16.mds.v1.TensorEncoding\"\x84\x02\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1f\n\x07outputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12J\n\x12structured_outputs\x18\x04 \x03(\x0b\x32..mds.v1.PredictResponse.StructuredOutputsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1aP\n\x16StructuredOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\x87\x01\n\x15PredictStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.mds.v1.PredictResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\xa1\x02\n\x10InferenceService\x12\x99\x01\n\x07Predict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"]\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02S\"\x1a/v1/models/{model}:predict:\x01*Z2\"-/v1/models/{model}/versions/{version}:predict:\x01*\x12q\n\rPredictStream\x12\x16.mds.v1.PredictRequest\x1a\x1d.mds.v1.PredictStreamResponse\"%\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/predictions:stream:\x01*(\x01\x30\x01\x42(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\xc0\x01\n\x0ePredictRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12/\n\x0foutput_encoding\x18\x06 \x01(\x0e\x32\x16.mds.v1.TensorEncoding\x12\r\n\x05\x61lias\x18\x07 \x01(\t\"\x84\x02\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1f\n\x07outputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12J\n\x12structured_outputs\x18\x04 \x03(\x0b\x32..mds.v1.PredictResponse.StructuredOutputsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1aP\n\x16StructuredOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\x87\x01\n\x15PredictStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.mds.v1.PredictResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\xd4\x02\n\x10InferenceService\x12\xcc\x01\n\x07Predict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"\x8f\x01\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x84\x01\"\x1a/v1/models/{model}:predict:\x01*Z2\"-/v1/models/{model}/versions/{version}:predict:\x01*Z/\"*/v1/models/{model}/aliases/{alias}:predict:\x01*\x12q\n\rPredictStream\x12\x16.mds.v1.PredictRequest\x1a\x1d.mds.v1.PredictStreamResponse\"%\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/predictions:stream:\x01*(\x01\x30\x01\x42(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_INFERENCESERVICE'].methods_by_name['Predict']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['Predict']._serialized_options = b'\210\265\030\002\202\323\344\223\002S\"\032/v1/models/{model}:predict:\001*Z2\"-/v1/models/{model}/versions/{version}:predict:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['Predict']._serialized_options = b'\210\265\030\002\202\323\344\223\002\204\001\"\032/v1/models/{model}:predict:\001*Z2\"-/v1/models/{model}/versions/{version}:predict:\001*Z/\"*/v1/models/{model}/aliases/{alias}:predict:\001*'
   _globals['_INFERENCESERVICE'].methods_by_name['PredictStream']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['PredictStream']._serialized_options = b'\210\265\030\002\202\323\344\223\002\033\"\026/v1/predictions:stream:\001*'
   _globals['_PREDICTREQUEST']._serialized_start=171
-  _globals['_PREDICTREQUEST']._serialized_end=348
-  _globals['_PREDICTRESPONSE']._serialized_start=351
-  _globals['_PREDICTRESPONSE']._serialized_end=611
-  _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._serialized_start=531
-  _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._serialized_end=611
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=614
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=749
-  _globals['_INFERENCESERVICE']._serialized_start=752
-  _globals['_INFERENCESERVICE']._serialized_end=1041
+  _globals['_PREDICTREQUEST']._serialized_end=363
+  _globals['_PREDICTRESPONSE']._serialized_start=366
+  _globals['_PREDICTRESPONSE']._serialized_end=626
+  _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._serialized_start=546
+  _globals['_PREDICTRESPONSE_STRUCTUREDOUTPUTSENTRY']._serialized_end=626
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=629
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=764
+  _globals['_INFERENCESERVICE']._serialized_start=767
+  _globals['_INFERENCESERVICE']._serialized_end=1107
 # @@protoc_insertion_point(module_scope)

@@ -55,7 +55,8 @@ class InferenceServiceServicer:
         """Runs one request.
 
         Errors:
-        * NOT_FOUND: unknown model or version.
+        * NOT_FOUND: unknown model, version or alias.
+        * INVALID_ARGUMENT (besides the below): both `version` and `alias` set.
         * INVALID_ARGUMENT: an unknown, missing or repeated input name; a dtype,
         rank or fixed dimension that differs from the model's signature;
         tensor data that does not match its shape; an unknown output name;

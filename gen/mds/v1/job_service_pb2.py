@@ -28,7 +28,7 @@ from mds.v1 import options_pb2 as mds_dot_v1_dot_options__pb2
 from mds.v1 import tensor_pb2 as mds_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mds/v1/job_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"t\n\x15UploadJobInputRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.mds.v1.JobInputHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.mds.v1.JobInputChunkH\x00\x42\t\n\x07payload\"4\n\x0eJobInputHeader\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.mds.v1.TensorSpec\"/\n\rJobInputChunk\x12\x1e\n\x06inputs\x18\x01 \x03(\x0b\x32\x0e.mds.v1.Tensor\"H\n\x08JobInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.mds.v1.TensorSpec\"\x94\x01\n\x10\x43reateJobRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12\x10\n\x08input_id\x18\x04 \x01(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x12\n\nbatch_rows\x18\x06 \x01(\x03\"\x92\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.mds.v1.JobState\x12\x12\n\nrows_total\x18\x05 \x01(\x03\x12\x11\n\trows_done\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbatch_rows\x18\n \x01(\x03\x12\x14\n\x0coutput_names\x18\x0b \x03(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"n\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0e\x32\x10.mds.v1.JobState\x12\x13\n\x05model\x18\x04 \x01(\tB\x04\x90\xb5\x18\x01\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.mds.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14GetJobResultsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x0eJobResultBatch\x12\x12\n\nrow_offset\x18\x01 \x01(\x03\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x1f\n\x07outputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xf4\x04\n\nJobService\x12\x61\n\x0eUploadJobInput\x12\x1d.mds.v1.UploadJobInputRequest\x1a\x10.mds.v1.JobInput\"\x1c\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x12\"\r/v1/jobInputs:\x01*(\x01\x12K\n\tCreateJob\x12\x18.mds.v1.CreateJobRequest\x1a\x0b.mds.v1.Job\"\x17\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\r\"\x08/v1/jobs:\x01*\x12G\n\x06GetJob\x12\x15.mds.v1.GetJobRequest\x1a\x0b.mds.v1.Job\"\x19\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12S\n\x08ListJobs\x12\x17.mds.v1.ListJobsRequest\x1a\x18.mds.v1.ListJobsResponse\"\x14\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12W\n\tCancelJob\x12\x18.mds.v1.CancelJobRequest\x1a\x0b.mds.v1.Job\"#\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x19\"\x14/v1/jobs/{id}:cancel:\x01*\x12S\n\x08WatchJob\x12\x17.mds.v1.WatchJobRequest\x1a\x0b.mds.v1.Job\"\x1f\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12j\n\rGetJobResults\x12\x1c.mds.v1.GetJobResultsRequest\x1a\x16.mds.v1.JobResultBatch\"!\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/jobs/{id}/results0\x01\x42(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mds/v1/job_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"t\n\x15UploadJobInputRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.mds.v1.JobInputHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.mds.v1.JobInputChunkH\x00\x42\t\n\x07payload\"4\n\x0eJobInputHeader\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.mds.v1.TensorSpec\"/\n\rJobInputChunk\x12\x1e\n\x06inputs\x18\x01 \x03(\x0b\x32\x0e.mds.v1.Tensor\"H\n\x08JobInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.mds.v1.TensorSpec\"\xa3\x01\n\x10\x43reateJobRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor\x12\x10\n\x08input_id\x18\x04 \x01(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\x12\x12\n\nbatch_rows\x18\x06 \x01(\x03\x12\r\n\x05\x61lias\x18\x07 \x01(\t\"\x92\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.mds.v1.JobState\x12\x12\n\nrows_total\x18\x05 \x01(\x03\x12\x11\n\trows_done\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbatch_rows\x18\n \x01(\x03\x12\x14\n\x0coutput_names\x18\x0b \x03(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"n\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1f\n\x05state\x18\x03 \x01(\x0e\x32\x10.mds.v1.JobState\x12\x13\n\x05model\x18\x04 \x01(\tB\x04\x90\xb5\x18\x01\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.mds.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14GetJobResultsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x0eJobResultBatch\x12\x12\n\nrow_offset\x18\x01 \x01(\x03\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x1f\n\x07outputs\x18\x03 \x03(\x0b\x32\x0e.mds.v1.Tensor*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xf4\x04\n\nJobService\x12\x61\n\x0eUploadJobInput\x12\x1d.mds.v1.UploadJobInputRequest\x1a\x10.mds.v1.JobInput\"\x1c\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x12\"\r/v1/jobInputs:\x01*(\x01\x12K\n\tCreateJob\x12\x18.mds.v1.CreateJobRequest\x1a\x0b.mds.v1.Job\"\x17\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\r\"\x08/v1/jobs:\x01*\x12G\n\x06GetJob\x12\x15.mds.v1.GetJobRequest\x1a\x0b.mds.v1.Job\"\x19\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/jobs/{id}\x12S\n\x08ListJobs\x12\x17.mds.v1.ListJobsRequest\x1a\x18.mds.v1.ListJobsResponse\"\x14\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12W\n\tCancelJob\x12\x18.mds.v1.CancelJobRequest\x1a\x0b.mds.v1.Job\"#\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x19\"\x14/v1/jobs/{id}:cancel:\x01*\x12S\n\x08WatchJob\x12\x17.mds.v1.WatchJobRequest\x1a\x0b.mds.v1.Job\"\x1f\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/jobs/{id}:watch0\x01\x12j\n\rGetJobResults\x12\x1c.mds.v1.GetJobResultsRequest\x1a\x16.mds.v1.JobResultBatch\"!\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/jobs/{id}/results0\x01\x42(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,8 +54,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\210\265\030\002\202\323\344\223\002\025\022\023/v1/jobs/{id}:watch'
   _globals['_JOBSERVICE'].methods_by_name['GetJobResults']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['GetJobResults']._serialized_options = b'\210\265\030\002\202\323\344\223\002\027\022\025/v1/jobs/{id}/results'
-  _globals['_JOBSTATE']._serialized_start=1263
-  _globals['_JOBSTATE']._serialized_end=1417
+  _globals['_JOBSTATE']._serialized_start=1278
+  _globals['_JOBSTATE']._serialized_end=1432
   _globals['_UPLOADJOBINPUTREQUEST']._serialized_start=142
   _globals['_UPLOADJOBINPUTREQUEST']._serialized_end=258
   _globals['_JOBINPUTHEADER']._serialized_start=260
@@ -65,23 +65,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBINPUT']._serialized_start=363
   _globals['_JOBINPUT']._serialized_end=435
   _globals['_CREATEJOBREQUEST']._serialized_start=438
-  _globals['_CREATEJOBREQUEST']._serialized_end=586
-  _globals['_JOB']._serialized_start=589
-  _globals['_JOB']._serialized_end=863
-  _globals['_GETJOBREQUEST']._serialized_start=865
-  _globals['_GETJOBREQUEST']._serialized_end=892
-  _globals['_LISTJOBSREQUEST']._serialized_start=894
-  _globals['_LISTJOBSREQUEST']._serialized_end=1004
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1006
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1076
-  _globals['_CANCELJOBREQUEST']._serialized_start=1078
-  _globals['_CANCELJOBREQUEST']._serialized_end=1108
-  _globals['_WATCHJOBREQUEST']._serialized_start=1110
-  _globals['_WATCHJOBREQUEST']._serialized_end=1139
-  _globals['_GETJOBRESULTSREQUEST']._serialized_start=1141
-  _globals['_GETJOBRESULTSREQUEST']._serialized_end=1175
-  _globals['_JOBRESULTBATCH']._serialized_start=1177
-  _globals['_JOBRESULTBATCH']._serialized_end=1260
-  _globals['_JOBSERVICE']._serialized_start=1420
-  _globals['_JOBSERVICE']._serialized_end=2048
+  _globals['_CREATEJOBREQUEST']._serialized_end=601
+  _globals['_JOB']._serialized_start=604
+  _globals['_JOB']._serialized_end=878
+  _globals['_GETJOBREQUEST']._serialized_start=880
+  _globals['_GETJOBREQUEST']._serialized_end=907
+  _globals['_LISTJOBSREQUEST']._serialized_start=909
+  _globals['_LISTJOBSREQUEST']._serialized_end=1019
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1021
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1091
+  _globals['_CANCELJOBREQUEST']._serialized_start=1093
+  _globals['_CANCELJOBREQUEST']._serialized_end=1123
+  _globals['_WATCHJOBREQUEST']._serialized_start=1125
+  _globals['_WATCHJOBREQUEST']._serialized_end=1154
+  _globals['_GETJOBRESULTSREQUEST']._serialized_start=1156
+  _globals['_GETJOBRESULTSREQUEST']._serialized_end=1190
+  _globals['_JOBRESULTBATCH']._serialized_start=1192
+  _globals['_JOBRESULTBATCH']._serialized_end=1275
+  _globals['_JOBSERVICE']._serialized_start=1435
+  _globals['_JOBSERVICE']._serialized_end=2063
 # @@protoc_insertion_point(module_scope)

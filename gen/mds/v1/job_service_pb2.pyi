@@ -59,20 +59,22 @@ class JobInput(_message.Message):
     def __init__(self, id: _Optional[str] = ..., rows: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("model", "version", "inputs", "input_id", "output_names", "batch_rows")
+    __slots__ = ("model", "version", "inputs", "input_id", "output_names", "batch_rows", "alias")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAMES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     input_id: str
     output_names: _containers.RepeatedScalarFieldContainer[str]
     batch_rows: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., input_id: _Optional[str] = ..., output_names: _Optional[_Iterable[str]] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    alias: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., input_id: _Optional[str] = ..., output_names: _Optional[_Iterable[str]] = ..., batch_rows: _Optional[int] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "model", "version", "state", "rows_total", "rows_done", "error", "created_at", "updated_at", "batch_rows", "output_names")

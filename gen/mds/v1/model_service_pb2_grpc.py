@@ -56,6 +56,26 @@ class ModelServiceStub:
                 request_serializer=mds_dot_v1_dot_model__service__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=mds_dot_v1_dot_model__service__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/mds.v1.ModelService/SetAlias',
+                request_serializer=mds_dot_v1_dot_model__service__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=mds_dot_v1_dot_model__service__pb2.Alias.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/mds.v1.ModelService/ListAliases',
+                request_serializer=mds_dot_v1_dot_model__service__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=mds_dot_v1_dot_model__service__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/mds.v1.ModelService/DeleteAlias',
+                request_serializer=mds_dot_v1_dot_model__service__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=mds_dot_v1_dot_model__service__pb2.Alias.FromString,
+                _registered_method=True)
+        self.ListAliasHistory = channel.unary_unary(
+                '/mds.v1.ModelService/ListAliasHistory',
+                request_serializer=mds_dot_v1_dot_model__service__pb2.ListAliasHistoryRequest.SerializeToString,
+                response_deserializer=mds_dot_v1_dot_model__service__pb2.ListAliasHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -85,7 +105,10 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Returns one version of a model. NOT_FOUND when it does not exist.
+        """Returns one version of a model: by number, through an alias, or the
+        latest. NOT_FOUND when it (or the alias) does not exist; INVALID_ARGUMENT
+        when both `version` and `alias` are set. Through an alias with a canary,
+        the alias's main version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +123,50 @@ class ModelServiceServicer:
 
     def DeleteModel(self, request, context):
         """Deletes one version, or every version, of a model. NOT_FOUND when
-        nothing matches.
+        nothing matches. FAILED_PRECONDITION, naming the alias, when an alias
+        points at a version to delete, unless `remove_aliases` is set: then
+        those aliases are deleted too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Points an alias (e.g. "prod") at a version, optionally sending
+        `canary_percent` of its requests to `canary_version`; setting an existing
+        alias moves it. Returns once the target versions are loaded and have
+        answered a warm-up run on this server, so the switch costs no request a
+        cold load. Other servers sharing the metadata store follow within
+        MDS_RESOLVE_TTL_SECONDS, each loading the new target before routing to it.
+
+        Errors:
+        * INVALID_ARGUMENT: a bad alias name (the model-name rule, not all
+        digits); a version or canary version that does not exist;
+        canary_percent over 100. A canary_percent or canary_version of 0
+        means no canary.
+        * NOT_FOUND: the model does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Lists a model's aliases by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Deletes an alias; returns it as it was. NOT_FOUND when it does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliasHistory(self, request, context):
+        """Every change of an alias, oldest first: what, when and by whom (the API
+        key id when auth is on). Kept after the alias is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +194,26 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=mds_dot_v1_dot_model__service__pb2.DeleteModelRequest.FromString,
                     response_serializer=mds_dot_v1_dot_model__service__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=mds_dot_v1_dot_model__service__pb2.SetAliasRequest.FromString,
+                    response_serializer=mds_dot_v1_dot_model__service__pb2.Alias.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=mds_dot_v1_dot_model__service__pb2.ListAliasesRequest.FromString,
+                    response_serializer=mds_dot_v1_dot_model__service__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=mds_dot_v1_dot_model__service__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=mds_dot_v1_dot_model__service__pb2.Alias.SerializeToString,
+            ),
+            'ListAliasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliasHistory,
+                    request_deserializer=mds_dot_v1_dot_model__service__pb2.ListAliasHistoryRequest.FromString,
+                    response_serializer=mds_dot_v1_dot_model__service__pb2.ListAliasHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -240,6 +326,114 @@ class ModelService:
             '/mds.v1.ModelService/DeleteModel',
             mds_dot_v1_dot_model__service__pb2.DeleteModelRequest.SerializeToString,
             mds_dot_v1_dot_model__service__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mds.v1.ModelService/SetAlias',
+            mds_dot_v1_dot_model__service__pb2.SetAliasRequest.SerializeToString,
+            mds_dot_v1_dot_model__service__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mds.v1.ModelService/ListAliases',
+            mds_dot_v1_dot_model__service__pb2.ListAliasesRequest.SerializeToString,
+            mds_dot_v1_dot_model__service__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mds.v1.ModelService/DeleteAlias',
+            mds_dot_v1_dot_model__service__pb2.DeleteAliasRequest.SerializeToString,
+            mds_dot_v1_dot_model__service__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mds.v1.ModelService/ListAliasHistory',
+            mds_dot_v1_dot_model__service__pb2.ListAliasHistoryRequest.SerializeToString,
+            mds_dot_v1_dot_model__service__pb2.ListAliasHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -748,7 +748,8 @@ func (x *InferTensorContents) GetBytesContents() [][]byte {
 type ModelInferRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	ModelName string                 `protobuf:"bytes,1,opt,name=model_name,json=modelName,proto3" json:"model_name,omitempty"`
-	// "" for the latest version.
+	// "" for the latest version; a version number; or (MDS) an alias name such
+	// as "prod", whose canary share is routed by a hash of `id` when set.
 	ModelVersion string                                `protobuf:"bytes,2,opt,name=model_version,json=modelVersion,proto3" json:"model_version,omitempty"`
 	Id           string                                `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
 	Parameters   map[string]*InferParameter            `protobuf:"bytes,4,rep,name=parameters,proto3" json:"parameters,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`

@@ -34,11 +34,15 @@ type PredictRequest struct {
 	Inputs []*Tensor `protobuf:"bytes,3,rep,name=inputs,proto3" json:"inputs,omitempty"`
 	// Outputs to compute; all outputs when empty.
 	OutputNames []string `protobuf:"bytes,4,rep,name=output_names,json=outputNames,proto3" json:"output_names,omitempty"`
-	// Echoed in the response; free-form.
+	// Echoed in the response; free-form. Through an alias with a canary, a
+	// hash of it picks the version, so a retry lands on the same one.
 	RequestId      string         `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	OutputEncoding TensorEncoding `protobuf:"varint,6,opt,name=output_encoding,json=outputEncoding,proto3,enum=mds.v1.TensorEncoding" json:"output_encoding,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Selects the version an alias points at (see ModelService.SetAlias);
+	// exclusive with `version`.
+	Alias         string `protobuf:"bytes,7,opt,name=alias,proto3" json:"alias,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PredictRequest) Reset() {
@@ -113,10 +117,18 @@ func (x *PredictRequest) GetOutputEncoding() TensorEncoding {
 	return TensorEncoding_TENSOR_ENCODING_UNSPECIFIED
 }
 
+func (x *PredictRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
 type PredictResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Model string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
-	// The version that ran (resolved when the request asked for latest).
+	// The version that ran (resolved when the request asked for the latest or
+	// an alias).
 	Version int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// Tensor outputs, in the model's output order.
 	Outputs []*Tensor `protobuf:"bytes,3,rep,name=outputs,proto3" json:"outputs,omitempty"`
@@ -289,7 +301,7 @@ var File_mds_v1_inference_service_proto protoreflect.FileDescriptor
 
 const file_mds_v1_inference_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\xf1\x01\n" +
+	"\x1emds/v1/inference_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\x87\x02\n" +
 	"\x0ePredictRequest\x12\x1a\n" +
 	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12&\n" +
@@ -297,7 +309,8 @@ const file_mds_v1_inference_service_proto_rawDesc = "" +
 	"\foutput_names\x18\x04 \x03(\tR\voutputNames\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\x12?\n" +
-	"\x0foutput_encoding\x18\x06 \x01(\x0e2\x16.mds.v1.TensorEncodingR\x0eoutputEncoding\"\xc7\x02\n" +
+	"\x0foutput_encoding\x18\x06 \x01(\x0e2\x16.mds.v1.TensorEncodingR\x0eoutputEncoding\x12\x14\n" +
+	"\x05alias\x18\a \x01(\tR\x05alias\"\xc7\x02\n" +
 	"\x0fPredictResponse\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12(\n" +
@@ -313,9 +326,9 @@ const file_mds_v1_inference_service_proto_rawDesc = "" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x125\n" +
 	"\bresponse\x18\x02 \x01(\v2\x17.mds.v1.PredictResponseH\x00R\bresponse\x12*\n" +
 	"\x05error\x18\x03 \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
-	"\x06result2\xa1\x02\n" +
-	"\x10InferenceService\x12\x99\x01\n" +
-	"\aPredict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"]\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02S:\x01*Z2:\x01*\"-/v1/models/{model}/versions/{version}:predict\"\x1a/v1/models/{model}:predict\x12q\n" +
+	"\x06result2\xd4\x02\n" +
+	"\x10InferenceService\x12\xcc\x01\n" +
+	"\aPredict\x12\x16.mds.v1.PredictRequest\x1a\x17.mds.v1.PredictResponse\"\x8f\x01\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x84\x01:\x01*Z2:\x01*\"-/v1/models/{model}/versions/{version}:predictZ/:\x01*\"*/v1/models/{model}/aliases/{alias}:predict\"\x1a/v1/models/{model}:predict\x12q\n" +
 	"\rPredictStream\x12\x16.mds.v1.PredictRequest\x1a\x1d.mds.v1.PredictStreamResponse\"%\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/predictions:stream(\x010\x01B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
 
 var (

@@ -330,7 +330,11 @@ type CreateJobRequest struct {
 	OutputNames []string `protobuf:"bytes,5,rep,name=output_names,json=outputNames,proto3" json:"output_names,omitempty"`
 	// Rows per batch; 0 uses the server's default (MDS_JOB_BATCH_ROWS). Over
 	// MDS_MAX_JOB_BATCH_ROWS (default 1048576) is INVALID_ARGUMENT.
-	BatchRows     int64 `protobuf:"varint,6,opt,name=batch_rows,json=batchRows,proto3" json:"batch_rows,omitempty"`
+	BatchRows int64 `protobuf:"varint,6,opt,name=batch_rows,json=batchRows,proto3" json:"batch_rows,omitempty"`
+	// Selects the version an alias points at when the job is created (its
+	// main version: jobs never take the canary); exclusive with `version`. The
+	// job keeps that version (Job.version) whatever the alias does next.
+	Alias         string `protobuf:"bytes,7,opt,name=alias,proto3" json:"alias,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -405,6 +409,13 @@ func (x *CreateJobRequest) GetBatchRows() int64 {
 		return x.BatchRows
 	}
 	return 0
+}
+
+func (x *CreateJobRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
 }
 
 type Job struct {
@@ -908,7 +919,7 @@ const file_mds_v1_job_service_proto_rawDesc = "" +
 	"\bJobInput\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04rows\x18\x02 \x01(\x03R\x04rows\x12*\n" +
-	"\x06inputs\x18\x03 \x03(\v2\x12.mds.v1.TensorSpecR\x06inputs\"\xcd\x01\n" +
+	"\x06inputs\x18\x03 \x03(\v2\x12.mds.v1.TensorSpecR\x06inputs\"\xe3\x01\n" +
 	"\x10CreateJobRequest\x12\x1a\n" +
 	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12&\n" +
@@ -916,7 +927,8 @@ const file_mds_v1_job_service_proto_rawDesc = "" +
 	"\binput_id\x18\x04 \x01(\tR\ainputId\x12!\n" +
 	"\foutput_names\x18\x05 \x03(\tR\voutputNames\x12\x1d\n" +
 	"\n" +
-	"batch_rows\x18\x06 \x01(\x03R\tbatchRows\"\xf7\x02\n" +
+	"batch_rows\x18\x06 \x01(\x03R\tbatchRows\x12\x14\n" +
+	"\x05alias\x18\a \x01(\tR\x05alias\"\xf7\x02\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n" +

@@ -488,7 +488,9 @@ type Model struct {
 	// Every stored file, the main .onnx file first.
 	Files []*ModelFile `protobuf:"bytes,15,rep,name=files,proto3" json:"files,omitempty"`
 	// Unset when the version does not batch.
-	Batching      *Batching `protobuf:"bytes,16,opt,name=batching,proto3" json:"batching,omitempty"`
+	Batching *Batching `protobuf:"bytes,16,opt,name=batching,proto3" json:"batching,omitempty"`
+	// The aliases whose version or canary version this is, by name.
+	Aliases       []string `protobuf:"bytes,17,rep,name=aliases,proto3" json:"aliases,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -635,11 +637,21 @@ func (x *Model) GetBatching() *Batching {
 	return nil
 }
 
+func (x *Model) GetAliases() []string {
+	if x != nil {
+		return x.Aliases
+	}
+	return nil
+}
+
 type GetModelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// 0 selects the latest version.
-	Version       int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Version int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// Selects the version an alias points at (its main version, never its
+	// canary); exclusive with a non-zero `version`.
+	Alias         string `protobuf:"bytes,3,opt,name=alias,proto3" json:"alias,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -686,6 +698,13 @@ func (x *GetModelRequest) GetVersion() int64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *GetModelRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
 }
 
 type ListModelsRequest struct {
@@ -809,7 +828,10 @@ type DeleteModelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// 0 deletes every version.
-	Version       int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Version int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// Also delete the aliases that point at a deleted version (else such an
+	// alias makes the delete FAILED_PRECONDITION).
+	RemoveAliases bool `protobuf:"varint,3,opt,name=remove_aliases,json=removeAliases,proto3" json:"remove_aliases,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -856,6 +878,13 @@ func (x *DeleteModelRequest) GetVersion() int64 {
 		return x.Version
 	}
 	return 0
+}
+
+func (x *DeleteModelRequest) GetRemoveAliases() bool {
+	if x != nil {
+		return x.RemoveAliases
+	}
+	return false
 }
 
 type DeleteModelResponse struct {
@@ -910,6 +939,496 @@ func (x *DeleteModelResponse) GetDeletedVersions() []int64 {
 	return nil
 }
 
+type SetAliasRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Model string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The model-name rule (^[a-z0-9][a-z0-9._-]{0,127}$), and not all digits.
+	Alias   string `protobuf:"bytes,2,opt,name=alias,proto3" json:"alias,omitempty"`
+	Version int64  `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// 0: no canary.
+	CanaryVersion int64 `protobuf:"varint,4,opt,name=canary_version,json=canaryVersion,proto3" json:"canary_version,omitempty"`
+	// Share of requests, 0-100, that go to `canary_version`. A request with a
+	// `request_id` is routed by a hash of it (a retry lands on the same
+	// version); one without, at random.
+	CanaryPercent uint32 `protobuf:"varint,5,opt,name=canary_percent,json=canaryPercent,proto3" json:"canary_percent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAliasRequest) Reset() {
+	*x = SetAliasRequest{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAliasRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAliasRequest) ProtoMessage() {}
+
+func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAliasRequest.ProtoReflect.Descriptor instead.
+func (*SetAliasRequest) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SetAliasRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *SetAliasRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+func (x *SetAliasRequest) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *SetAliasRequest) GetCanaryVersion() int64 {
+	if x != nil {
+		return x.CanaryVersion
+	}
+	return 0
+}
+
+func (x *SetAliasRequest) GetCanaryPercent() uint32 {
+	if x != nil {
+		return x.CanaryPercent
+	}
+	return 0
+}
+
+type Alias struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Model   string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Alias   string                 `protobuf:"bytes,2,opt,name=alias,proto3" json:"alias,omitempty"`
+	Version int64                  `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	// 0 when the alias has no canary.
+	CanaryVersion int64                  `protobuf:"varint,4,opt,name=canary_version,json=canaryVersion,proto3" json:"canary_version,omitempty"`
+	CanaryPercent uint32                 `protobuf:"varint,5,opt,name=canary_percent,json=canaryPercent,proto3" json:"canary_percent,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Alias) Reset() {
+	*x = Alias{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Alias) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Alias) ProtoMessage() {}
+
+func (x *Alias) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Alias.ProtoReflect.Descriptor instead.
+func (*Alias) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Alias) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Alias) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+func (x *Alias) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *Alias) GetCanaryVersion() int64 {
+	if x != nil {
+		return x.CanaryVersion
+	}
+	return 0
+}
+
+func (x *Alias) GetCanaryPercent() uint32 {
+	if x != nil {
+		return x.CanaryPercent
+	}
+	return 0
+}
+
+func (x *Alias) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+type ListAliasesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAliasesRequest) Reset() {
+	*x = ListAliasesRequest{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAliasesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAliasesRequest) ProtoMessage() {}
+
+func (x *ListAliasesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAliasesRequest.ProtoReflect.Descriptor instead.
+func (*ListAliasesRequest) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ListAliasesRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+type ListAliasesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Aliases       []*Alias               `protobuf:"bytes,1,rep,name=aliases,proto3" json:"aliases,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAliasesResponse) Reset() {
+	*x = ListAliasesResponse{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAliasesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAliasesResponse) ProtoMessage() {}
+
+func (x *ListAliasesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAliasesResponse.ProtoReflect.Descriptor instead.
+func (*ListAliasesResponse) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ListAliasesResponse) GetAliases() []*Alias {
+	if x != nil {
+		return x.Aliases
+	}
+	return nil
+}
+
+type DeleteAliasRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Alias         string                 `protobuf:"bytes,2,opt,name=alias,proto3" json:"alias,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteAliasRequest) Reset() {
+	*x = DeleteAliasRequest{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteAliasRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteAliasRequest) ProtoMessage() {}
+
+func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteAliasRequest.ProtoReflect.Descriptor instead.
+func (*DeleteAliasRequest) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DeleteAliasRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *DeleteAliasRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+type ListAliasHistoryRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Alias         string                 `protobuf:"bytes,2,opt,name=alias,proto3" json:"alias,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAliasHistoryRequest) Reset() {
+	*x = ListAliasHistoryRequest{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAliasHistoryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAliasHistoryRequest) ProtoMessage() {}
+
+func (x *ListAliasHistoryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAliasHistoryRequest.ProtoReflect.Descriptor instead.
+func (*ListAliasHistoryRequest) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ListAliasHistoryRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ListAliasHistoryRequest) GetAlias() string {
+	if x != nil {
+		return x.Alias
+	}
+	return ""
+}
+
+// One change of an alias.
+type AliasChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "set" (created or moved) or "delete".
+	Action string `protobuf:"bytes,1,opt,name=action,proto3" json:"action,omitempty"`
+	// The targets it was set to, or had when deleted.
+	Version       int64                  `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	CanaryVersion int64                  `protobuf:"varint,3,opt,name=canary_version,json=canaryVersion,proto3" json:"canary_version,omitempty"`
+	CanaryPercent uint32                 `protobuf:"varint,4,opt,name=canary_percent,json=canaryPercent,proto3" json:"canary_percent,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=at,proto3" json:"at,omitempty"`
+	// The API key id that made the change; "" when auth is off.
+	Who           string `protobuf:"bytes,6,opt,name=who,proto3" json:"who,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AliasChange) Reset() {
+	*x = AliasChange{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AliasChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AliasChange) ProtoMessage() {}
+
+func (x *AliasChange) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AliasChange.ProtoReflect.Descriptor instead.
+func (*AliasChange) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *AliasChange) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AliasChange) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *AliasChange) GetCanaryVersion() int64 {
+	if x != nil {
+		return x.CanaryVersion
+	}
+	return 0
+}
+
+func (x *AliasChange) GetCanaryPercent() uint32 {
+	if x != nil {
+		return x.CanaryPercent
+	}
+	return 0
+}
+
+func (x *AliasChange) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *AliasChange) GetWho() string {
+	if x != nil {
+		return x.Who
+	}
+	return ""
+}
+
+type ListAliasHistoryResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Changes       []*AliasChange         `protobuf:"bytes,1,rep,name=changes,proto3" json:"changes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAliasHistoryResponse) Reset() {
+	*x = ListAliasHistoryResponse{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAliasHistoryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAliasHistoryResponse) ProtoMessage() {}
+
+func (x *ListAliasHistoryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAliasHistoryResponse.ProtoReflect.Descriptor instead.
+func (*ListAliasHistoryResponse) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListAliasHistoryResponse) GetChanges() []*AliasChange {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
 var File_mds_v1_model_service_proto protoreflect.FileDescriptor
 
 const file_mds_v1_model_service_proto_rawDesc = "" +
@@ -947,7 +1466,7 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"?\n" +
 	"\vOperatorSet\x12\x16\n" +
 	"\x06domain\x18\x01 \x01(\tR\x06domain\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"\xb9\x05\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\"\xd3\x05\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12\x16\n" +
@@ -968,13 +1487,15 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x06labels\x18\r \x03(\v2\x19.mds.v1.Model.LabelsEntryR\x06labels\x123\n" +
 	"\bmetadata\x18\x0e \x01(\v2\x17.google.protobuf.StructR\bmetadata\x12'\n" +
 	"\x05files\x18\x0f \x03(\v2\x11.mds.v1.ModelFileR\x05files\x12,\n" +
-	"\bbatching\x18\x10 \x01(\v2\x10.mds.v1.BatchingR\bbatching\x1a9\n" +
+	"\bbatching\x18\x10 \x01(\v2\x10.mds.v1.BatchingR\bbatching\x12\x18\n" +
+	"\aaliases\x18\x11 \x03(\tR\aaliases\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"E\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
 	"\x0fGetModelRequest\x12\x18\n" +
 	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"i\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\x12\x14\n" +
+	"\x05alias\x18\x03 \x01(\tR\x05alias\"i\n" +
 	"\x11ListModelsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -982,21 +1503,59 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x04name\x18\x03 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\"c\n" +
 	"\x12ListModelsResponse\x12%\n" +
 	"\x06models\x18\x01 \x03(\v2\r.mds.v1.ModelR\x06models\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"H\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"o\n" +
 	"\x12DeleteModelRequest\x12\x18\n" +
 	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"T\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\x12%\n" +
+	"\x0eremove_aliases\x18\x03 \x01(\bR\rremoveAliases\"T\n" +
 	"\x13DeleteModelResponse\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12)\n" +
-	"\x10deleted_versions\x18\x02 \x03(\x03R\x0fdeletedVersions2\xcd\x03\n" +
+	"\x10deleted_versions\x18\x02 \x03(\x03R\x0fdeletedVersions\"\xab\x01\n" +
+	"\x0fSetAliasRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x14\n" +
+	"\x05alias\x18\x02 \x01(\tR\x05alias\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x03R\aversion\x12%\n" +
+	"\x0ecanary_version\x18\x04 \x01(\x03R\rcanaryVersion\x12%\n" +
+	"\x0ecanary_percent\x18\x05 \x01(\rR\rcanaryPercent\"\xd6\x01\n" +
+	"\x05Alias\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
+	"\x05alias\x18\x02 \x01(\tR\x05alias\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x03R\aversion\x12%\n" +
+	"\x0ecanary_version\x18\x04 \x01(\x03R\rcanaryVersion\x12%\n" +
+	"\x0ecanary_percent\x18\x05 \x01(\rR\rcanaryPercent\x129\n" +
+	"\n" +
+	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"0\n" +
+	"\x12ListAliasesRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\">\n" +
+	"\x13ListAliasesResponse\x12'\n" +
+	"\aaliases\x18\x01 \x03(\v2\r.mds.v1.AliasR\aaliases\"F\n" +
+	"\x12DeleteAliasRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x14\n" +
+	"\x05alias\x18\x02 \x01(\tR\x05alias\"K\n" +
+	"\x17ListAliasHistoryRequest\x12\x1a\n" +
+	"\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x05model\x12\x14\n" +
+	"\x05alias\x18\x02 \x01(\tR\x05alias\"\xcb\x01\n" +
+	"\vAliasChange\x12\x16\n" +
+	"\x06action\x18\x01 \x01(\tR\x06action\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\x12%\n" +
+	"\x0ecanary_version\x18\x03 \x01(\x03R\rcanaryVersion\x12%\n" +
+	"\x0ecanary_percent\x18\x04 \x01(\rR\rcanaryPercent\x12*\n" +
+	"\x02at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x10\n" +
+	"\x03who\x18\x06 \x01(\tR\x03who\"I\n" +
+	"\x18ListAliasHistoryResponse\x12-\n" +
+	"\achanges\x18\x01 \x03(\v2\x13.mds.v1.AliasChangeR\achanges2\xca\a\n" +
 	"\fModelService\x12U\n" +
 	"\vUploadModel\x12\x1a.mds.v1.UploadModelRequest\x1a\r.mds.v1.Model\"\x19\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
-	"/v1/models(\x01\x12y\n" +
-	"\bGetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"E\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02;Z&\x12$/v1/models/{name}/versions/{version}\x12\x11/v1/models/{name}\x12[\n" +
+	"/v1/models(\x01\x12\xa4\x01\n" +
+	"\bGetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"p\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02fZ&\x12$/v1/models/{name}/versions/{version}Z)\x12'/v1/models/{name}/aliases/{alias}/model\x12\x11/v1/models/{name}\x12[\n" +
 	"\n" +
 	"ListModels\x12\x19.mds.v1.ListModelsRequest\x1a\x1a.mds.v1.ListModelsResponse\"\x16\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\f\x12\n" +
 	"/v1/models\x12\x8d\x01\n" +
-	"\vDeleteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"E\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02;Z&*$/v1/models/{name}/versions/{version}*\x11/v1/models/{name}B(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
+	"\vDeleteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"E\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02;Z&*$/v1/models/{name}/versions/{version}*\x11/v1/models/{name}\x12e\n" +
+	"\bSetAlias\x12\x17.mds.v1.SetAliasRequest\x1a\r.mds.v1.Alias\"1\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02':\x01*\x1a\"/v1/models/{model}/aliases/{alias}\x12n\n" +
+	"\vListAliases\x12\x1a.mds.v1.ListAliasesRequest\x1a\x1b.mds.v1.ListAliasesResponse\"&\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/models/{model}/aliases\x12h\n" +
+	"\vDeleteAlias\x12\x1a.mds.v1.DeleteAliasRequest\x1a\r.mds.v1.Alias\".\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02$*\"/v1/models/{model}/aliases/{alias}\x12\x8d\x01\n" +
+	"\x10ListAliasHistory\x12\x1f.mds.v1.ListAliasHistoryRequest\x1a .mds.v1.ListAliasHistoryResponse\"6\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02,\x12*/v1/models/{model}/aliases/{alias}/historyB(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3"
 
 var (
 	file_mds_v1_model_service_proto_rawDescOnce sync.Once
@@ -1010,55 +1569,75 @@ func file_mds_v1_model_service_proto_rawDescGZIP() []byte {
 	return file_mds_v1_model_service_proto_rawDescData
 }
 
-var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_mds_v1_model_service_proto_goTypes = []any{
-	(*UploadModelRequest)(nil),    // 0: mds.v1.UploadModelRequest
-	(*ModelHeader)(nil),           // 1: mds.v1.ModelHeader
-	(*Batching)(nil),              // 2: mds.v1.Batching
-	(*ModelFile)(nil),             // 3: mds.v1.ModelFile
-	(*FileChunk)(nil),             // 4: mds.v1.FileChunk
-	(*OperatorSet)(nil),           // 5: mds.v1.OperatorSet
-	(*Model)(nil),                 // 6: mds.v1.Model
-	(*GetModelRequest)(nil),       // 7: mds.v1.GetModelRequest
-	(*ListModelsRequest)(nil),     // 8: mds.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 9: mds.v1.ListModelsResponse
-	(*DeleteModelRequest)(nil),    // 10: mds.v1.DeleteModelRequest
-	(*DeleteModelResponse)(nil),   // 11: mds.v1.DeleteModelResponse
-	nil,                           // 12: mds.v1.ModelHeader.LabelsEntry
-	nil,                           // 13: mds.v1.Model.LabelsEntry
-	(*structpb.Struct)(nil),       // 14: google.protobuf.Struct
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
-	(*TensorSpec)(nil),            // 16: mds.v1.TensorSpec
+	(*UploadModelRequest)(nil),       // 0: mds.v1.UploadModelRequest
+	(*ModelHeader)(nil),              // 1: mds.v1.ModelHeader
+	(*Batching)(nil),                 // 2: mds.v1.Batching
+	(*ModelFile)(nil),                // 3: mds.v1.ModelFile
+	(*FileChunk)(nil),                // 4: mds.v1.FileChunk
+	(*OperatorSet)(nil),              // 5: mds.v1.OperatorSet
+	(*Model)(nil),                    // 6: mds.v1.Model
+	(*GetModelRequest)(nil),          // 7: mds.v1.GetModelRequest
+	(*ListModelsRequest)(nil),        // 8: mds.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),       // 9: mds.v1.ListModelsResponse
+	(*DeleteModelRequest)(nil),       // 10: mds.v1.DeleteModelRequest
+	(*DeleteModelResponse)(nil),      // 11: mds.v1.DeleteModelResponse
+	(*SetAliasRequest)(nil),          // 12: mds.v1.SetAliasRequest
+	(*Alias)(nil),                    // 13: mds.v1.Alias
+	(*ListAliasesRequest)(nil),       // 14: mds.v1.ListAliasesRequest
+	(*ListAliasesResponse)(nil),      // 15: mds.v1.ListAliasesResponse
+	(*DeleteAliasRequest)(nil),       // 16: mds.v1.DeleteAliasRequest
+	(*ListAliasHistoryRequest)(nil),  // 17: mds.v1.ListAliasHistoryRequest
+	(*AliasChange)(nil),              // 18: mds.v1.AliasChange
+	(*ListAliasHistoryResponse)(nil), // 19: mds.v1.ListAliasHistoryResponse
+	nil,                              // 20: mds.v1.ModelHeader.LabelsEntry
+	nil,                              // 21: mds.v1.Model.LabelsEntry
+	(*structpb.Struct)(nil),          // 22: google.protobuf.Struct
+	(*timestamppb.Timestamp)(nil),    // 23: google.protobuf.Timestamp
+	(*TensorSpec)(nil),               // 24: mds.v1.TensorSpec
 }
 var file_mds_v1_model_service_proto_depIdxs = []int32{
 	1,  // 0: mds.v1.UploadModelRequest.header:type_name -> mds.v1.ModelHeader
 	4,  // 1: mds.v1.UploadModelRequest.file_chunk:type_name -> mds.v1.FileChunk
-	12, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
-	14, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
+	20, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
+	22, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
 	3,  // 4: mds.v1.ModelHeader.external_files:type_name -> mds.v1.ModelFile
 	2,  // 5: mds.v1.ModelHeader.batching:type_name -> mds.v1.Batching
-	15, // 6: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
-	16, // 7: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
-	16, // 8: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
+	23, // 6: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
+	24, // 7: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
+	24, // 8: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
 	5,  // 9: mds.v1.Model.opsets:type_name -> mds.v1.OperatorSet
-	13, // 10: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
-	14, // 11: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
+	21, // 10: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
+	22, // 11: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
 	3,  // 12: mds.v1.Model.files:type_name -> mds.v1.ModelFile
 	2,  // 13: mds.v1.Model.batching:type_name -> mds.v1.Batching
 	6,  // 14: mds.v1.ListModelsResponse.models:type_name -> mds.v1.Model
-	0,  // 15: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
-	7,  // 16: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
-	8,  // 17: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
-	10, // 18: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
-	6,  // 19: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
-	6,  // 20: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
-	9,  // 21: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
-	11, // 22: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
-	19, // [19:23] is the sub-list for method output_type
-	15, // [15:19] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	23, // 15: mds.v1.Alias.updated_at:type_name -> google.protobuf.Timestamp
+	13, // 16: mds.v1.ListAliasesResponse.aliases:type_name -> mds.v1.Alias
+	23, // 17: mds.v1.AliasChange.at:type_name -> google.protobuf.Timestamp
+	18, // 18: mds.v1.ListAliasHistoryResponse.changes:type_name -> mds.v1.AliasChange
+	0,  // 19: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
+	7,  // 20: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
+	8,  // 21: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
+	10, // 22: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
+	12, // 23: mds.v1.ModelService.SetAlias:input_type -> mds.v1.SetAliasRequest
+	14, // 24: mds.v1.ModelService.ListAliases:input_type -> mds.v1.ListAliasesRequest
+	16, // 25: mds.v1.ModelService.DeleteAlias:input_type -> mds.v1.DeleteAliasRequest
+	17, // 26: mds.v1.ModelService.ListAliasHistory:input_type -> mds.v1.ListAliasHistoryRequest
+	6,  // 27: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
+	6,  // 28: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
+	9,  // 29: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
+	11, // 30: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
+	13, // 31: mds.v1.ModelService.SetAlias:output_type -> mds.v1.Alias
+	15, // 32: mds.v1.ModelService.ListAliases:output_type -> mds.v1.ListAliasesResponse
+	13, // 33: mds.v1.ModelService.DeleteAlias:output_type -> mds.v1.Alias
+	19, // 34: mds.v1.ModelService.ListAliasHistory:output_type -> mds.v1.ListAliasHistoryResponse
+	27, // [27:35] is the sub-list for method output_type
+	19, // [19:27] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_mds_v1_model_service_proto_init() }
@@ -1079,7 +1658,7 @@ func file_mds_v1_model_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mds_v1_model_service_proto_rawDesc), len(file_mds_v1_model_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,10 +19,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	ModelService_UploadModel_FullMethodName = "/mds.v1.ModelService/UploadModel"
-	ModelService_GetModel_FullMethodName    = "/mds.v1.ModelService/GetModel"
-	ModelService_ListModels_FullMethodName  = "/mds.v1.ModelService/ListModels"
-	ModelService_DeleteModel_FullMethodName = "/mds.v1.ModelService/DeleteModel"
+	ModelService_UploadModel_FullMethodName      = "/mds.v1.ModelService/UploadModel"
+	ModelService_GetModel_FullMethodName         = "/mds.v1.ModelService/GetModel"
+	ModelService_ListModels_FullMethodName       = "/mds.v1.ModelService/ListModels"
+	ModelService_DeleteModel_FullMethodName      = "/mds.v1.ModelService/DeleteModel"
+	ModelService_SetAlias_FullMethodName         = "/mds.v1.ModelService/SetAlias"
+	ModelService_ListAliases_FullMethodName      = "/mds.v1.ModelService/ListAliases"
+	ModelService_DeleteAlias_FullMethodName      = "/mds.v1.ModelService/DeleteAlias"
+	ModelService_ListAliasHistory_FullMethodName = "/mds.v1.ModelService/ListAliasHistory"
 )
 
 // ModelServiceClient is the client API for ModelService service.
@@ -49,13 +53,39 @@ type ModelServiceClient interface {
 	//
 	// A failed or cancelled upload stores nothing.
 	UploadModel(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadModelRequest, Model], error)
-	// Returns one version of a model. NOT_FOUND when it does not exist.
+	// Returns one version of a model: by number, through an alias, or the
+	// latest. NOT_FOUND when it (or the alias) does not exist; INVALID_ARGUMENT
+	// when both `version` and `alias` are set. Through an alias with a canary,
+	// the alias's main version.
 	GetModel(ctx context.Context, in *GetModelRequest, opts ...grpc.CallOption) (*Model, error)
 	// Lists model versions ordered by name, then version.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
 	// Deletes one version, or every version, of a model. NOT_FOUND when
-	// nothing matches.
+	// nothing matches. FAILED_PRECONDITION, naming the alias, when an alias
+	// points at a version to delete, unless `remove_aliases` is set: then
+	// those aliases are deleted too.
 	DeleteModel(ctx context.Context, in *DeleteModelRequest, opts ...grpc.CallOption) (*DeleteModelResponse, error)
+	// Points an alias (e.g. "prod") at a version, optionally sending
+	// `canary_percent` of its requests to `canary_version`; setting an existing
+	// alias moves it. Returns once the target versions are loaded and have
+	// answered a warm-up run on this server, so the switch costs no request a
+	// cold load. Other servers sharing the metadata store follow within
+	// MDS_RESOLVE_TTL_SECONDS, each loading the new target before routing to it.
+	//
+	// Errors:
+	//   - INVALID_ARGUMENT: a bad alias name (the model-name rule, not all
+	//     digits); a version or canary version that does not exist;
+	//     canary_percent over 100. A canary_percent or canary_version of 0
+	//     means no canary.
+	//   - NOT_FOUND: the model does not exist.
+	SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*Alias, error)
+	// Lists a model's aliases by name.
+	ListAliases(ctx context.Context, in *ListAliasesRequest, opts ...grpc.CallOption) (*ListAliasesResponse, error)
+	// Deletes an alias; returns it as it was. NOT_FOUND when it does not exist.
+	DeleteAlias(ctx context.Context, in *DeleteAliasRequest, opts ...grpc.CallOption) (*Alias, error)
+	// Every change of an alias, oldest first: what, when and by whom (the API
+	// key id when auth is on). Kept after the alias is deleted.
+	ListAliasHistory(ctx context.Context, in *ListAliasHistoryRequest, opts ...grpc.CallOption) (*ListAliasHistoryResponse, error)
 }
 
 type modelServiceClient struct {
@@ -109,6 +139,46 @@ func (c *modelServiceClient) DeleteModel(ctx context.Context, in *DeleteModelReq
 	return out, nil
 }
 
+func (c *modelServiceClient) SetAlias(ctx context.Context, in *SetAliasRequest, opts ...grpc.CallOption) (*Alias, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Alias)
+	err := c.cc.Invoke(ctx, ModelService_SetAlias_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) ListAliases(ctx context.Context, in *ListAliasesRequest, opts ...grpc.CallOption) (*ListAliasesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAliasesResponse)
+	err := c.cc.Invoke(ctx, ModelService_ListAliases_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) DeleteAlias(ctx context.Context, in *DeleteAliasRequest, opts ...grpc.CallOption) (*Alias, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Alias)
+	err := c.cc.Invoke(ctx, ModelService_DeleteAlias_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelServiceClient) ListAliasHistory(ctx context.Context, in *ListAliasHistoryRequest, opts ...grpc.CallOption) (*ListAliasHistoryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAliasHistoryResponse)
+	err := c.cc.Invoke(ctx, ModelService_ListAliasHistory_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelServiceServer is the server API for ModelService service.
 // All implementations must embed UnimplementedModelServiceServer
 // for forward compatibility.
@@ -133,13 +203,39 @@ type ModelServiceServer interface {
 	//
 	// A failed or cancelled upload stores nothing.
 	UploadModel(grpc.ClientStreamingServer[UploadModelRequest, Model]) error
-	// Returns one version of a model. NOT_FOUND when it does not exist.
+	// Returns one version of a model: by number, through an alias, or the
+	// latest. NOT_FOUND when it (or the alias) does not exist; INVALID_ARGUMENT
+	// when both `version` and `alias` are set. Through an alias with a canary,
+	// the alias's main version.
 	GetModel(context.Context, *GetModelRequest) (*Model, error)
 	// Lists model versions ordered by name, then version.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
 	// Deletes one version, or every version, of a model. NOT_FOUND when
-	// nothing matches.
+	// nothing matches. FAILED_PRECONDITION, naming the alias, when an alias
+	// points at a version to delete, unless `remove_aliases` is set: then
+	// those aliases are deleted too.
 	DeleteModel(context.Context, *DeleteModelRequest) (*DeleteModelResponse, error)
+	// Points an alias (e.g. "prod") at a version, optionally sending
+	// `canary_percent` of its requests to `canary_version`; setting an existing
+	// alias moves it. Returns once the target versions are loaded and have
+	// answered a warm-up run on this server, so the switch costs no request a
+	// cold load. Other servers sharing the metadata store follow within
+	// MDS_RESOLVE_TTL_SECONDS, each loading the new target before routing to it.
+	//
+	// Errors:
+	//   - INVALID_ARGUMENT: a bad alias name (the model-name rule, not all
+	//     digits); a version or canary version that does not exist;
+	//     canary_percent over 100. A canary_percent or canary_version of 0
+	//     means no canary.
+	//   - NOT_FOUND: the model does not exist.
+	SetAlias(context.Context, *SetAliasRequest) (*Alias, error)
+	// Lists a model's aliases by name.
+	ListAliases(context.Context, *ListAliasesRequest) (*ListAliasesResponse, error)
+	// Deletes an alias; returns it as it was. NOT_FOUND when it does not exist.
+	DeleteAlias(context.Context, *DeleteAliasRequest) (*Alias, error)
+	// Every change of an alias, oldest first: what, when and by whom (the API
+	// key id when auth is on). Kept after the alias is deleted.
+	ListAliasHistory(context.Context, *ListAliasHistoryRequest) (*ListAliasHistoryResponse, error)
 	mustEmbedUnimplementedModelServiceServer()
 }
 
@@ -161,6 +257,18 @@ func (UnimplementedModelServiceServer) ListModels(context.Context, *ListModelsRe
 }
 func (UnimplementedModelServiceServer) DeleteModel(context.Context, *DeleteModelRequest) (*DeleteModelResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteModel not implemented")
+}
+func (UnimplementedModelServiceServer) SetAlias(context.Context, *SetAliasRequest) (*Alias, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetAlias not implemented")
+}
+func (UnimplementedModelServiceServer) ListAliases(context.Context, *ListAliasesRequest) (*ListAliasesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAliases not implemented")
+}
+func (UnimplementedModelServiceServer) DeleteAlias(context.Context, *DeleteAliasRequest) (*Alias, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteAlias not implemented")
+}
+func (UnimplementedModelServiceServer) ListAliasHistory(context.Context, *ListAliasHistoryRequest) (*ListAliasHistoryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAliasHistory not implemented")
 }
 func (UnimplementedModelServiceServer) mustEmbedUnimplementedModelServiceServer() {}
 func (UnimplementedModelServiceServer) testEmbeddedByValue()                      {}
@@ -244,6 +352,78 @@ func _ModelService_DeleteModel_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelService_SetAlias_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAliasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).SetAlias(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ModelService_SetAlias_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).SetAlias(ctx, req.(*SetAliasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_ListAliases_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAliasesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).ListAliases(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ModelService_ListAliases_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).ListAliases(ctx, req.(*ListAliasesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_DeleteAlias_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteAliasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).DeleteAlias(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ModelService_DeleteAlias_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).DeleteAlias(ctx, req.(*DeleteAliasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelService_ListAliasHistory_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAliasHistoryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelServiceServer).ListAliasHistory(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ModelService_ListAliasHistory_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelServiceServer).ListAliasHistory(ctx, req.(*ListAliasHistoryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ModelService_ServiceDesc is the grpc.ServiceDesc for ModelService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -262,6 +442,22 @@ var ModelService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteModel",
 			Handler:    _ModelService_DeleteModel_Handler,
+		},
+		{
+			MethodName: "SetAlias",
+			Handler:    _ModelService_SetAlias_Handler,
+		},
+		{
+			MethodName: "ListAliases",
+			Handler:    _ModelService_ListAliases_Handler,
+		},
+		{
+			MethodName: "DeleteAlias",
+			Handler:    _ModelService_DeleteAlias_Handler,
+		},
+		{
+			MethodName: "ListAliasHistory",
+			Handler:    _ModelService_ListAliasHistory_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -350,7 +350,8 @@ export declare type ModelInferRequest = Message<"inference.ModelInferRequest"> &
   modelName: string;
 
   /**
-   * "" for the latest version.
+   * "" for the latest version; a version number; or (MDS) an alias name such
+   * as "prod", whose canary share is routed by a hash of `id` when set.
    *
    * @generated from field: string model_version = 2;
    */

@@ -46,7 +46,8 @@ export declare type PredictRequest = Message<"mds.v1.PredictRequest"> & {
   outputNames: string[];
 
   /**
-   * Echoed in the response; free-form.
+   * Echoed in the response; free-form. Through an alias with a canary, a
+   * hash of it picks the version, so a retry lands on the same one.
    *
    * @generated from field: string request_id = 5;
    */
@@ -56,6 +57,14 @@ export declare type PredictRequest = Message<"mds.v1.PredictRequest"> & {
    * @generated from field: mds.v1.TensorEncoding output_encoding = 6;
    */
   outputEncoding: TensorEncoding;
+
+  /**
+   * Selects the version an alias points at (see ModelService.SetAlias);
+   * exclusive with `version`.
+   *
+   * @generated from field: string alias = 7;
+   */
+  alias: string;
 };
 
 /**
@@ -74,7 +83,8 @@ export declare type PredictResponse = Message<"mds.v1.PredictResponse"> & {
   model: string;
 
   /**
-   * The version that ran (resolved when the request asked for latest).
+   * The version that ran (resolved when the request asked for the latest or
+   * an alias).
    *
    * @generated from field: int64 version = 2;
    */
@@ -153,7 +163,8 @@ export declare const InferenceService: GenService<{
    * Runs one request.
    *
    * Errors:
-   * * NOT_FOUND: unknown model or version.
+   * * NOT_FOUND: unknown model, version or alias.
+   * * INVALID_ARGUMENT (besides the below): both `version` and `alias` set.
    * * INVALID_ARGUMENT: an unknown, missing or repeated input name; a dtype,
    *   rank or fixed dimension that differs from the model's signature;
    *   tensor data that does not match its shape; an unknown output name;

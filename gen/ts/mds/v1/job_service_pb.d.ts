@@ -152,6 +152,15 @@ export declare type CreateJobRequest = Message<"mds.v1.CreateJobRequest"> & {
    * @generated from field: int64 batch_rows = 6;
    */
   batchRows: bigint;
+
+  /**
+   * Selects the version an alias points at when the job is created (its
+   * main version: jobs never take the canary); exclusive with `version`. The
+   * job keeps that version (Job.version) whatever the alias does next.
+   *
+   * @generated from field: string alias = 7;
+   */
+  alias: string;
 };
 
 /**

@@ -324,6 +324,13 @@ export declare type Model = Message<"mds.v1.Model"> & {
    * @generated from field: mds.v1.Batching batching = 16;
    */
   batching?: Batching | undefined;
+
+  /**
+   * The aliases whose version or canary version this is, by name.
+   *
+   * @generated from field: repeated string aliases = 17;
+   */
+  aliases: string[];
 };
 
 /**
@@ -347,6 +354,14 @@ export declare type GetModelRequest = Message<"mds.v1.GetModelRequest"> & {
    * @generated from field: int64 version = 2;
    */
   version: bigint;
+
+  /**
+   * Selects the version an alias points at (its main version, never its
+   * canary); exclusive with a non-zero `version`.
+   *
+   * @generated from field: string alias = 3;
+   */
+  alias: string;
 };
 
 /**
@@ -426,6 +441,14 @@ export declare type DeleteModelRequest = Message<"mds.v1.DeleteModelRequest"> & 
    * @generated from field: int64 version = 2;
    */
   version: bigint;
+
+  /**
+   * Also delete the aliases that point at a deleted version (else such an
+   * alias makes the delete FAILED_PRECONDITION).
+   *
+   * @generated from field: bool remove_aliases = 3;
+   */
+  removeAliases: boolean;
 };
 
 /**
@@ -454,6 +477,232 @@ export declare type DeleteModelResponse = Message<"mds.v1.DeleteModelResponse"> 
  * Use `create(DeleteModelResponseSchema)` to create a new message.
  */
 export declare const DeleteModelResponseSchema: GenMessage<DeleteModelResponse>;
+
+/**
+ * @generated from message mds.v1.SetAliasRequest
+ */
+export declare type SetAliasRequest = Message<"mds.v1.SetAliasRequest"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * The model-name rule (^[a-z0-9][a-z0-9._-]{0,127}$), and not all digits.
+   *
+   * @generated from field: string alias = 2;
+   */
+  alias: string;
+
+  /**
+   * @generated from field: int64 version = 3;
+   */
+  version: bigint;
+
+  /**
+   * 0: no canary.
+   *
+   * @generated from field: int64 canary_version = 4;
+   */
+  canaryVersion: bigint;
+
+  /**
+   * Share of requests, 0-100, that go to `canary_version`. A request with a
+   * `request_id` is routed by a hash of it (a retry lands on the same
+   * version); one without, at random.
+   *
+   * @generated from field: uint32 canary_percent = 5;
+   */
+  canaryPercent: number;
+};
+
+/**
+ * Describes the message mds.v1.SetAliasRequest.
+ * Use `create(SetAliasRequestSchema)` to create a new message.
+ */
+export declare const SetAliasRequestSchema: GenMessage<SetAliasRequest>;
+
+/**
+ * @generated from message mds.v1.Alias
+ */
+export declare type Alias = Message<"mds.v1.Alias"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * @generated from field: string alias = 2;
+   */
+  alias: string;
+
+  /**
+   * @generated from field: int64 version = 3;
+   */
+  version: bigint;
+
+  /**
+   * 0 when the alias has no canary.
+   *
+   * @generated from field: int64 canary_version = 4;
+   */
+  canaryVersion: bigint;
+
+  /**
+   * @generated from field: uint32 canary_percent = 5;
+   */
+  canaryPercent: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp updated_at = 6;
+   */
+  updatedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message mds.v1.Alias.
+ * Use `create(AliasSchema)` to create a new message.
+ */
+export declare const AliasSchema: GenMessage<Alias>;
+
+/**
+ * @generated from message mds.v1.ListAliasesRequest
+ */
+export declare type ListAliasesRequest = Message<"mds.v1.ListAliasesRequest"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+};
+
+/**
+ * Describes the message mds.v1.ListAliasesRequest.
+ * Use `create(ListAliasesRequestSchema)` to create a new message.
+ */
+export declare const ListAliasesRequestSchema: GenMessage<ListAliasesRequest>;
+
+/**
+ * @generated from message mds.v1.ListAliasesResponse
+ */
+export declare type ListAliasesResponse = Message<"mds.v1.ListAliasesResponse"> & {
+  /**
+   * @generated from field: repeated mds.v1.Alias aliases = 1;
+   */
+  aliases: Alias[];
+};
+
+/**
+ * Describes the message mds.v1.ListAliasesResponse.
+ * Use `create(ListAliasesResponseSchema)` to create a new message.
+ */
+export declare const ListAliasesResponseSchema: GenMessage<ListAliasesResponse>;
+
+/**
+ * @generated from message mds.v1.DeleteAliasRequest
+ */
+export declare type DeleteAliasRequest = Message<"mds.v1.DeleteAliasRequest"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * @generated from field: string alias = 2;
+   */
+  alias: string;
+};
+
+/**
+ * Describes the message mds.v1.DeleteAliasRequest.
+ * Use `create(DeleteAliasRequestSchema)` to create a new message.
+ */
+export declare const DeleteAliasRequestSchema: GenMessage<DeleteAliasRequest>;
+
+/**
+ * @generated from message mds.v1.ListAliasHistoryRequest
+ */
+export declare type ListAliasHistoryRequest = Message<"mds.v1.ListAliasHistoryRequest"> & {
+  /**
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * @generated from field: string alias = 2;
+   */
+  alias: string;
+};
+
+/**
+ * Describes the message mds.v1.ListAliasHistoryRequest.
+ * Use `create(ListAliasHistoryRequestSchema)` to create a new message.
+ */
+export declare const ListAliasHistoryRequestSchema: GenMessage<ListAliasHistoryRequest>;
+
+/**
+ * One change of an alias.
+ *
+ * @generated from message mds.v1.AliasChange
+ */
+export declare type AliasChange = Message<"mds.v1.AliasChange"> & {
+  /**
+   * "set" (created or moved) or "delete".
+   *
+   * @generated from field: string action = 1;
+   */
+  action: string;
+
+  /**
+   * The targets it was set to, or had when deleted.
+   *
+   * @generated from field: int64 version = 2;
+   */
+  version: bigint;
+
+  /**
+   * @generated from field: int64 canary_version = 3;
+   */
+  canaryVersion: bigint;
+
+  /**
+   * @generated from field: uint32 canary_percent = 4;
+   */
+  canaryPercent: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp at = 5;
+   */
+  at?: Timestamp | undefined;
+
+  /**
+   * The API key id that made the change; "" when auth is off.
+   *
+   * @generated from field: string who = 6;
+   */
+  who: string;
+};
+
+/**
+ * Describes the message mds.v1.AliasChange.
+ * Use `create(AliasChangeSchema)` to create a new message.
+ */
+export declare const AliasChangeSchema: GenMessage<AliasChange>;
+
+/**
+ * @generated from message mds.v1.ListAliasHistoryResponse
+ */
+export declare type ListAliasHistoryResponse = Message<"mds.v1.ListAliasHistoryResponse"> & {
+  /**
+   * @generated from field: repeated mds.v1.AliasChange changes = 1;
+   */
+  changes: AliasChange[];
+};
+
+/**
+ * Describes the message mds.v1.ListAliasHistoryResponse.
+ * Use `create(ListAliasHistoryResponseSchema)` to create a new message.
+ */
+export declare const ListAliasHistoryResponseSchema: GenMessage<ListAliasHistoryResponse>;
 
 /**
  * Stores ONNX models. Every upload of a name creates a new immutable version
@@ -487,7 +736,10 @@ export declare const ModelService: GenService<{
     output: typeof ModelSchema;
   },
   /**
-   * Returns one version of a model. NOT_FOUND when it does not exist.
+   * Returns one version of a model: by number, through an alias, or the
+   * latest. NOT_FOUND when it (or the alias) does not exist; INVALID_ARGUMENT
+   * when both `version` and `alias` are set. Through an alias with a canary,
+   * the alias's main version.
    *
    * @generated from rpc mds.v1.ModelService.GetModel
    */
@@ -508,7 +760,9 @@ export declare const ModelService: GenService<{
   },
   /**
    * Deletes one version, or every version, of a model. NOT_FOUND when
-   * nothing matches.
+   * nothing matches. FAILED_PRECONDITION, naming the alias, when an alias
+   * points at a version to delete, unless `remove_aliases` is set: then
+   * those aliases are deleted too.
    *
    * @generated from rpc mds.v1.ModelService.DeleteModel
    */
@@ -516,6 +770,59 @@ export declare const ModelService: GenService<{
     methodKind: "unary";
     input: typeof DeleteModelRequestSchema;
     output: typeof DeleteModelResponseSchema;
+  },
+  /**
+   * Points an alias (e.g. "prod") at a version, optionally sending
+   * `canary_percent` of its requests to `canary_version`; setting an existing
+   * alias moves it. Returns once the target versions are loaded and have
+   * answered a warm-up run on this server, so the switch costs no request a
+   * cold load. Other servers sharing the metadata store follow within
+   * MDS_RESOLVE_TTL_SECONDS, each loading the new target before routing to it.
+   *
+   * Errors:
+   * * INVALID_ARGUMENT: a bad alias name (the model-name rule, not all
+   *   digits); a version or canary version that does not exist;
+   *   canary_percent over 100. A canary_percent or canary_version of 0
+   *   means no canary.
+   * * NOT_FOUND: the model does not exist.
+   *
+   * @generated from rpc mds.v1.ModelService.SetAlias
+   */
+  setAlias: {
+    methodKind: "unary";
+    input: typeof SetAliasRequestSchema;
+    output: typeof AliasSchema;
+  },
+  /**
+   * Lists a model's aliases by name.
+   *
+   * @generated from rpc mds.v1.ModelService.ListAliases
+   */
+  listAliases: {
+    methodKind: "unary";
+    input: typeof ListAliasesRequestSchema;
+    output: typeof ListAliasesResponseSchema;
+  },
+  /**
+   * Deletes an alias; returns it as it was. NOT_FOUND when it does not exist.
+   *
+   * @generated from rpc mds.v1.ModelService.DeleteAlias
+   */
+  deleteAlias: {
+    methodKind: "unary";
+    input: typeof DeleteAliasRequestSchema;
+    output: typeof AliasSchema;
+  },
+  /**
+   * Every change of an alias, oldest first: what, when and by whom (the API
+   * key id when auth is on). Kept after the alias is deleted.
+   *
+   * @generated from rpc mds.v1.ModelService.ListAliasHistory
+   */
+  listAliasHistory: {
+    methodKind: "unary";
+    input: typeof ListAliasHistoryRequestSchema;
+    output: typeof ListAliasHistoryResponseSchema;
   },
 }>;
 
