@@ -14,21 +14,29 @@ import onnx_models
 from harness import assert_status, upload_requests
 from mds.oip import grpc_service_pb2 as pb
 from mds.oip import grpc_service_pb2_grpc
+from mds.v1 import model_service_pb2
 
 CLIENT = Path(__file__).parent / "clients" / "triton_client.py"
 RNG = np.random.default_rng(11)
 
 
-def run_client(server, model: str, arrays: dict, tmp_path: Path, stream: int = 0) -> dict:
+def run_client(server, model: str, arrays: dict, tmp_path: Path, stream: int = 0, version: str = "") -> dict:
     np.savez(tmp_path / "inputs.npz", **arrays)
+    inputs = str(tmp_path / "inputs.npz")
     result = subprocess.run(
-        [sys.executable, str(CLIENT), server.address, model, str(tmp_path / "inputs.npz"), "--stream", str(stream)],
+        [sys.executable, str(CLIENT), server.address, model, inputs, "--stream", str(stream), "--version", version],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def onnxruntime_outputs(model: bytes, arrays: dict) -> dict:
+    """What in-process onnxruntime gives for the inputs, by output name."""
+    session = ort.InferenceSession(model)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, arrays), strict=True))
 
 
 def assert_outputs(got: dict, want: dict) -> None:
@@ -60,8 +68,7 @@ def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, t
     data = model_bytes(pretrained)
     server.models.UploadModel(upload_requests(unique, data))
     arrays = make_inputs()
-    session = ort.InferenceSession(data)
-    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, arrays), strict=True))
+    want = onnxruntime_outputs(data, arrays)
 
     report = run_client(server, unique, arrays, tmp_path, stream=5)
     assert (report["live"], report["ready"], report["model_ready"], report["unknown_model_ready"]) == (
@@ -73,9 +80,10 @@ def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, t
     assert report["server"]["name"] == "mds"
     metadata = report["metadata"]
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == (unique, ["1"], "onnxruntime_onnx")
-    assert [i["name"] for i in metadata["inputs"]] == [i.name for i in session.get_inputs()]
-    assert_outputs(report["raw"], want)
-    assert_outputs(report["typed"], want)
+    assert [i["name"] for i in metadata["inputs"]] == [i.name for i in ort.InferenceSession(data).get_inputs()]
+    for call in ("raw", "typed"):
+        assert report[call]["model_version"] == "1"
+        assert_outputs(report[call]["outputs"], want)
     assert report["missing_model_error"]["status"] == "StatusCode.NOT_FOUND"
     assert "does not exist" in report["missing_model_error"]["message"]
     stream = report["stream"]
@@ -83,6 +91,29 @@ def test_tritonclient_metadata_unary_and_streaming(server, pretrained, unique, t
     for i in (0, 1, 3, 4):
         assert stream[i]["id"] == str(i)
         assert_outputs(stream[i]["outputs"], want)
+
+
+def test_tritonclient_selects_a_version_through_an_alias(server, unique, tmp_path):
+    """model_version "prod" reaches version 1 while version 2, the latest, is another model with other inputs."""
+    scalar = onnx_models.add_scalar()
+    server.models.UploadModel(upload_requests(unique, scalar))
+    server.models.UploadModel(upload_requests(unique, onnx_models.string_labels()))
+    server.models.SetAlias(model_service_pb2.SetAliasRequest(model=unique, alias="prod", version=1))
+    arrays = CASES["scalar"][1]()
+    want = onnxruntime_outputs(scalar, arrays)
+
+    report = run_client(server, unique, arrays, tmp_path, stream=3, version="prod")
+    assert (report["model_ready"], report["unknown_alias_ready"]) == (True, False)
+    metadata = report["metadata"]
+    assert (metadata["versions"], [i["name"] for i in metadata["inputs"]]) == (["1", "2"], ["x", "s"])
+    for call in ("raw", "typed"):
+        assert report[call]["model_version"] == "1"
+        assert_outputs(report[call]["outputs"], want)
+    for i in (0, 2):
+        assert report["stream"][i]["model_version"] == "1"
+        assert_outputs(report["stream"][i]["outputs"], want)
+    assert report["unknown_alias_error"]["status"] == "StatusCode.NOT_FOUND"
+    assert "no alias 'no-such-alias'" in report["unknown_alias_error"]["message"]
 
 
 def test_magika_metadata_shapes(server, pretrained, unique):

@@ -1,9 +1,10 @@
 """A Triton/KServe client program: drives MDS's V2 endpoint with the `tritonclient` package.
 
 Run in its own process (tritonclient registers the same protobuf message names as MDS),
-it prints one JSON document: metadata, readiness, and outputs as nested lists.
+it prints one JSON document: metadata, readiness, outputs as nested lists and the versions that ran.
+Every call passes VERSION as model_version: "" for the latest, a number, or an alias name.
 
-    python triton_client.py ADDRESS MODEL INPUTS.npz [--stream N] [--typed]
+    python triton_client.py ADDRESS MODEL INPUTS.npz [--version VERSION] [--stream N]
 """
 
 import argparse
@@ -27,18 +28,20 @@ def inputs_of(arrays: dict) -> list:
 
 
 def as_json(result) -> dict:
+    """An infer result's outputs, and the version that ran."""
     response = result.get_response()
-    return {
+    outputs = {
         o.name: {"datatype": o.datatype, "shape": list(o.shape), "data": result.as_numpy(o.name).tolist()}
         for o in response.outputs
     }
+    return {"outputs": outputs, "model_version": response.model_version}
 
 
-def typed_infer(address: str, model: str, arrays: dict) -> dict:
-    """ModelInfer with typed `contents`, through tritonclient's generated stubs."""
+def typed_infer(address: str, model: str, version: str, arrays: dict) -> dict:
+    """ModelInfer with typed `contents`, through tritonclient's generated stubs: outputs and the version that ran."""
     import grpc
 
-    request = service_pb2.ModelInferRequest(model_name=model)
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
     for name, array in arrays.items():
         tensor = request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=array.shape)
         field = {
@@ -61,24 +64,34 @@ def typed_infer(address: str, model: str, arrays: dict) -> dict:
             "shape": list(output.shape),
             "data": np.array(values).reshape(list(output.shape)).tolist(),
         }
-    return outputs
+    return {"outputs": outputs, "model_version": response.model_version}
 
 
-def stream(client, model: str, arrays: dict, count: int, bad_index: int) -> list:
+def stream(client, model: str, version: str, arrays: dict, count: int, bad_index: int) -> list:
     """ModelStreamInfer: `count` requests on one stream, the one at `bad_index` naming a missing model."""
     replies: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: replies.put((result, error)))
     for i in range(count):
-        client.async_stream_infer(model if i != bad_index else model + "-missing", inputs_of(arrays), request_id=str(i))
+        name = model if i != bad_index else model + "-missing"
+        client.async_stream_infer(name, inputs_of(arrays), model_version=version, request_id=str(i))
     out = []
     for _ in range(count):
         result, error = replies.get(timeout=60)
         if error is not None:
             out.append({"error": str(error)})
         else:
-            out.append({"id": result.get_response().id, "outputs": as_json(result)})
+            out.append({"id": result.get_response().id, **as_json(result)})
     client.stop_stream()
     return out
+
+
+def error_of(call) -> dict | None:
+    """The status and message a call fails with; None when it succeeds."""
+    try:
+        call()
+    except InferenceServerException as error:
+        return {"status": error.status(), "message": error.message()}
+    return None
 
 
 def main() -> None:
@@ -86,6 +99,7 @@ def main() -> None:
     parser.add_argument("address")
     parser.add_argument("model")
     parser.add_argument("inputs")
+    parser.add_argument("--version", default="")
     parser.add_argument("--stream", type=int, default=0)
     args = parser.parse_args()
     arrays = dict(np.load(args.inputs, allow_pickle=True))
@@ -95,18 +109,19 @@ def main() -> None:
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
         "server": client.get_server_metadata(as_json=True),
-        "model_ready": client.is_model_ready(args.model),
+        "model_ready": client.is_model_ready(args.model, args.version),
         "unknown_model_ready": client.is_model_ready(args.model + "-missing"),
-        "metadata": client.get_model_metadata(args.model, as_json=True),
-        "raw": as_json(client.infer(args.model, inputs_of(arrays))),
-        "typed": typed_infer(args.address, args.model, arrays),
+        "unknown_alias_ready": client.is_model_ready(args.model, "no-such-alias"),
+        "metadata": client.get_model_metadata(args.model, args.version, as_json=True),
+        "raw": as_json(client.infer(args.model, inputs_of(arrays), model_version=args.version)),
+        "typed": typed_infer(args.address, args.model, args.version, arrays),
+        "missing_model_error": error_of(lambda: client.infer(args.model + "-missing", inputs_of(arrays))),
+        "unknown_alias_error": error_of(
+            lambda: client.infer(args.model, inputs_of(arrays), model_version="no-such-alias")
+        ),
     }
-    try:
-        client.infer(args.model + "-missing", inputs_of(arrays))
-    except InferenceServerException as error:
-        report["missing_model_error"] = {"status": error.status(), "message": error.message()}
     if args.stream:
-        report["stream"] = stream(client, args.model, arrays, args.stream, bad_index=args.stream // 2)
+        report["stream"] = stream(client, args.model, args.version, arrays, args.stream, bad_index=args.stream // 2)
     json.dump(report, sys.stdout)
 
 

@@ -12,6 +12,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,13 +97,10 @@ func checkOutputs(t *testing.T, fx fixtures, outputs []*mdsv1.Tensor) {
 	}
 }
 
-func TestGoClient(t *testing.T) {
-	conn, fx, model, ctx := setup(t)
-	name := os.Getenv("MDS_MODEL_NAME")
-	models := mdsv1.NewModelServiceClient(conn)
-	inference := mdsv1.NewInferenceServiceClient(conn)
-
-	// Upload in chunks over the client stream.
+// upload stores model as the next version of name, in chunks over the client stream.
+func upload(ctx context.Context, t *testing.T, models mdsv1.ModelServiceClient, name string,
+	model []byte) *mdsv1.Model {
+	t.Helper()
 	upload, err := models.UploadModel(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -123,13 +121,27 @@ func TestGoClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return stored
+}
+
+func inputTensor(fx fixtures) *mdsv1.Tensor {
+	shape := []int64{fx.Rows, fx.Features}
+	return &mdsv1.Tensor{Name: "x", Dtype: mdsv1.DataType_DATA_TYPE_FP32, Shape: shape, RawData: rawFloats(fx.X)}
+}
+
+func TestGoClient(t *testing.T) {
+	conn, fx, model, ctx := setup(t)
+	name := os.Getenv("MDS_MODEL_NAME")
+	models := mdsv1.NewModelServiceClient(conn)
+	inference := mdsv1.NewInferenceServiceClient(conn)
+
+	stored := upload(ctx, t, models, name, model)
 	if stored.Version != 1 || stored.Labels["client"] != "go" {
 		t.Fatalf("stored %v", stored)
 	}
 
-	shape := []int64{fx.Rows, fx.Features}
-	rawInput := &mdsv1.Tensor{Name: "x", Dtype: mdsv1.DataType_DATA_TYPE_FP32, Shape: shape, RawData: rawFloats(fx.X)}
-	typedInput := &mdsv1.Tensor{Name: "x", Dtype: mdsv1.DataType_DATA_TYPE_FP32, Shape: shape,
+	rawInput := inputTensor(fx)
+	typedInput := &mdsv1.Tensor{Name: "x", Dtype: mdsv1.DataType_DATA_TYPE_FP32, Shape: rawInput.Shape,
 		Contents: &mdsv1.TensorContents{Fp32Contents: fx.X}}
 	for _, input := range []*mdsv1.Tensor{rawInput, typedInput} {
 		reply, err := inference.Predict(ctx, &mdsv1.PredictRequest{Model: name, Inputs: []*mdsv1.Tensor{input}})
@@ -182,5 +194,64 @@ func TestGoClient(t *testing.T) {
 	_, err = models.GetModel(ctx, &mdsv1.GetModelRequest{Name: name + "-missing"})
 	if status.Code(err) != codes.NotFound {
 		t.Fatalf("unknown model gave %v, want NOT_FOUND", err)
+	}
+}
+
+// TestGoAliases points "prod" at version 1 while version 2 is the latest, predicts through it, lists and deletes it.
+func TestGoAliases(t *testing.T) {
+	conn, fx, model, ctx := setup(t)
+	name := os.Getenv("MDS_MODEL_NAME") + "-aliases"
+	models := mdsv1.NewModelServiceClient(conn)
+	inference := mdsv1.NewInferenceServiceClient(conn)
+	for want := int64(1); want <= 2; want++ {
+		if stored := upload(ctx, t, models, name, model); stored.Version != want {
+			t.Fatalf("stored version %d, want %d", stored.Version, want)
+		}
+	}
+
+	alias, err := models.SetAlias(ctx, &mdsv1.SetAliasRequest{Model: name, Alias: "prod", Version: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if alias.Model != name || alias.Alias != "prod" || alias.Version != 1 || alias.CanaryVersion != 0 ||
+		alias.GetUpdatedAt().GetSeconds() == 0 {
+		t.Fatalf("set alias %v", alias)
+	}
+
+	predict := func(through string) (*mdsv1.PredictResponse, error) {
+		return inference.Predict(ctx, &mdsv1.PredictRequest{
+			Model: name, Alias: through, Inputs: []*mdsv1.Tensor{inputTensor(fx)}})
+	}
+	reply, err := predict("prod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reply.Version != 1 {
+		t.Fatalf("predict through prod ran version %d, want 1", reply.Version)
+	}
+	checkOutputs(t, fx, reply.Outputs)
+
+	listed, err := models.ListAliases(ctx, &mdsv1.ListAliasesRequest{Model: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(listed.Aliases) != 1 || listed.Aliases[0].Alias != "prod" || listed.Aliases[0].Version != 1 {
+		t.Fatalf("listed %v, want prod at version 1", listed.Aliases)
+	}
+
+	_, err = predict("staging")
+	if status.Code(err) != codes.NotFound || !strings.Contains(status.Convert(err).Message(), "'staging'") {
+		t.Fatalf("unknown alias gave %v, want NOT_FOUND naming it", err)
+	}
+
+	deleted, err := models.DeleteAlias(ctx, &mdsv1.DeleteAliasRequest{Model: name, Alias: "prod"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if deleted.Alias != "prod" || deleted.Version != 1 {
+		t.Fatalf("deleted %v", deleted)
+	}
+	if _, err := predict("prod"); status.Code(err) != codes.NotFound {
+		t.Fatalf("deleted alias gave %v, want NOT_FOUND", err)
 	}
 }

@@ -40,14 +40,28 @@ function checkOutputs(outputs) {
   assert.deepEqual(labelValues, expected.label.map(BigInt));
 }
 
-test("upload, predict, stream and errors from Node", async () => {
-  async function* upload() {
-    yield { payload: { case: "header", value: { name, labels: { client: "node" } } } };
+// Stores the model as the next version of `modelName`, in chunks over the client stream.
+async function upload(modelName) {
+  async function* chunks() {
+    yield { payload: { case: "header", value: { name: modelName, labels: { client: "node" } } } };
     for (let offset = 0; offset < model.length; offset += 100) {
       yield { payload: { case: "chunk", value: model.subarray(offset, offset + 100) } };
     }
   }
-  const stored = await models.uploadModel(upload());
+  return models.uploadModel(chunks());
+}
+
+function assertNotFound(fragment) {
+  return (error) => {
+    assert.ok(error instanceof ConnectError);
+    assert.equal(error.code, Code.NotFound);
+    assert.match(error.rawMessage, fragment);
+    return true;
+  };
+}
+
+test("upload, predict, stream and errors from Node", async () => {
+  const stored = await upload(name);
   assert.equal(stored.version, 1n);
   assert.equal(stored.labels.client, "node");
 
@@ -75,9 +89,28 @@ test("upload, predict, stream and errors from Node", async () => {
     }
   }
 
-  await assert.rejects(models.getModel({ name: `${name}-missing` }), (error) => {
-    assert.ok(error instanceof ConnectError);
-    assert.equal(error.code, Code.NotFound);
-    return true;
-  });
+  await assert.rejects(models.getModel({ name: `${name}-missing` }), assertNotFound(/does not exist/));
+});
+
+test("an alias selects a version from Node", async () => {
+  // prod points at version 1 while version 2 is the latest.
+  const aliased = `${name}-aliases`;
+  assert.equal((await upload(aliased)).version, 1n);
+  assert.equal((await upload(aliased)).version, 2n);
+  const alias = await models.setAlias({ model: aliased, alias: "prod", version: 1n });
+  assert.deepEqual([alias.model, alias.alias, alias.version, alias.canaryVersion], [aliased, "prod", 1n, 0n]);
+  assert.ok(alias.updatedAt.seconds > 0n);
+
+  const predict = (through) => inference.predict({ model: aliased, alias: through, inputs: [rawInput] });
+  const reply = await predict("prod");
+  assert.equal(reply.version, 1n);
+  checkOutputs(reply.outputs);
+
+  const { aliases } = await models.listAliases({ model: aliased });
+  assert.deepEqual(aliases.map((a) => [a.alias, a.version]), [["prod", 1n]]);
+  await assert.rejects(predict("staging"), assertNotFound(/'staging'/));
+
+  const deleted = await models.deleteAlias({ model: aliased, alias: "prod" });
+  assert.deepEqual([deleted.alias, deleted.version], ["prod", 1n]);
+  await assert.rejects(predict("prod"), assertNotFound(/'prod'/));
 });
