@@ -20,6 +20,8 @@ from mds_grpc.api.tensors import to_array
 REPO = Path(__file__).resolve().parents[1]
 CHUNK_BYTES = 1 << 20
 PREDICT = "mds.v1.InferenceService/Predict"
+ALIAS = "prod"
+PREDICT_VIA_ALIAS = f"{PREDICT}@{ALIAS}"  # Predict naming the model's alias instead of its version
 PREDICT_STREAM = "mds.v1.InferenceService/PredictStream"
 MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "inference.GRPCInferenceService/ModelStreamInfer"
@@ -76,9 +78,10 @@ class Target:
             self.output.close()
 
     def call(self, method: str, request, response_type, **kwargs):
-        """One unary call of METHOD ("package.Service/Method") with this target's credentials."""
+        """One unary call of METHOD ("package.Service/Method", maybe with an "@alias" label) with this target's
+        credentials."""
         stub = self.channel.unary_unary(
-            f"/{method}",
+            f"/{method.split('@')[0]}",
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
@@ -93,7 +96,7 @@ def ghz(target: Target, call: str, payload: Path, concurrency: int, duration: fl
         "--protoset",
         str(REPO / "gen" / "mds.protoset"),
         "--call",
-        call,
+        call.split("@")[0],
         "-B",
         str(payload),
         "-c",
@@ -179,7 +182,7 @@ def v2_outputs(reply: oip.ModelInferResponse) -> list[np.ndarray]:
 
 def check_outputs(target: Target, call: str, request, want: np.ndarray) -> None:
     """Every target must answer what in-process onnxruntime answers before its speed counts."""
-    if call == PREDICT:
+    if call in (PREDICT, PREDICT_VIA_ALIAS):
         got = to_array(target.call(call, request, pb.PredictResponse, timeout=60).outputs[0])
     else:
         got = v2_outputs(target.call(call, request, oip.ModelInferResponse, timeout=60))[0]
@@ -216,3 +219,9 @@ def upload(
                     )
 
     return model_service_pb2_grpc.ModelServiceStub(target.channel).UploadModel(requests(), metadata=target.metadata)
+
+
+def set_alias(target: Target, name: str, version: int) -> None:
+    """Point ALIAS at VERSION of NAME."""
+    request = model_service_pb2.SetAliasRequest(model=name, alias=ALIAS, version=version)
+    model_service_pb2_grpc.ModelServiceStub(target.channel).SetAlias(request, metadata=target.metadata, timeout=60)

@@ -5,15 +5,18 @@ from pathlib import Path
 import numpy as np
 
 from harness import (
+    ALIAS,
     MODEL_INFER,
     MODEL_STREAM_INFER,
     PREDICT,
     PREDICT_STREAM,
+    PREDICT_VIA_ALIAS,
     Target,
     check_outputs,
     ghz,
     in_process,
     session,
+    set_alias,
 )
 from mds.oip import grpc_service_pb2 as oip
 from mds.v1 import inference_service_pb2 as pb
@@ -36,17 +39,19 @@ class Payloads:
         self.input = session(path).get_inputs()[0].name
         self.want = session(path).run(None, {self.input: x})[0]
         self.predict = pb.PredictRequest(model=model, inputs=[from_array(self.input, x, raw=True)])
+        self.through_alias = pb.PredictRequest(model=model, alias=ALIAS, inputs=self.predict.inputs)
         self.infer = oip.ModelInferRequest(
             model_name=model,
             inputs=[oip.ModelInferRequest.InferInputTensor(name=self.input, datatype="FP32", shape=x.shape)],
             raw_input_contents=[x.tobytes()],
         )
-        self.files = {PREDICT: work / f"{model}-predict.bin", MODEL_INFER: work / f"{model}-infer.bin"}
-        self.files[PREDICT].write_bytes(self.predict.SerializeToString())
-        self.files[MODEL_INFER].write_bytes(self.infer.SerializeToString())
+        self.requests = {PREDICT: self.predict, PREDICT_VIA_ALIAS: self.through_alias, MODEL_INFER: self.infer}
+        self.files = {call: work / f"{model}-{call.rsplit('/', 1)[1]}.bin" for call in self.requests}
+        for call, request in self.requests.items():
+            self.files[call].write_bytes(request.SerializeToString())
 
     def check(self, target: Target, call: str) -> None:
-        check_outputs(target, call, self.predict if call == PREDICT else self.infer, self.want)
+        check_outputs(target, call, self.requests[call], self.want)
 
     def load(self, target: Target, call: str, concurrency: int, duration: float, streams: bool = False) -> dict:
         """ghz against TARGET; stream calls (PredictStream, ModelStreamInfer) carry the unary call's body."""
@@ -62,11 +67,13 @@ def mlp_payloads(bench) -> Payloads:
 
 
 def unary(bench) -> list[dict]:
-    """(a) MLP batch 1, unary: in-process, the floor, MDS (Predict, ModelInfer; one process and two) and the
-    peers (ModelInfer)."""
+    """(a) MLP batch 1, unary: in-process, the floor, MDS (Predict by version and through an alias, ModelInfer;
+    one process and two) and the peers (ModelInfer)."""
     load = mlp_payloads(bench)
     floor, mds = bench.floor(load), bench.mds(load)
-    calls = [(floor, PREDICT), (mds, PREDICT), (mds, MODEL_INFER), (bench.mds(load, processes=2), PREDICT)]
+    set_alias(mds, load.model, 1)
+    calls = [(floor, PREDICT), (mds, PREDICT), (mds, PREDICT_VIA_ALIAS), (mds, MODEL_INFER)]
+    calls.append((bench.mds(load, processes=2), PREDICT))
     calls += [(bench.peer(name, load), MODEL_INFER) for name in bench.peer_names]
     for target, call in calls:
         load.check(target, call)

@@ -167,6 +167,7 @@ class Aliases:
                 return
             if found.targets != entry.alias.targets:
                 await self._load(found)
+                log.info("alias %s of model %s now routes to versions %s", alias, model, found.targets)
             entry.alias = found
         except Exception as error:  # a backend down, a target that cannot load: keep routing as before
             log.warning(
