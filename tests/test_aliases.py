@@ -201,3 +201,5 @@ def test_another_server_follows_an_alias_without_failing_a_request(shared_server
 
     wait_until(follows, timeout=60, what="the second server to follow the alias")
     assert set(versions) <= {1, 2} and versions == sorted(versions)
+    # It switched in the background, once version 2 was loaded, not on a request's path.
+    assert f"alias prod of model {unique} now routes to versions (2,)" in (second.log_dir / "mds.log").read_text()
