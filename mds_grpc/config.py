@@ -145,6 +145,13 @@ class Settings:
         "changes made through another server sharing the storage show within it.",
         INFERENCE,
     )
+    model_dir: str = setting(
+        "",
+        "At start, `mds serve` registers each NAME.onnx and each NAME/ folder holding model.onnx (and its external "
+        "data) here as model NAME, as a new version only when its files changed; empty: none.",
+        INFERENCE,
+    )
+    model_name: str = setting("", "Serve the only model of MDS_MODEL_DIR under this name instead.", INFERENCE)
 
     redis_url: str = setting(
         "",

@@ -14,7 +14,7 @@ import signal
 
 from mds_grpc.config import Settings
 from mds_grpc.logs import configure_logging
-from mds_grpc.server import build_core, serve
+from mds_grpc.server import build_core, register_model_dir, serve
 
 log = logging.getLogger("mds.server")
 PR_SET_PDEATHSIG = 1
@@ -38,11 +38,18 @@ def _serve_one(settings: Settings, process: int) -> None:
     asyncio.run(serve(settings, process))
 
 
+def _prepare_storage(settings: Settings) -> None:
+    """Once, before any process starts: register MDS_MODEL_DIR's models, then sweep what uploads left behind."""
+    registry = build_core(settings).registry
+    asyncio.run(register_model_dir(registry, settings))
+    registry.sweep_local_copies()  # also drops the model folders and sessions registering made here
+
+
 def serve_processes(settings: Settings) -> None:
     """Run `settings.processes` servers until SIGTERM or SIGINT, or until one of them exits."""
     if settings.grpc_port == 0:
         raise SystemExit("error: MDS_PROCESSES > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
-    build_core(settings).registry.sweep_local_copies()  # once, before any process stages an upload
+    _prepare_storage(settings)
     spawn = multiprocessing.get_context("spawn")
     children = [
         spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}") for i in range(settings.processes)

@@ -34,12 +34,14 @@ from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.config import Settings
 from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.auth import Authenticator
+from mds_grpc.core.errors import MdsError
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
 from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.model_cache import ModelCache
+from mds_grpc.core.model_folder import register_folder
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.logs import AccessLog
@@ -146,6 +148,18 @@ async def watch_backends(core: Core, health_servicer, interval: float) -> None:
         await check_backends(core, health_servicer)
 
 
+async def register_model_dir(registry: ModelRegistry, settings: Settings) -> None:
+    """The models of MDS_MODEL_DIR, registered before serving; a problem stops the start with one line."""
+    if not settings.model_dir:
+        if settings.model_name:
+            raise SystemExit("error: MDS_MODEL_NAME needs MDS_MODEL_DIR")
+        return
+    try:
+        await register_folder(registry, Path(settings.model_dir), settings.model_name)
+    except MdsError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def start_embedded_worker(core: Core, settings: Settings, requeue: bool) -> dramatiq.Worker:
     """Without Redis the server runs jobs itself; with `requeue`, jobs a previous run left unfinished go again."""
     worker = job_queue.start_worker(core.broker, settings.job_threads)
@@ -173,6 +187,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
     if process is None:
         core.registry.sweep_local_copies()
+        await register_model_dir(core.registry, settings)  # several processes: their supervisor did
     worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
