@@ -106,6 +106,7 @@ static_resources:
     health_checks:
     - timeout: 1s
       interval: 1s
+      no_traffic_interval: 1s  # else 60 s between checks of a server that has had no request yet
       unhealthy_threshold: 1
       healthy_threshold: 1
       grpc_health_check: {}
@@ -142,7 +143,7 @@ static_resources:
 
 {{/* The gRPC paths of calls without side effects, which Envoy may retry on another server. */}}
 {{- define "mds.retriablePaths" -}}
-/mds[.]v1[.]InferenceService/(Predict)|/mds[.]v1[.]ModelService/(GetModel|ListModels|ListAliases|ListAliasHistory)|/mds[.]v1[.]JobService/(GetJob|ListJobs)|/inference[.]GRPCInferenceService/(ServerLive|ServerReady|ServerMetadata|ModelReady|ModelMetadata|ModelInfer)|/grpc[.]health[.]v1[.]Health/(Check)
+/mds[.]v1[.]InferenceService/(Predict|PredictStream)|/mds[.]v1[.]ModelService/(GetModel|ListModels|ListAliases|ListAliasHistory)|/mds[.]v1[.]JobService/(GetJob|ListJobs)|/inference[.]GRPCInferenceService/(ServerLive|ServerReady|ServerMetadata|ModelReady|ModelMetadata|ModelInfer|ModelStreamInfer)|/grpc[.]health[.]v1[.]Health/(Check)
 {{- end -}}
 
 {{- define "mds.serverTlsName" -}}
