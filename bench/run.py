@@ -77,6 +77,7 @@ class Bench:
             "MDS_AUTH": "on",
             "MDS_ORT_INTRA_OP_THREADS": "1",
             "MDS_METRICS_PORT": str(free_port()),
+            "MDS_DRAIN_SECONDS": "0",  # nothing balances across the targets
         }
         created = subprocess.run(
             [sys.executable, "-m", "mds_grpc", "keys", "create", "--scope", "admin"],

@@ -139,6 +139,7 @@ def main() -> None:
             "--log-dir",
             str(work / "logs"),
         ],
+        env={**os.environ, "MDS_DRAIN_SECONDS": "0"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

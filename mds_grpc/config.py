@@ -70,8 +70,17 @@ class Settings:
     )
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", SERVER)
     metrics_port: int = setting(0, "Prometheus /metrics on MDS_GRPC_HOST at this port; 0 turns it off.", SERVER)
+    drain_seconds: float = setting(
+        5.0,
+        "On SIGTERM: health turns NOT_SERVING at once, and the server keeps serving this many seconds so that "
+        "balancers stop sending before it stops accepting (SIGINT skips it).",
+        SERVER,
+    )
     shutdown_grace_seconds: float = setting(
-        10.0, "On SIGTERM or SIGINT: stop accepting, let in-flight RPCs finish for this many seconds, exit 0.", SERVER
+        10.0,
+        "After the drain (or on SIGINT): stop accepting, let in-flight RPCs and streams finish for this many "
+        "seconds, exit 0.",
+        SERVER,
     )
     backend_check_seconds: float = setting(2.0, "How often health re-checks the backends, in seconds.", SERVER)
 

@@ -97,4 +97,9 @@ def watch_jobs(count: Callable[[State], int], states: tuple[State, ...]) -> None
 def serve_metrics(host: str, port: int) -> None:
     """Expose /metrics on host:port in a background thread (nothing when port is 0)."""
     if port:
-        start_http_server(port, addr=host)
+        try:
+            start_http_server(port, addr=host)
+        except OSError as error:
+            raise SystemExit(
+                f"error: cannot serve metrics on {host}:{port} (MDS_METRICS_PORT): {error.strerror}"
+            ) from None

@@ -1,10 +1,12 @@
 """The gRPC server: wires storage, core and front doors; health, reflection, graceful shutdown."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,18 @@ def job_work_dir(root: Path) -> Path:
 
 
 def build_core(settings: Settings, cache_folder: str = "models") -> Core:
-    """MongoDB, S3 and Redis when configured; otherwise the embedded default under data_dir."""
+    """MongoDB, S3 and Redis when configured; otherwise the embedded default under data_dir.
+
+    Exits with one line naming MDS_DATA_DIR when the folder cannot be used."""
+    try:
+        return _build_core(settings, cache_folder)
+    except OSError as error:
+        raise SystemExit(
+            f"error: cannot use MDS_DATA_DIR={settings.data_dir}: {error.strerror or error} ({error.filename or ''})"
+        ) from None
+
+
+def _build_core(settings: Settings, cache_folder: str) -> Core:
     data = settings.data_dir
     storage = open_storage(settings)
     cache = ModelCache(storage.blobs, data / cache_folder, settings.model_cache_bytes, settings.ort_intra_op_threads)
@@ -115,6 +128,21 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
     aliases = Aliases(storage.metadata, registry, settings.resolve_ttl_seconds)
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits, aliases)
     return Core(storage, registry, aliases, broker, run_job, jobs)
+
+
+def check_can_listen(host: str, port: int, reuse_port: bool) -> None:
+    """Exit with one line when the gRPC port cannot be bound (grpc itself logs a C++ error, then raises)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise SystemExit(
+            f"error: cannot listen on {host}:{port} (MDS_GRPC_HOST, MDS_GRPC_PORT): {error.strerror or error}"
+        ) from None
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -181,9 +209,15 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     """
     rpcs = contract.rpcs((*SERVICES, *contract.PROBE_SERVICES))  # exits when a served method declares no scope
     stop = asyncio.Event()
+    stop_signals: list[signal.Signals] = []  # as received
+
+    def on_signal(signum: signal.Signals) -> None:
+        stop_signals.append(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
     if process is None:
         core.registry.sweep_local_copies()
@@ -232,6 +266,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
+    check_can_listen(settings.grpc_host, settings.grpc_port, reuse_port=process is not None)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await check_backends(core, health_servicer)
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
@@ -252,9 +287,14 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
 
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     watcher.cancel()
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # NOT_SERVING at once: balancers stop sending
+    if stop_signals[0] == signal.SIGTERM and settings.drain_seconds > 0:
+        log.info("draining", extra={"drain_seconds": settings.drain_seconds})
+        stop.clear()
+        with contextlib.suppress(TimeoutError):  # a second signal ends the drain early
+            await asyncio.wait_for(stop.wait(), settings.drain_seconds)
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await server.stop(settings.shutdown_grace_seconds)
     if worker is not None:  # a job interrupted here resumes from its last batch at the next start
         await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))

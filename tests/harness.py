@@ -88,27 +88,35 @@ class WorkerProcess:
 
 
 class EnvoyProcess:
-    """scripts/run_envoy.py in front of a server: REST/JSON, gRPC passthrough and /docs/ on one port."""
+    """scripts/run_envoy.py in front of servers: REST/JSON, gRPC passthrough and /docs/ on one port."""
 
-    def __init__(self, server: "ServerProcess"):
-        self.port = free_port()
+    def __init__(self, *servers: "ServerProcess"):
+        self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(server.root / f"envoy-{self.port}.log", "ab")
+        root = servers[0].root
+        self.log = open(root / f"envoy-{self.port}.log", "ab")
+        upstreams = [arg for server in servers for arg in ("--upstream", f"127.0.0.1:{server.port}")]
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 str(REPO / "scripts" / "run_envoy.py"),
                 "--listen-port",
                 str(self.port),
-                "--grpc-port",
-                str(server.port),
+                "--admin-port",
+                str(self.admin_port),
+                *upstreams,
                 "--config-out",
-                str(server.root / "envoy.yaml"),
+                str(root / "envoy.yaml"),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         wait_until(lambda: _answers(self.url + "/v1/models"), what="Envoy to proxy to the server")
+
+    def stat(self, name: str) -> int:
+        """A counter from Envoy's admin interface, e.g. cluster.mds.upstream_rq_retry."""
+        text = requests.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": f"^{name}$"}).text
+        return int(text.split(":")[1]) if text.strip() else 0
 
     def stop(self) -> None:
         self.process.terminate()
@@ -133,12 +141,14 @@ class ServerProcess:
         self.probe_metadata = None  # for the readiness check, when probes need a key
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
-        self.env = {k.upper(): str(v) for k, v in env.items()}
+        # No drain on SIGTERM unless a test asks: nothing balances across these servers.
+        self.env = {"MDS_DRAIN_SECONDS": "0", **{k.upper(): str(v) for k, v in env.items()}}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "ServerProcess":
+    def start(self, with_worker: bool = True) -> "ServerProcess":
+        """Start the server (again); on Redis, with a `mds worker` of its own unless `with_worker` is off."""
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         self.stdout = open(self.root / "stdout.log", "ab")
@@ -173,7 +183,7 @@ class ServerProcess:
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self.inference = inference_service_pb2_grpc.InferenceServiceStub(self.channel)
         self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
-        self.workers = [WorkerProcess(self)] if "MDS_REDIS_URL" in self.env else []
+        self.workers = [WorkerProcess(self)] if with_worker and "MDS_REDIS_URL" in self.env else []
         return self
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:

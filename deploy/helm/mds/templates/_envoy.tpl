@@ -56,7 +56,7 @@ static_resources:
                   cluster: mds
                   timeout: 0s
                   retry_policy:
-                    retry_on: unavailable,reset,connect-failure,refused-stream
+                    retry_on: unavailable,cancelled,reset,connect-failure,refused-stream
                     num_retries: 2
                     retry_host_predicate:
                     - name: envoy.retry_host_predicates.previous_hosts
@@ -110,6 +110,11 @@ static_resources:
       unhealthy_threshold: 1
       healthy_threshold: 1
       grpc_health_check: {}
+    circuit_breakers:
+      thresholds:
+      - max_retries: 1000  # concurrent retries; the default 3 leaves calls unretried when a server dies under load
+    common_lb_config:
+      healthy_panic_threshold: {value: 0}  # never send to a server known to be down, even with few left
     outlier_detection:
       consecutive_5xx: 5
       consecutive_gateway_failure: 2
