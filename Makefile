@@ -5,7 +5,7 @@ export MDS_CACHE
 export MDS_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: run test lint install install-test gen settings-docs services services-stop envoy bench soak clean
+.PHONY: run test lint install install-test gen settings-docs services services-stop envoy image bench soak clean
 
 ## Install (idempotent) and run the service on its embedded default (./data, SQLite).
 run: install
@@ -38,6 +38,11 @@ services-stop:
 ## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, API docs at /docs/.
 envoy: install
 	$(BIN)/python scripts/run_envoy.py
+
+## The container image mds:latest (Containerfile) with podman or docker; BASE=python:3.11-slim-bookworm builds on
+## that image from a registry instead of a Debian base made here with mmdebstrap (docs/container.md).
+image:
+	scripts/image.sh build
 
 ## The benchmark suite (bench/): writes bench/results/results.{json,md,png}. The peers (KServe, MLServer)
 ## install once into $(MDS_CACHE)/peers; BENCH_ARGS="--only a,b --duration 10" picks workloads and lengths.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv outside the repo with the pinned Python
 # packages, this checkout installed into it (editable), and with `--test`
-# the linters and the test tools (grpcurl, protoc-gen-openapiv2, Chromium; MinIO, FerretDB and Redis) and
+# the linters and the test tools (grpcurl, protoc-gen-openapiv2, Chromium; MinIO, FerretDB and Redis; podman) and
 # the real ONNX models the tests use.
 # Everything built or downloaded is cached under $MDS_CACHE, so a second run
 # takes seconds.
@@ -37,5 +37,6 @@ if [ "${1:-}" = "--test" ]; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
   fi
   "$repo/scripts/services.sh" install
+  "$repo/scripts/image.sh" install  # podman, runc, slirp4netns, mmdebstrap: the image test
   "$venv/bin/python" "$repo/scripts/fetch_test_models.py" >/dev/null
 fi
