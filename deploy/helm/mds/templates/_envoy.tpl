@@ -113,8 +113,6 @@ static_resources:
     circuit_breakers:
       thresholds:
       - max_retries: 1000  # concurrent retries; the default 3 leaves calls unretried when a server dies under load
-    common_lb_config:
-      healthy_panic_threshold: {value: 0}  # never send to a server known to be down, even with few left
     outlier_detection:
       consecutive_5xx: 5
       consecutive_gateway_failure: 2
