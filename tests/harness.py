@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minio import Minio
 
@@ -418,3 +420,29 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def edited_contract(tmp_path: Path, old: str, new: str, *protoc_flags: str) -> Path:
+    """A copy of protos/ with `old` replaced by `new` in mds/v1/model_service.proto, compiled by protoc with
+    `protoc_flags` (paths relative to the copy's parent may use "{out}"); the copy's parent folder."""
+    protos = tmp_path / "protos"
+    shutil.copytree(REPO / "protos", protos)
+    model_service = protos / "mds" / "v1" / "model_service.proto"
+    text = model_service.read_text()
+    assert old in text, f"the contract no longer has {old!r}"
+    model_service.write_text(text.replace(old, new, 1))
+    googleapis = Path(status_pb2.__file__).parents[2]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            f"-I{googleapis}",
+            *(flag.format(out=tmp_path) for flag in protoc_flags),
+            *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")],
+        ],
+        check=True,
+        cwd=protos,
+    )
+    return tmp_path

@@ -1,21 +1,18 @@
 """API keys: every RPC of every service x {no key, wrong key, revoked key, wrong scope, right scope}."""
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from google.protobuf import message_factory
-from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import onnx_models
-from harness import REPO, ServerProcess, assert_status, create_key, every_rpc, mds_keys, upload_requests
+from harness import ServerProcess, assert_status, create_key, edited_contract, every_rpc, mds_keys, upload_requests
 from mds.oip import grpc_service_pb2
 from mds.v1 import inference_service_pb2, job_service_pb2, model_service_pb2
 from mds_grpc.api import contract
@@ -204,31 +201,14 @@ def test_job_ids_and_listings_keep_a_key_to_its_prefixes(secured):
 
 def test_a_method_without_a_scope_stops_the_start(tmp_path):
     """A new RPC in the contract that declares no scope: the server refuses to start rather than guess one."""
-    protos, gen = tmp_path / "protos", tmp_path / "gen"
-    shutil.copytree(REPO / "protos", protos)
-    model_service = protos / "mds" / "v1" / "model_service.proto"
-    model_service.write_text(
-        model_service.read_text().replace(
-            "service ModelService {\n",
-            "service ModelService {\n  rpc RenameModel(GetModelRequest) returns (Model);\n",
-            1,
-        )
-    )
-    googleapis = Path(status_pb2.__file__).parents[2]
+    gen = tmp_path / "gen"
     gen.mkdir()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{protos}",
-            f"-I{googleapis}",
-            f"--python_out={gen}",
-            f"--grpc_python_out={gen}",
-            *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")],
-        ],
-        check=True,
-        cwd=protos,
+    edited_contract(
+        tmp_path,
+        "service ModelService {\n",
+        "service ModelService {\n  rpc RenameModel(GetModelRequest) returns (Model);\n",
+        "--python_out={out}/gen",
+        "--grpc_python_out={out}/gen",
     )
     for package in ("mds", "mds/v1", "mds/oip"):
         (gen / package / "__init__.py").touch()

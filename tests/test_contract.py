@@ -1,13 +1,9 @@
 """The contract's gate: buf lint, and no breaking change since the previous commit (buf breaking)."""
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from google.rpc import status_pb2
-
-from harness import REPO
+from harness import REPO, edited_contract
 from local_machine import BIN
 
 BUF = BIN / "buf"
@@ -37,32 +33,13 @@ def test_no_breaking_change_since_the_previous_commit(tmp_path):
 
 
 def test_the_gate_catches_a_breaking_change(tmp_path):
-    protos = tmp_path / "protos"
-    shutil.copytree(REPO / "protos", protos)
-    model_service = protos / "mds" / "v1" / "model_service.proto"
-    text = model_service.read_text()
-    model_service.write_text(
-        text.replace(
-            "  // 0 selects the latest version.\n  int64 version = 2;",
-            "  // 0 selects the latest version.\n  string version = 2;",
-            1,
-        )
-    )
-    googleapis = Path(status_pb2.__file__).parents[2]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{protos}",
-            f"-I{googleapis}",
-            "--include_imports",
-            "--include_source_info",
-            f"--descriptor_set_out={tmp_path / 'changed'}",
-            *[str(p.relative_to(protos)) for p in protos.rglob("*.proto")],
-        ],
-        check=True,
-        cwd=protos,
+    edited_contract(
+        tmp_path,
+        "  // 0 selects the latest version.\n  int64 version = 2;",
+        "  // 0 selects the latest version.\n  string version = 2;",
+        "--include_imports",
+        "--include_source_info",
+        "--descriptor_set_out={out}/changed",
     )
     result = breaking(tmp_path / "changed", REPO / "gen" / "mds.protoset")
     assert result.returncode != 0
