@@ -133,7 +133,10 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
 def check_can_listen(host: str, port: int, reuse_port: bool) -> None:
     """Exit with one line when the gRPC port cannot be bound (grpc itself logs a C++ error, then raises)."""
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        return  # a name only grpc resolves: let it bind, and fail, itself
+    try:
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -218,6 +221,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    check_can_listen(settings.grpc_host, settings.grpc_port, reuse_port=process is not None)
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
     if process is None:
         core.registry.sweep_local_copies()
@@ -266,8 +270,10 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
-    check_can_listen(settings.grpc_host, settings.grpc_port, reuse_port=process is not None)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # an address check_can_listen could not probe
+        raise SystemExit(f"error: cannot listen on {address} (MDS_GRPC_HOST, MDS_GRPC_PORT)") from None
     await check_backends(core, health_servicer)
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
@@ -289,7 +295,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     await stop.wait()
     watcher.cancel()
     await health_servicer.enter_graceful_shutdown()  # NOT_SERVING at once: balancers stop sending
-    if stop_signals[0] == signal.SIGTERM and settings.drain_seconds > 0:
+    if stop_signals == [signal.SIGTERM] and settings.drain_seconds > 0:  # a second signal already: no drain
         log.info("draining", extra={"drain_seconds": settings.drain_seconds})
         stop.clear()
         with contextlib.suppress(TimeoutError):  # a second signal ends the drain early

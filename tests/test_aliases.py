@@ -188,11 +188,13 @@ def shared_servers(services, tmp_path):
 
 
 def test_another_server_follows_an_alias_without_failing_a_request(shared_servers, unique):
+    """Even when the version it left is deleted at once: the second server then asks the store again."""
     first, second = shared_servers
     two_versions(first, unique)
     set_alias(first, unique, "prod", 1)
     assert second.inference.Predict(request(unique, X, alias="prod"), timeout=60).version == 1
     set_alias(first, unique, "prod", 2)
+    first.models.DeleteModel(pb.DeleteModelRequest(name=unique, version=1))  # allowed: no alias routes to it now
     versions: list[int] = []
 
     def follows() -> bool:  # every reply meanwhile is a success, from version 1 until the switch, then 2

@@ -6,6 +6,7 @@ server that sees a change made elsewhere keeps serving the old targets until the
 """
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from mds_grpc import metrics
 from mds_grpc.core.alias_records import AliasEvent, AliasRecord
-from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from mds_grpc.core.records import ModelRecord
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.runtime import RunFailed
@@ -81,16 +82,26 @@ class Aliases:
         self._entries[(model, alias)] = _Entry(stored, time.monotonic() + self.ttl)  # this server switches now
         return stored
 
-    async def get(self, model: str, alias: str) -> AliasRecord:
-        """The alias as this server routes it: read at most every `ttl` seconds, its targets loaded."""
+    async def get(self, model: str, alias: str, reread: bool = False) -> AliasRecord:
+        """The alias as this server routes it: read at most every `ttl` seconds, its targets loaded.
+
+        Under traffic a change is followed in the background, the old targets serving meanwhile; after an
+        idle spell longer than `ttl` (or with `reread`) the request waits for the store's answer instead."""
         entry = self._entries.get((model, alias))
         if entry is None:
             return await self._first_read(model, alias)
-        if entry.expiry <= time.monotonic() and entry.refresh is None:
+        now = time.monotonic()
+        if (entry.expiry <= now or reread) and entry.refresh is None:
             entry.refresh = asyncio.ensure_future(self._refresh(entry))
+        if entry.refresh is not None and (reread or entry.expiry + self.ttl <= now):
+            await asyncio.shield(entry.refresh)
+            current = self._entries.get((model, alias))
+            return current.alias if current is not None else await self._first_read(model, alias)
         return entry.alias
 
-    async def version_for(self, model: str, version: int, alias: str, request_id: str = "", canary: bool = True) -> int:
+    async def version_for(
+        self, model: str, version: int, alias: str, request_id: str = "", canary: bool = True, reread: bool = False
+    ) -> int:
         """The version a request selecting `version` or `alias` (exclusive) runs on. Prediction traffic
         (`canary`) takes the canary share and is counted by mds_alias_requests_total; other lookups get the
         alias's main version."""
@@ -98,7 +109,7 @@ class Aliases:
             return version
         if version:
             raise InvalidArgument(f"give either version ({version}) or alias ({alias!r}), not both")
-        found = await self.get(model, alias)
+        found = await self.get(model, alias, reread)
         if not canary:
             return found.version
         chosen = route(found, request_id)
@@ -139,7 +150,8 @@ class Aliases:
                     f"alias {alias.alias!r} of model {model!r} routes to version {version or alias.version}: "
                     "move or delete the alias first, or delete with remove_aliases"
                 )
-            await self.delete(model, alias.alias, who)
+            with contextlib.suppress(NotFound):  # deleted meanwhile
+                await self.delete(model, alias.alias, who)
         return await self.registry.delete(model, version)
 
     async def history(self, model: str, alias: str) -> list[AliasEvent]:
@@ -186,5 +198,5 @@ class Aliases:
             loaded = await self.registry.load(alias.model, version)
             try:
                 await asyncio.to_thread(loaded.session.warm_up)
-            except RunFailed as error:  # zeros are not a valid input for every model: it is loaded all the same
+            except (RunFailed, Unimplemented) as error:  # zeros do not suit every model: it is loaded all the same
                 log.info("warm-up run of model %s version %s failed: %s", alias.model, version, error)

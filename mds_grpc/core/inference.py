@@ -14,7 +14,7 @@ from mds_grpc import metrics
 from mds_grpc.core import dtypes
 from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.batching import Batcher
-from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from mds_grpc.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, NotFound
 from mds_grpc.core.model_cache import LoadedModel
 from mds_grpc.core.records import ModelRecord, TensorSpec
 from mds_grpc.core.registry import ModelRegistry
@@ -102,8 +102,16 @@ class InferenceEngine:
     ) -> Prediction:
         """Run one request on `version` (0: the latest) or through `alias` (a canary share routed by a hash of
         `request_id`). `deadline` is a time.monotonic() value after which the model is not run."""
-        version = await self.aliases.version_for(model, version, alias, request_id)
-        loaded = await self.registry.load(model, version)
+        chosen = await self.aliases.version_for(model, version, alias, request_id)
+        try:
+            loaded = await self.registry.load(model, chosen)
+        except NotFound:
+            if not alias:
+                raise
+            # The alias moved on elsewhere and its old version is gone: ask the store where it points now.
+            loaded = await self.registry.load(
+                model, await self.aliases.version_for(model, 0, alias, request_id, reread=True)
+            )
         record = loaded.record
         check_inputs(record, inputs)
         names = select_outputs(record, output_names)

@@ -113,9 +113,14 @@ static_resources:
     circuit_breakers:
       thresholds:
       - max_retries: 1000  # concurrent retries; the default 3 leaves calls unretried when a server dies under load
+    # A server whose connections fail or reset is ejected; errors it answers with (UNAVAILABLE while a
+    # backend is down, DEADLINE_EXCEEDED for a client's short deadline) never eject it.
     outlier_detection:
-      consecutive_5xx: 5
-      consecutive_gateway_failure: 2
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 2
+      enforcing_consecutive_local_origin_failure: 100
+      enforcing_consecutive_5xx: 0
+      enforcing_success_rate: 0
       interval: 1s
       base_ejection_time: 5s
       max_ejection_percent: 100
