@@ -130,7 +130,7 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
     return Core(storage, registry, aliases, broker, run_job, jobs)
 
 
-def check_can_listen(host: str, port: int, reuse_port: bool) -> None:
+def check_can_listen(host: str, port: int) -> None:
     """Exit with one line when the gRPC port cannot be bound (grpc itself logs a C++ error, then raises)."""
     try:
         family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
@@ -139,8 +139,6 @@ def check_can_listen(host: str, port: int, reuse_port: bool) -> None:
     try:
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(address)
     except OSError as error:
         raise SystemExit(
@@ -221,7 +219,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    check_can_listen(settings.grpc_host, settings.grpc_port, reuse_port=process is not None)
+    if process is None:  # serving processes sharing a port: their supervisor checked it before starting them
+        check_can_listen(settings.grpc_host, settings.grpc_port)
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
     if process is None:
         core.registry.sweep_local_copies()
@@ -272,7 +271,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     credentials = server_credentials(settings)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:  # an address check_can_listen could not probe
+    except RuntimeError:  # an address check_can_listen could not probe, or a port taken since
         raise SystemExit(f"error: cannot listen on {address} (MDS_GRPC_HOST, MDS_GRPC_PORT)") from None
     await check_backends(core, health_servicer)
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
