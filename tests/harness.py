@@ -92,12 +92,13 @@ class WorkerProcess:
 class EnvoyProcess:
     """scripts/run_envoy.py in front of servers: REST/JSON, gRPC passthrough and /docs/ on one port."""
 
-    def __init__(self, *servers: "ServerProcess"):
+    def __init__(self, *servers: "ServerProcess", cors_origins: tuple[str, ...] = ()):
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         root = servers[0].root
         self.log = open(root / f"envoy-{self.port}.log", "ab")
         upstreams = [arg for server in servers for arg in ("--upstream", f"127.0.0.1:{server.port}")]
+        origins = [arg for origin in cors_origins for arg in ("--cors-origin", origin)]
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -107,6 +108,7 @@ class EnvoyProcess:
                 "--admin-port",
                 str(self.admin_port),
                 *upstreams,
+                *origins,
                 "--config-out",
                 str(root / "envoy.yaml"),
             ],

