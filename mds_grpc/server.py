@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from mds.v1 import (
+    http_files_pb2,
+    http_files_pb2_grpc,
     inference_service_pb2,
     inference_service_pb2_grpc,
     job_service_pb2,
@@ -28,6 +30,7 @@ from mds.v1 import (
 from mds_grpc import job_queue, metrics
 from mds_grpc.api import contract
 from mds_grpc.api.auth import Guard
+from mds_grpc.api.http_files import HttpDownloadServicer, HttpUploadServicer
 from mds_grpc.api.inference_servicer import InferenceServicer
 from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
@@ -56,6 +59,8 @@ SERVICES = tuple(
         (model_service_pb2, "ModelService"),
         (inference_service_pb2, "InferenceService"),
         (job_service_pb2, "JobService"),
+        (http_files_pb2, "HttpUploadService"),
+        (http_files_pb2, "HttpDownloadService"),
         (grpc_service_pb2, "GRPCInferenceService"),
     )
 )
@@ -261,6 +266,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
+    http_files_pb2_grpc.add_HttpUploadServiceServicer_to_server(HttpUploadServicer(core.registry, core.jobs), served)
+    http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(HttpDownloadServicer(core.jobs), served)
     health_servicer = health.aio.HealthServicer()
     # The stubs ask for a whole server; registration only needs what ServedServer has.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]

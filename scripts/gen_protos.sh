@@ -19,12 +19,13 @@ mkdir -p "$out/go" "$out/ts"
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   --descriptor_set_out="$out/mds.protoset" --include_imports --include_source_info \
   $protos
-# The OpenAPI (Swagger 2) document of the REST mapping (google.api.http annotations).
+# The OpenAPI (Swagger 2) document of the REST mapping (google.api.http annotations), without
+# the streamed file routes of http_files.proto (it cannot express a streamed body; docs/rest.md does).
 mkdir -p "$out/openapi"
 "$python" -m grpc_tools.protoc -I. -I"$googleapis" \
   --plugin=protoc-gen-openapiv2="$bin/protoc-gen-openapiv2" \
   --openapiv2_out="$out/openapi" --openapiv2_opt=allow_merge=true,merge_file_name=mds \
-  $(find mds/v1 -name '*.proto' | sort)
+  $(find mds/v1 -name '*.proto' ! -name http_files.proto | sort)
 # Go: gen/go is the module github.com/mds/mds/gen/go (its go.mod is kept by hand).
 "$python" -m grpc_tools.protoc -I. -I"$googleapis" \
   --plugin=protoc-gen-go="$bin/protoc-gen-go" --plugin=protoc-gen-go-grpc="$bin/protoc-gen-go-grpc" \
@@ -35,6 +36,6 @@ mkdir -p "$out/openapi"
 "$python" -m grpc_tools.protoc -I. -I"$googleapis" \
   --plugin=protoc-gen-es="$repo/node_modules/.bin/protoc-gen-es" \
   --es_out="$out/ts" --es_opt=target=js+dts,import_extension=js \
-  $protos google/api/annotations.proto google/api/http.proto google/rpc/status.proto
+  $protos google/api/annotations.proto google/api/http.proto google/api/httpbody.proto google/rpc/status.proto
 # Package markers so `mds.v1` imports as a regular package.
 find "$out/mds" -type d -exec touch {}/__init__.py \;

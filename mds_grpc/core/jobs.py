@@ -6,10 +6,11 @@ import math
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -37,30 +38,41 @@ class ColumnSpec:
 
 
 class _InputWriter:
-    """Appends the rows of every column to its own raw file, checking each chunk against the specs."""
+    """Writes the rows of every column to its own raw file: whole chunks of rows checked against the
+    declared columns (write), or each column's raw bytes, one column after another (append)."""
 
-    def __init__(self, folder: Path, specs: Sequence[ColumnSpec], max_bytes: int):
-        if not specs:
-            raise InvalidArgument("a job input needs at least one tensor")
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names):
-            raise InvalidArgument(f"input names must be unique, got {names}")
-        for spec in specs:
-            if spec.dtype == "STRING":
-                raise InvalidArgument(f"input {spec.name!r} is STRING; jobs take numeric and boolean tensors only")
-            if not spec.shape or any(d < 0 for d in spec.shape):
-                raise InvalidArgument(f"input {spec.name!r} needs a full shape with rows first, got {list(spec.shape)}")
-        rows = {spec.shape[0] for spec in specs}
-        if len(rows) != 1:
-            raise InvalidArgument(f"every input needs the same number of rows, got {sorted(rows)}")
-        self.rows = rows.pop()
-        size = sum(math.prod(s.shape) * dtypes.BY_NAME[s.dtype].numpy.itemsize for s in specs)
-        if size > max_bytes:
-            raise ResourceExhausted(f"job input of {size} bytes exceeds the server's limit of {max_bytes} bytes")
-        self.specs = {spec.name: spec for spec in specs}
+    def __init__(self, folder: Path, max_bytes: int):
         self.folder = folder
-        self.files = {name: open(folder / f"column-{i}", "wb") for i, name in enumerate(names)}
-        self.written = 0
+        self.max_bytes = max_bytes
+        self.specs: dict[str, ColumnSpec] = {}
+        self.files: dict[str, BinaryIO] = {}
+        self.sizes: dict[str, int] = {}  # bytes written per column
+        self.rows = -1
+        self.written = 0  # rows `write` has taken
+        self.current = ""  # the column `append` writes to
+
+    def add(self, spec: ColumnSpec) -> None:
+        if spec.name in self.specs:
+            raise InvalidArgument(f"input names must be unique; {spec.name!r} comes twice")
+        if spec.dtype == "STRING":
+            raise InvalidArgument(f"input {spec.name!r} is STRING; jobs take numeric and boolean tensors only")
+        if not spec.shape or any(d < 0 for d in spec.shape):
+            raise InvalidArgument(f"input {spec.name!r} needs a full shape with rows first, got {list(spec.shape)}")
+        if self.rows not in (-1, spec.shape[0]):
+            raise InvalidArgument(
+                f"every input needs the same number of rows: {spec.name!r} has {spec.shape[0]}, others {self.rows}"
+            )
+        size = sum(self._bytes(s) for s in self.specs.values()) + self._bytes(spec)
+        if size > self.max_bytes:
+            raise ResourceExhausted(f"job input of {size} bytes exceeds the server's limit of {self.max_bytes} bytes")
+        self.rows = spec.shape[0]
+        self.files[spec.name] = open(self.folder / f"column-{len(self.specs)}", "wb")
+        self.specs[spec.name] = spec
+        self.sizes[spec.name] = 0
+
+    @staticmethod
+    def _bytes(spec: ColumnSpec) -> int:
+        return math.prod(spec.shape) * dtypes.BY_NAME[spec.dtype].numpy.itemsize
 
     def write(self, chunk: dict[str, np.ndarray]) -> None:
         if set(chunk) != set(self.specs):
@@ -79,13 +91,31 @@ class _InputWriter:
                     f"chunk tensor {name!r} must be {spec.dtype} with rows of shape {list(spec.shape[1:])}, "
                     f"got {dtype.name if dtype else array.dtype} {list(array.shape)}"
                 )
-            self.files[name].write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+            self._put(name, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
         self.written += count
+
+    def append(self, spec: ColumnSpec, data: bytes) -> None:
+        """The next raw bytes (little-endian, C order) of column `spec`, which starts when first seen."""
+        if spec.name != self.current:
+            self.add(spec)
+            self.current = spec.name
+        if self.sizes[spec.name] + len(data) > self._bytes(spec):
+            raise InvalidArgument(f"input {spec.name!r} has more data than its shape {list(spec.shape)} holds")
+        self._put(spec.name, data)
+
+    def _put(self, name: str, data: bytes) -> None:
+        self.files[name].write(data)
+        self.sizes[name] += len(data)
 
     def finish(self) -> list[tuple[ColumnSpec, Path]]:
         self.close()
-        if self.written != self.rows:
-            raise InvalidArgument(f"received {self.written} rows, the header declared {self.rows}")
+        if not self.specs:
+            raise InvalidArgument("a job input needs at least one tensor")
+        for name, spec in self.specs.items():
+            if self.sizes[name] != self._bytes(spec):
+                row = self._bytes(spec) // max(1, self.rows)
+                got = f"{self.sizes[name] // row} rows" if row else f"{self.sizes[name]} bytes"
+                raise InvalidArgument(f"received {got}, the header declared {self.rows} (input {name!r})")
         return [(self.specs[name], Path(handle.name)) for name, handle in self.files.items()]
 
     def close(self) -> None:
@@ -127,14 +157,33 @@ class JobManager:
     async def upload_input(
         self, specs: Sequence[ColumnSpec], chunks: AsyncIterable[dict[str, np.ndarray]]
     ) -> JobInputRecord:
-        """Store a job input streamed as chunks of rows; nothing stays behind on failure."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
-        writer = None
-        try:
-            writer = _InputWriter(folder, specs, self.limits.max_input_bytes)
+        """Store a job input declared up front and streamed as chunks of rows; nothing stays behind on failure."""
+
+        async def fill(writer: _InputWriter) -> None:
+            if not specs:
+                raise InvalidArgument("a job input needs at least one tensor")
+            for spec in specs:
+                writer.add(spec)
             async for chunk in chunks:
                 await asyncio.to_thread(writer.write, chunk)
+
+        return await self._store_input(fill)
+
+    async def upload_columns(self, parts: AsyncIterable[tuple[ColumnSpec, bytes]]) -> JobInputRecord:
+        """Store a job input streamed column after column as (column, next raw little-endian C-order bytes)."""
+
+        async def fill(writer: _InputWriter) -> None:
+            async for spec, data in parts:
+                await asyncio.to_thread(writer.append, spec, data)
+
+        return await self._store_input(fill)
+
+    async def _store_input(self, fill: Callable[["_InputWriter"], Awaitable[None]]) -> JobInputRecord:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
+        writer = _InputWriter(folder, self.limits.max_input_bytes)
+        try:
+            await fill(writer)
             columns = await asyncio.to_thread(writer.finish)
             hashes = [await asyncio.to_thread(sha256_of, path) for _, path in columns]
             record = JobInputRecord(
@@ -160,8 +209,7 @@ class JobManager:
             )
             return record
         finally:
-            if writer is not None:
-                writer.close()
+            writer.close()
             await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def create(

@@ -46,12 +46,16 @@ class ModelRegistry:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.cache.clear_folders()
 
-    async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes]]) -> ModelRecord:
-        """Stage, validate, publish and warm a new version; nothing stays behind on failure."""
+    async def upload(self, header: UploadHeader, parts: AsyncIterable[tuple[str, bytes] | UploadHeader]) -> ModelRecord:
+        """Stage, validate, publish and warm a new version; nothing stays behind on failure.
+
+        `parts` are (file path, bytes); an UploadHeader among them completes `header` (see uploads.receive).
+        """
         staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload)
         handed_over = False
         try:
             files = await receive(staging, parts)
+            header = staging.header
             side_files = {stored.path for stored in files[1:]}
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
             session, info = await asyncio.to_thread(

@@ -6,7 +6,7 @@ import re
 import shutil
 import uuid
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +29,9 @@ class UploadHeader:
     size_bytes: int = 0  # of the main file; 0 = not verified
     external_files: tuple[StoredFile, ...] = ()  # side files, sha256/size optional as above
     batching: BatchingPolicy = BatchingPolicy()
+    # Side files are taken as they arrive, declared or not (an HTTP multipart upload, whose header
+    # may come after the files or not at all); declared ones must still arrive and match.
+    open_files: bool = False
 
 
 def sha256_of(path: Path) -> str:
@@ -84,18 +87,9 @@ class StagedUpload:
         open_remote: Callable[[], BlobUpload | None] = lambda: None,
     ):
         check_name(header.name)
-        _check_sha256(header.sha256, MAIN_FILE)
-        declared = {MAIN_FILE: StoredFile(MAIN_FILE, header.sha256, header.size_bytes)}
-        for side in header.external_files:
-            check_relative_path(side.path)
-            _check_sha256(side.sha256, side.path)
-            if side.path in declared:
-                raise InvalidArgument(f"file {side.path!r} is declared twice in the header")
-            declared[side.path] = side
-        for path in declared:
-            if any(other.startswith(path + "/") for other in declared):
-                raise InvalidArgument(f"file {path!r} is also used as a folder by another declared file")
-        self.declared = declared
+        self.header = header
+        self.declared: dict[str, StoredFile] = {}
+        self._declare_all(header)
         self.max_bytes = max_bytes
         self.dir = Path(tmp_root) / f"upload-{uuid.uuid4().hex}"
         self.dir.mkdir(parents=True)
@@ -109,11 +103,43 @@ class StagedUpload:
     def main_path(self) -> Path:
         return self.dir / MAIN_FILE
 
+    def _declare_all(self, header: UploadHeader) -> None:
+        """Declare the main file and the header's side files; a file that already arrived takes the checks."""
+        _check_sha256(header.sha256, MAIN_FILE)
+        self.declared[MAIN_FILE] = StoredFile(MAIN_FILE, header.sha256, header.size_bytes)
+        listed = {MAIN_FILE}
+        for side in header.external_files:
+            if side.path in listed:
+                raise InvalidArgument(f"file {side.path!r} is declared twice in the header")
+            listed.add(side.path)
+            _check_sha256(side.sha256, side.path)
+            self._declare(side)
+
+    def _declare(self, file: StoredFile) -> None:
+        if file.path not in self.declared:
+            check_relative_path(file.path)
+            for other in self.declared:
+                if other.startswith(file.path + "/") or file.path.startswith(other + "/"):
+                    folder, inner = sorted((other, file.path), key=len)
+                    raise InvalidArgument(f"file {folder!r} is also used as a folder by another file, {inner!r}")
+        self.declared[file.path] = file
+
+    def complete(self, header: UploadHeader) -> None:
+        """Take a header that came after some of the files (open_files uploads): it must name the same model."""
+        if header.name and header.name != self.header.name:
+            raise InvalidArgument(
+                f"the header names model {quoted(header.name)}, the upload is for {self.header.name!r}"
+            )
+        self.header = replace(header, name=self.header.name, open_files=True)
+        self._declare_all(self.header)
+
     def write(self, path: str, data: bytes) -> None:
         if not data:
             return  # an empty chunk carries nothing, and must not end a stream early
         if path not in self.declared:
-            raise InvalidArgument(f"chunk for undeclared file {quoted(path)}: list it in header.external_files")
+            if not self.header.open_files:
+                raise InvalidArgument(f"chunk for undeclared file {quoted(path)}: list it in header.external_files")
+            self._declare(StoredFile(path, "", 0))
         if self._open is None or self._open.path != path:
             if path in self.received:
                 raise InvalidArgument(f"chunks of file {path!r} must be contiguous; it was already finished")
@@ -164,12 +190,20 @@ class StagedUpload:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def receive(staging: StagedUpload, parts: AsyncIterable[tuple[str, bytes]]) -> tuple[StoredFile, ...]:
-    """Write every (path, bytes) part off the event loop; a cancelled receive lets the last write finish."""
+async def receive(
+    staging: StagedUpload, parts: AsyncIterable[tuple[str, bytes] | UploadHeader]
+) -> tuple[StoredFile, ...]:
+    """Write every (path, bytes) part off the event loop; a cancelled receive lets the last write finish.
+
+    An UploadHeader among the parts completes the staging's header (StagedUpload.complete).
+    """
     pending: asyncio.Future | None = None
     try:
-        async for path, data in parts:
-            pending = asyncio.ensure_future(asyncio.to_thread(staging.write, path, data))
+        async for part in parts:
+            if isinstance(part, UploadHeader):
+                staging.complete(part)
+                continue
+            pending = asyncio.ensure_future(asyncio.to_thread(staging.write, *part))
             await asyncio.shield(pending)
         return await asyncio.to_thread(staging.finish)
     finally:
