@@ -185,6 +185,21 @@ def test_envoy_in_the_chart_has_run_envoys_filters_and_cors_policy(origins, tmp_
     assert [m["exact"] for m in policy["envoy.filters.http.cors"]["allow_origin_string_match"]] == origins
 
 
+def test_envoy_in_the_chart_transcodes_as_run_envoy_does(tmp_path):
+    """The same REST services, and the .npy download route with a transcoder of its own, as run_envoy.py."""
+    chart = connection_manager(resources(template("default"))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"])
+    ours = connection_manager(run_envoy.render("127.0.0.1", 8080, [], 9901, tmp_path / "envoy.yaml", []).read_text())
+
+    def transcoding(manager: dict) -> list:
+        (main,) = [f["typed_config"] for f in manager["http_filters"] if f["name"].endswith("grpc_json_transcoder")]
+        routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+        own = [(r["match"], r["typed_per_filter_config"]) for r in routes if "typed_per_filter_config" in r]
+        return [main["services"], [(m, c["envoy.filters.http.grpc_json_transcoder"]["services"]) for m, c in own]]
+
+    assert transcoding(chart) == transcoding(ours)
+    assert transcoding(ours)[1][0][1] == ["mds.v1.HttpDownloadService"]
+
+
 def test_the_kserve_runtime_is_a_valid_cluster_serving_runtime():
     manifest = RUNTIME.read_text()
     report = kubeconform(manifest, "-schema-location", RUNTIME_SCHEMA)

@@ -64,6 +64,17 @@ static_resources:
                   host_redirect: {{ $swaggerUi.host }}
                   path_redirect: {{ printf "%s/%s" (trimSuffix "/" $swaggerUi.path) $asset | quote }}
               {{- end }}
+              # A job output as an .npy file: the path of JobService.GetJobResults, with its own transcoding.
+              - match:
+                  safe_regex: {regex: "/v1/jobs/[^/]+/results"}
+                  query_parameters: [{name: format, string_match: {exact: npy}}]
+                route: {cluster: mds, timeout: 0s}
+                typed_per_filter_config:
+                  envoy.filters.http.grpc_json_transcoder:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
+                    proto_descriptor: /etc/mds-envoy/mds.protoset
+                    services: [mds.v1.HttpDownloadService]
+                    convert_grpc_status: true
               # Calls without side effects (after transcoding, REST routes carry their gRPC path too).
               - match:
                   safe_regex: {regex: {{ include "mds.retriablePaths" . | quote }}}
@@ -91,7 +102,7 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
               proto_descriptor: /etc/mds-envoy/mds.protoset
-              services: [mds.v1.ModelService, mds.v1.InferenceService, mds.v1.JobService]
+              services: [mds.v1.ModelService, mds.v1.InferenceService, mds.v1.JobService, mds.v1.HttpUploadService]
               convert_grpc_status: true
               print_options:
                 add_whitespace: false
