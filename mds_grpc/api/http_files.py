@@ -33,6 +33,13 @@ def _header_part(text: bytes) -> UploadHeader:
         raise InvalidArgument(f"the `header` part is not a ModelHeader in JSON: {error}") from None
 
 
+def _check_new(name: str, names: set[str]) -> None:
+    """A part's name, unless an earlier part had it."""
+    if name in names:
+        raise InvalidArgument(f"two multipart parts are named {name!r}")
+    names.add(name)
+
+
 async def _model_parts(
     boundary: bytes, chunks: AsyncIterable[bytes], has_query_header: bool
 ) -> AsyncIterator[tuple[str, bytes] | UploadHeader]:
@@ -41,9 +48,7 @@ async def _model_parts(
     current, header = -1, b""
     async for piece in form_pieces(boundary, chunks):
         if piece.part != current:
-            if piece.name in names:
-                raise InvalidArgument(f"two multipart parts are named {piece.name!r}")
-            names.add(piece.name)
+            _check_new(piece.name, names)
             current = piece.part
         if piece.name != HEADER_PART:
             yield (MAIN_FILE if piece.name == MAIN_PART else piece.name), piece.data
@@ -72,9 +77,11 @@ async def _npy_file(name: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[tu
 
 async def _npy_parts(boundary: bytes, chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[ColumnSpec, bytes]]:
     """One .npy file per part, named by its input."""
-    stream = None
+    stream: NpyStream | None = None
+    names: set[str] = set()
     async for piece in form_pieces(boundary, chunks):
         if stream is None:
+            _check_new(piece.name, names)
             stream = NpyStream(piece.name)
         for column in stream.feed(piece.data):
             yield column
