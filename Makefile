@@ -35,8 +35,11 @@ services:
 services-stop:
 	scripts/services.sh stop
 
-## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, API docs at /docs/.
+## Envoy on :8080 in front of the server on :50051: REST/JSON (/v1/...), gRPC, gRPC-Web, API docs at /docs/,
+## the web console at /ui/ (built here first from web/).
 envoy: install
+	[ -d node_modules ] || npm ci --no-audit --no-fund --silent
+	npm run --silent build-console
 	$(BIN)/python scripts/run_envoy.py
 
 ## The container image mds:latest (Containerfile) with podman or docker; BASE=python:3.11-slim-bookworm builds on

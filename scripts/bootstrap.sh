@@ -33,6 +33,7 @@ fi
 if [ "${1:-}" = "--test" ]; then
   "$repo/scripts/install_go_tools.sh"
   (cd "$repo" && npm ci --no-audit --no-fund --silent)  # protoc-gen-es and the Node client test; ~/.npm caches it
+  (cd "$repo" && npm run --silent build-console)  # web/dist: the console Envoy serves at /ui/ (tests/test_console.py)
   if ! command -v chromium >/dev/null; then  # the browser test of the API docs page
     apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
   fi

@@ -55,9 +55,9 @@ def endpoints(upstreams: list[tuple[str, int]]) -> str:
 def console_routes(metrics: tuple[str, int] | None) -> str:
     """Routes serving the built console (web/dist) under /ui/, and one server's metrics at /ui/metrics (YAML)."""
     files = sorted(CONSOLE.iterdir()) if CONSOLE.is_dir() else []
-    routes = [({"path": "/ui"}, {"redirect": {"path_redirect": "/ui/"}})]
+    routes: list[dict[str, object]] = [{"match": {"path": "/ui"}, "redirect": {"path_redirect": "/ui/"}}]
     for file in files:
-        body = {
+        body: dict[str, object] = {
             "direct_response": {"status": 200, "body": {"filename": str(file)}},
             "response_headers_to_add": [
                 {"header": {"key": "content-type", "value": CONTENT_TYPES[file.suffix]}},
@@ -65,17 +65,18 @@ def console_routes(metrics: tuple[str, int] | None) -> str:
             ],
         }
         paths = ["/ui/", f"/ui/{file.name}"] if file.name == "index.html" else [f"/ui/{file.name}"]
-        routes += [({"path": path}, body) for path in paths]
+        routes += [{"match": {"path": path}, **body} for path in paths]
     if metrics:
         route = {"cluster": "mds_metrics", "prefix_rewrite": "/metrics", "timeout": "5s"}
-        routes.append(({"path": "/ui/metrics"}, {"route": route}))
+        routes.append({"match": {"path": "/ui/metrics"}, "route": route})
     else:
         off = "metrics are off: start the server with MDS_METRICS_PORT and Envoy with --metrics HOST:PORT"
-        routes.append(({"path": "/ui/metrics"}, {"direct_response": {"status": 404, "body": {"inline_string": off}}}))
+        routes.append(
+            {"match": {"path": "/ui/metrics"}, "direct_response": {"status": 404, "body": {"inline_string": off}}}
+        )
     missing = "no such file" if files else "the console is not built: run `npm run build-console`, then restart Envoy"
-    routes.append(({"prefix": "/ui/"}, {"direct_response": {"status": 404, "body": {"inline_string": missing}}}))
-    # One route per line in JSON, which is YAML too.
-    return "\n".join(f"              - {json.dumps({'match': match, **action})}" for match, action in routes)
+    routes.append({"match": {"prefix": "/ui/"}, "direct_response": {"status": 404, "body": {"inline_string": missing}}})
+    return "\n".join(f"              - {json.dumps(route)}" for route in routes)  # JSON is YAML too
 
 
 def metrics_cluster(metrics: tuple[str, int] | None) -> str:
@@ -147,8 +148,8 @@ def env_origins(parser: argparse.ArgumentParser) -> list[str]:
 def metrics_address(given: str | None, first_host: str) -> tuple[str, int] | None:
     """--metrics HOST:PORT, else the first server's host with MDS_METRICS_PORT (when set and not 0)."""
     if given:
-        host, port = given.rsplit(":", 1)
-        return host, int(port)
+        host, number = given.rsplit(":", 1)
+        return host, int(number)
     port = int(os.environ.get("MDS_METRICS_PORT", "0") or 0)
     return (first_host, port) if port else None
 
