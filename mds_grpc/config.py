@@ -59,6 +59,12 @@ class Settings:
         "127.0.0.1", "Address the gRPC server listens on: 127.0.0.1 keeps it local, 0.0.0.0 exposes it.", SERVER
     )
     grpc_port: int = setting(50051, "Port of the gRPC server (mds.v1, V2, health, reflection).", SERVER)
+    websocket_port: int = setting(
+        50052,
+        "Port on MDS_GRPC_HOST of PredictStream over WebSocket (/v1/predictions:ws, see docs/websocket.md), "
+        "shared by serving processes like the gRPC port; 0 turns it off.",
+        SERVER,
+    )
     processes: int = setting(
         1,
         "Serving processes sharing the port (SO_REUSEPORT), each with its own models "

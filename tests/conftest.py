@@ -12,6 +12,10 @@ from harness import REPO, ServerProcess, backend_env, wait_until
 from mds_grpc.config import load_settings
 from mds_grpc.server import build_core
 
+# Servers started without a WebSocket port of their own (harness.ServerProcess gives one) serve none:
+# the default port may be taken by a server running on this machine.
+os.environ["MDS_WEBSOCKET_PORT"] = "0"
+
 
 @pytest.fixture(scope="session")
 def pretrained() -> Path:

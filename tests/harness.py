@@ -90,7 +90,7 @@ class WorkerProcess:
 
 
 class EnvoyProcess:
-    """scripts/run_envoy.py in front of servers: REST/JSON, gRPC passthrough and /docs/ on one port."""
+    """scripts/run_envoy.py in front of servers: REST/JSON, gRPC passthrough, WebSocket and /docs/ on one port."""
 
     def __init__(self, *servers: "ServerProcess", cors_origins: tuple[str, ...] = ()):
         self.port, self.admin_port = free_port(), free_port()
@@ -98,6 +98,9 @@ class EnvoyProcess:
         root = servers[0].root
         self.log = open(root / f"envoy-{self.port}.log", "ab")
         upstreams = [arg for server in servers for arg in ("--upstream", f"127.0.0.1:{server.port}")]
+        upstreams += [
+            arg for server in servers for arg in ("--websocket-upstream", f"127.0.0.1:{server.websocket_port}")
+        ]
         origins = [arg for origin in cors_origins for arg in ("--cors-origin", origin)]
         self.process = subprocess.Popen(
             [
@@ -149,6 +152,8 @@ class ServerProcess:
         self.env = {"MDS_DRAIN_SECONDS": "0", **{k.upper(): str(v) for k, v in env.items()}}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.env.setdefault("MDS_WEBSOCKET_PORT", str(free_port()))
+        self.websocket_port = int(self.env["MDS_WEBSOCKET_PORT"])
         self.process: subprocess.Popen | None = None
 
     def start(self, with_worker: bool = True) -> "ServerProcess":

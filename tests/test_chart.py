@@ -216,3 +216,34 @@ def test_the_kserve_runtime_is_a_valid_cluster_serving_runtime():
     env = {e["name"]: e["value"] for e in server["env"]}
     assert env["MDS_GRPC_HOST"] == "0.0.0.0"
     assert server["ports"] == [{"name": "h2c", "containerPort": int(env["MDS_GRPC_PORT"]), "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_envoy_in_the_chart_sends_websocket_streaming_to_the_servers_websocket_port(values, tmp_path):
+    """The /v1/predictions:ws route as run_envoy.py renders it, to the port the servers serve WebSocket on."""
+    rendered = resources(template(values))
+    text = rendered["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"]
+    ours = run_envoy.render("127.0.0.1", 8080, [], 9901, tmp_path / "envoy.yaml", [], None, [("127.0.0.1", 1)])
+
+    def websocket_route(manager: dict) -> dict:
+        (route,) = [
+            r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if "upgrade_configs" in r.get("route", {})
+        ]
+        return route
+
+    route = websocket_route(connection_manager(text))
+    assert route == websocket_route(connection_manager(ours.read_text()))
+    assert route["match"] == {"path": "/v1/predictions:ws"}
+    clusters = yaml.safe_load(text)["static_resources"]["clusters"]
+    (cluster,) = [c for c in clusters if c["name"] == route["route"]["cluster"]]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert endpoint["address"].startswith("mds-server-headless.")
+    server = rendered["Deployment", "mds-server"]
+    assert env_of(server)["MDS_WEBSOCKET_PORT"] == str(endpoint["port_value"])
+    assert {"name": "websocket", "containerPort": endpoint["port_value"], "protocol": "TCP"} in container(server)[
+        "ports"
+    ]
+    service = rendered["Service", "mds-server"]["spec"]["ports"]
+    assert {"name": "websocket", "port": endpoint["port_value"], "targetPort": "websocket"}.items() <= service[
+        1
+    ].items()

@@ -23,10 +23,14 @@ class Guard:
         self.open_probes = open_probes
 
     async def __call__(self, method: str, request, context) -> None:
+        await self.check(method, dict(context.invocation_metadata() or ()).get("authorization"), request)
+
+    async def check(self, method: str, authorization: str | None, request=None) -> None:
+        """Raise unless the `authorization` value (`Bearer <key>`) may call `method` (with `request`)."""
         rpc = self.rpcs[method]
         if self.open_probes and rpc.scope == PUBLIC:
             return
-        key_id, secret = self.authenticator.parse(dict(context.invocation_metadata() or ()).get("authorization"))
+        key_id, secret = self.authenticator.parse(authorization)
         known, key = self.authenticator.cached(key_id)
         if not known:  # only a key not seen lately costs a store read, off the event loop
             key = await asyncio.to_thread(self.authenticator.load, key_id)

@@ -1,6 +1,7 @@
 """mds.v1.InferenceService: converts and delegates to the inference engine."""
 
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -14,6 +15,7 @@ from mds_grpc.api.call_record import annotate
 from mds_grpc.api.statuses import status_of
 from mds_grpc.api.streams import in_order
 from mds_grpc.api.tensors import from_array, to_arrays
+from mds_grpc.core.errors import MdsError
 from mds_grpc.core.inference import InferenceEngine, Prediction
 from mds_grpc.core.limits import TensorLimits
 
@@ -77,9 +79,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         annotate(version=response.version)
         return response
 
-    async def _stream_item(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictStreamResponse:
-        reply = pb.PredictStreamResponse(request_id=request.request_id)
+    async def _stream_item(
+        self, request: pb.PredictRequest | MdsError, deadline: float | None
+    ) -> pb.PredictStreamResponse:
+        reply = pb.PredictStreamResponse()
         try:
+            if isinstance(request, MdsError):  # a message that could not be read
+                raise request
+            reply.request_id = request.request_id
             check_model(request.model)
             await self._predict(request, deadline, reply.response)
         except Exception as error:
@@ -87,15 +94,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             reply.error.CopyFrom(status_pb2.Status(code=code.value[0], message=message))  # replaces `response`
         return reply
 
-    async def PredictStream(self, request_iterator, context):
-        deadline = deadline_of(context)
+    async def stream(
+        self, requests: AsyncIterable[pb.PredictRequest | MdsError], deadline: Callable[[], float | None]
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        """PredictStream's replies, whatever carries it: in request order, each request's failure in its reply.
+
+        An MdsError in place of a request (one the front door could not read) is that request's failure.
+        `deadline()` is asked as each request is read (a time.monotonic() value, or None).
+        """
         count = errors = 0
         try:
             async for reply in in_order(
-                request_iterator, lambda r: self._stream_item(r, deadline), self.stream_max_in_flight
+                requests, lambda r: self._stream_item(r, deadline()), self.stream_max_in_flight
             ):
                 count += 1
                 errors += reply.HasField("error")
                 yield reply
         finally:
             annotate(messages=count, errors=errors)
+
+    async def PredictStream(self, request_iterator, context):
+        deadline = deadline_of(context)
+        async for reply in self.stream(request_iterator, lambda: deadline):
+            yield reply

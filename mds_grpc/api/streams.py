@@ -13,21 +13,29 @@ async def in_order(
 ) -> AsyncIterator[Reply]:
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
 
-    `handle` must turn its own failures into replies; an error reading the requests ends the stream.
+    A request counts until its reply is taken, so no more than `max_in_flight` are read ahead of
+    the reply being sent. `handle` must turn its own failures into replies; an error reading the
+    requests ends the stream.
     """
-    pending: asyncio.Queue = asyncio.Queue(maxsize=max_in_flight)
+    slots = asyncio.Semaphore(max_in_flight)
+    pending: asyncio.Queue = asyncio.Queue()
 
     async def read():
         try:
             async for request in requests:
-                await pending.put(asyncio.ensure_future(handle(request)))
+                await slots.acquire()
+                pending.put_nowait(asyncio.ensure_future(handle(request)))
         finally:
-            await pending.put(None)
+            pending.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
     try:
         while (reply := await pending.get()) is not None:
-            yield await reply
+            try:
+                done = await reply
+            finally:
+                slots.release()
+            yield done
         await reader  # surfaces a broken request stream
     finally:
         reader.cancel()

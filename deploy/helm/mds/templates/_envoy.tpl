@@ -75,6 +75,12 @@ static_resources:
                     proto_descriptor: /etc/mds-envoy/mds.protoset
                     services: [mds.v1.HttpDownloadService]
                     convert_grpc_status: true
+              # PredictStream over WebSocket (docs/websocket.md): upgraded, to the servers' WebSocket ports.
+              - match: {path: "/v1/predictions:ws"}
+                route:
+                  cluster: mds_websocket
+                  timeout: 0s
+                  upgrade_configs: [{upgrade_type: websocket}]
               # Calls without side effects (after transcoding, REST routes carry their gRPC path too).
               - match:
                   safe_regex: {regex: {{ include "mds.retriablePaths" . | quote }}}
@@ -179,6 +185,50 @@ static_resources:
               socket_address:
                 address: {{ include "mds.fullname" . }}-server-headless.{{ .Release.Namespace }}.svc
                 port_value: {{ .Values.server.grpcPort }}
+  - name: mds_websocket  # the servers' WebSocket ports (MDS_WEBSOCKET_PORT), over HTTP/1.1
+    type: STRICT_DNS
+    dns_lookup_family: V4_PREFERRED
+    dns_refresh_rate: 1s
+    connect_timeout: 2s
+    health_checks:
+    - timeout: 1s
+      interval: 1s
+      no_traffic_interval: 1s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      tcp_health_check: {}
+    outlier_detection:
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 2
+      enforcing_consecutive_local_origin_failure: 100
+      enforcing_consecutive_5xx: 0
+      enforcing_success_rate: 0
+      interval: 1s
+      base_ejection_time: 5s
+      max_ejection_percent: 100
+    {{- if .Values.tls.serverSecret }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {{ include "mds.serverTlsName" . }}
+        common_tls_context:
+          alpn_protocols: [http/1.1]
+          validation_context:
+            trusted_ca: {filename: /etc/mds-server-tls/ca.crt}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {exact: {{ include "mds.serverTlsName" . }}}
+    {{- end }}
+    load_assignment:
+      cluster_name: mds_websocket
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address:
+                address: {{ include "mds.fullname" . }}-server-headless.{{ .Release.Namespace }}.svc
+                port_value: {{ .Values.server.websocketPort }}
 {{- end -}}
 
 {{/* The gRPC paths of calls without side effects, which Envoy may retry on another server. */}}
