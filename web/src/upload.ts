@@ -7,7 +7,7 @@ let files: File[] = [];
 function choose(chosen: FileList | null): void {
   files = Array.from(chosen ?? []);
   const main = files.find((f) => f.name.endsWith(".onnx"));
-  $("#upload-files").textContent = files.map((f) => `${f.name} (${f.size} B)`).join(", ") || "no file chosen";
+  $("#upload-files").textContent = files.map((f) => `${f.name} (${f.size} B)`).join(", ");
   const name = $<HTMLInputElement>("#upload-name");
   if (main && !name.value) name.value = main.name.replace(/\.onnx$/, "").toLowerCase().replace(/[^a-z0-9._-]+/g, "-");
 }
