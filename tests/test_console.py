@@ -56,6 +56,11 @@ def run_browser(script: str, artefacts: Path, **env: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_console_sources_type_check():
+    result = subprocess.run(["npm", "run", "--silent", "check-console"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_envoy_serves_the_built_console_and_the_metrics(console):
     _, envoy = console
     redirect = requests.get(f"{envoy.url}/ui", allow_redirects=False)
