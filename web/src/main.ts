@@ -27,3 +27,4 @@ setUpJobs();
 say("Loading…");
 void refreshAll().then(() => say("Ready"));
 watchServer();
+setInterval(() => document.hidden || void refreshJobs().catch(() => undefined), 5000);  // jobs started elsewhere
