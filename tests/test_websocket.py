@@ -20,12 +20,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 import onnx_models
-from harness import EnvoyProcess, ServerProcess, create_key, request, upload_requests
+from harness import EnvoyProcess, ServerProcess, create_key, request, upload_requests, wait_until
 from local_machine import free_port
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import model_service_pb2
 
 TESTS = Path(__file__).parent
+PATH = "/v1/predictions:ws"
 ADDER = "ws-adder"  # z = a + b
 BATCHED = "ws-batched"  # batches requests, waiting up to half a second for company
 IN_FLIGHT = 2
@@ -55,7 +56,7 @@ def site(tmp_path_factory):
     )
     envoy = EnvoyProcess(server)
     yield {
-        "url": f"ws://127.0.0.1:{envoy.port}/v1/predictions:ws",
+        "url": f"ws://127.0.0.1:{envoy.port}{PATH}",
         "direct": f"ws://127.0.0.1:{server.websocket_port}",
         "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
         "keys": keys,
@@ -231,3 +232,25 @@ def test_a_page_in_chromium_streams_a_thousand_requests(site):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serving_processes_share_the_websocket_port(tmp_path):
+    server = ServerProcess(tmp_path, mds_processes=2).start()
+    try:
+        server.models.UploadModel(upload_requests(ADDER, onnx_models.add_two()), timeout=120)
+        for i in range(24):  # each connection goes to either process
+            _, replies = asyncio.run(exchange(f"ws://127.0.0.1:{server.websocket_port}{PATH}", [json_request(i)]))
+            assert z_of(parsed(replies)[0]) == [i + 1.0]
+        wait_until(
+            lambda: sum(websocket_lines(server.log_dir / f"mds-{p}.log") for p in range(2)) == 24,
+            what="24 access lines",
+        )
+        served = [websocket_lines(server.log_dir / f"mds-{process}.log") for process in range(2)]
+        assert all(served), served
+    finally:
+        assert server.stop() == 0
+
+
+def websocket_lines(log: Path) -> int:
+    """Access lines of WebSocket connections in a log file."""
+    return sum(1 for e in map(json.loads, log.read_text().splitlines()) if e.get("transport") == "websocket")
