@@ -70,8 +70,10 @@ def test_envoy_serves_the_built_console_and_the_metrics(console):
     # Every asset is local: the page names only its own files, and they are served.
     assets = re.findall(r'(?:src|href)="([^"#]+)"', page.text)
     assert sorted(assets) == ["console.css", "console.js"]
-    assert requests.get(f"{envoy.url}/ui/console.js").headers["content-type"] == "text/javascript"
-    assert requests.get(f"{envoy.url}/ui/console.css").headers["content-type"] == "text/css"
+    for asset, content_type in (("console.js", "text/javascript"), ("console.css", "text/css")):
+        served = requests.get(f"{envoy.url}/ui/{asset}")
+        assert served.headers["content-type"] == content_type
+        assert not re.search(r"https?://", served.text)  # no URL at all, so nothing loads from elsewhere
     assert "mds_requests_total" in requests.get(f"{envoy.url}/ui/metrics").text
     missing = requests.get(f"{envoy.url}/ui/nothing.js")
     assert missing.status_code == 404 and missing.text == "no such file"
