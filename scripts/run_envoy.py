@@ -54,7 +54,8 @@ def endpoints(upstreams: list[tuple[str, int]]) -> str:
 
 def console_routes(metrics: tuple[str, int] | None) -> str:
     """Routes serving the built console (web/dist) under /ui/, and one server's metrics at /ui/metrics (YAML)."""
-    files = sorted(CONSOLE.iterdir()) if CONSOLE.is_dir() else []
+    # Only finished files: a build writes each as a .tmp file first.
+    files = sorted(f for f in CONSOLE.glob("*") if f.suffix in CONTENT_TYPES) if CONSOLE.is_dir() else []
     routes: list[dict[str, object]] = [{"match": {"path": "/ui"}, "redirect": {"path_redirect": "/ui/"}}]
     for file in files:
         body: dict[str, object] = {
