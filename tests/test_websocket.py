@@ -35,13 +35,14 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A server with API keys on and PredictStream's in-flight bound at 2, behind Envoy; its keys and URLs."""
+    """A server with API keys on, PredictStream's in-flight bound at 2 and messages up to 1 MiB, behind Envoy."""
     metrics_port = free_port()
     server = ServerProcess(
         tmp_path_factory.mktemp("websocket"),
         mds_auth="on",
         mds_stream_max_in_flight=IN_FLIGHT,
         mds_metrics_port=metrics_port,
+        mds_max_message_bytes=2**20,
     )
     keys = {
         "admin": create_key(server, "--scope", "admin")[1],
@@ -135,10 +136,10 @@ def test_binary_frames_with_the_proto_subprotocol(site):
     assert [z_of(r) for i, r in enumerate(replies) if i != 50] == [[i + 1.0] for i in range(100) if i != 50]
 
 
-def closed_with(url: str, key: str | None = None, subprotocols=None) -> tuple[int, str]:
-    """The close code and reason of a connection the server refuses to serve."""
+def closed_with(url: str, key: str | None = None, subprotocols=None, frames=None) -> tuple[int, str]:
+    """The close code and reason of a connection the server closes."""
     with pytest.raises(ConnectionClosedError) as closed:
-        asyncio.run(exchange(url, [json_request(1)], key, subprotocols))
+        asyncio.run(exchange(url, frames or [json_request(1)], key, subprotocols))
     assert closed.value.rcvd is not None
     return closed.value.rcvd.code, closed.value.rcvd.reason
 
@@ -254,3 +255,16 @@ def test_serving_processes_share_the_websocket_port(tmp_path):
 def websocket_lines(log: Path) -> int:
     """Access lines of WebSocket connections in a log file."""
     return sum(1 for e in map(json.loads, log.read_text().splitlines()) if e.get("transport") == "websocket")
+
+
+def test_hostile_frames_are_answered_and_the_connection_goes_on(site):
+    hostile = ["[" * 100_000, '{"inputs": 5}', '{"model": 1}', '"x"', "null", b"\x0a" * 5, b"\x08" + b"\x80" * 10]
+    _, replies = asyncio.run(exchange(site["url"], [*hostile, json_request(1)], site["keys"]["admin"]))
+    *refused, answered = parsed(replies)
+    assert [r.error.code for r in refused] == [INVALID_ARGUMENT] * len(hostile)
+    assert z_of(answered) == [2.0]
+
+
+def test_a_frame_over_the_message_limit_closes_the_connection(site):
+    code, _ = closed_with(site["url"], site["keys"]["admin"], frames=[json_request(1), "x" * (2**20 + 1)])
+    assert code == 1009
