@@ -105,6 +105,20 @@ test("run a prediction from the form and check the numbers", async () => {
   await screenshot("predicted");
 });
 
+test("a prediction the server refuses shows its code and message", async () => {
+  const input = page.getByLabel(/^x — FP32/);
+  const valid = await input.inputValue();
+  await input.fill("[1, 2, 3]");
+  await page.getByRole("button", { name: "Predict", exact: true }).click();
+  const alert = page.getByRole("alert");
+  await alert.waitFor();
+  assert.match(await alert.textContent(), /^INVALID_ARGUMENT: .*\bx\b/);
+  await input.fill("[[1, 2], [3]");
+  await page.getByRole("button", { name: "Predict", exact: true }).click();
+  await page.getByRole("alert").filter({ hasText: "x: not JSON" }).waitFor();
+  await input.fill(valid);
+});
+
 test("start a job from the form, see it reach 100%, download its results", async () => {
   await page.locator("#predict-form").getByLabel("Rows per batch").fill("1");
   await page.getByRole("button", { name: "Run as job" }).click();

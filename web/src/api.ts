@@ -56,7 +56,8 @@ export async function withAuth<T>(call: () => Promise<T>): Promise<T> {
         await askForKey(e.rawMessage);
         continue;
       }
-      if (e.code !== Code.Canceled) say(`${Code[e.code]}: ${e.rawMessage}`, true);
+      const name = Code[e.code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase(); // as gRPC names it: INVALID_ARGUMENT
+      if (e.code !== Code.Canceled) say(`${name}: ${e.rawMessage}`, true);
       throw e;
     }
   }
