@@ -61,7 +61,8 @@ export async function exercise(snippet, baseUrl, apiKey, f) {
   const { models, inference, jobs } = recording(snippet.mdsClients(baseUrl, apiKey), called);
   const result = {};
 
-  result.listed = (await models.listModels({ name: f.model })).models.map((m) => Number(m.version));
+  const listed = await models.listModels({ name: f.model }, { timeoutMs: 60_000 });  // sends grpc-timeout too
+  result.listed = listed.models.map((m) => Number(m.version));
   result.latest = Number((await models.getModel({ name: f.model })).version);
   result.predicted = outputs((await inference.predict({ model: f.model, inputs: [rows(f.x, f.features)] })).outputs);
   const typed = await inference.predict({ model: f.adder, inputs: [  // as in docs/browsers.md
