@@ -1,7 +1,8 @@
 """Run Envoy in front of MDS servers: `python scripts/run_envoy.py [--listen-port 8080] [--upstream HOST:PORT ...]`.
 
 Fills in envoy/envoy.yaml (paths of the descriptor set, the OpenAPI document and the Swagger UI assets;
-ports; the servers to balance across), validates it, then replaces this process with Envoy.
+ports; the servers to balance across; the web origins allowed to call from browsers), validates it, then
+replaces this process with Envoy.
 """
 
 import argparse
