@@ -28,9 +28,14 @@ BROWSER = REPO / "tests" / "browser"
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory):
-    """The console built; a server with metrics (every job batch recorded on its own) behind Envoy."""
+def built() -> None:
+    """The console built from this checkout's web/ (Envoy serves what web/dist holds when it starts)."""
     subprocess.run(["npm", "run", "--silent", "build-console"], cwd=REPO, check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def console(built, tmp_path_factory):
+    """A server with metrics (every job batch recorded on its own) behind Envoy."""
     metrics_port = free_port()
     server = ServerProcess(tmp_path_factory.mktemp("console"), mds_metrics_port=metrics_port, mds_job_commit_ms=0)
     server.start()
@@ -123,7 +128,7 @@ def test_console_in_chromium(console, tmp_path):
     assert sorted(p.name for p in ARTEFACTS.glob("*.png"))[0] == "01-cancelled.png"
 
 
-def test_console_with_api_keys(tmp_path):
+def test_console_with_api_keys(built, tmp_path):
     server = ServerProcess(tmp_path / "server", mds_auth="on").start()
     envoy = EnvoyProcess(server)
     try:
