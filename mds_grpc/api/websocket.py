@@ -90,6 +90,7 @@ class PredictionSocket:
         self.servicer, self.guard, self.access = servicer, guard, access
         self.stopping = asyncio.Event()
         self.server: Server | None = None
+        self.handlers: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int, max_message_bytes: int, tls: ssl.SSLContext | None, shared: bool):
         """Listen (with `shared`, on a port other serving processes share); exit with one line when it cannot."""
@@ -119,8 +120,10 @@ class PredictionSocket:
         self.server.close(close_connections=False)
         try:
             await asyncio.wait_for(self.server.wait_closed(), grace_seconds)
-        except TimeoutError:  # replies still due after the grace period are dropped
+        except TimeoutError:  # requests still running after the grace period are cancelled, their replies dropped
             await asyncio.gather(*(c.close(1001, "server shutting down") for c in self.server.connections))
+            for handler in self.handlers:
+                handler.cancel()
             await self.server.wait_closed()
 
     @staticmethod
@@ -133,8 +136,10 @@ class PredictionSocket:
         fields: dict = {"transport": "websocket"}
         call_record.start(fields)
         start, code = time.perf_counter(), "OK"
+        handler = asyncio.current_task()
+        assert handler is not None and connection.request is not None  # a task, after the handshake
+        self.handlers.add(handler)
         try:
-            assert connection.request is not None  # the handshake is done
             timeout = request_timeout(connection.request)
             if self.guard is not None:
                 if (key := authorization(connection.request)) is None:
@@ -149,16 +154,16 @@ class PredictionSocket:
                 await connection.send(encode(reply))
             if self.stopping.is_set():
                 await connection.close(1001, "server shutting down")
-        except ConnectionClosed:
-            code = "CANCELLED"  # the client left before its last reply
+        except (ConnectionClosed, asyncio.CancelledError):
+            code = "CANCELLED"  # the client left before its last reply, or the server stopped waiting
         except Exception as error:
             status, message = status_of(error)
             code = status.name
             reason = message.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
             await connection.close(CLOSE_STATUS_BASE + status.value[0], reason)
         finally:
-            seconds = time.perf_counter() - start
-            call_record.finish(self.access, METHOD, fields, code, seconds)
+            self.handlers.discard(handler)
+            call_record.finish(self.access, METHOD, fields, code, time.perf_counter() - start)
 
     async def _requests(self, connection: ServerConnection) -> AsyncIterator[pb.PredictRequest | MdsError]:
         """The connection's requests until the client closes it or the server stops."""
