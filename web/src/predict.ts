@@ -33,7 +33,7 @@ export function setPredictModels(list: Model[]): void {
   select.replaceChildren(...choices.map((m, i) => h("option", { value: i }, `${m.name} v${m.version}`)));
   const again = choices.findIndex((m) => `${m.name} v${m.version}` === before);
   if (again >= 0) select.value = String(again);
-  renderInputs();
+  else renderInputs(); // the same version stays chosen with what was typed for it
 }
 
 function inputs(model: Model) {
