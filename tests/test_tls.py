@@ -1,14 +1,20 @@
 """TLS and mutual TLS, with a certificate authority made by the test (openssl)."""
 
+import asyncio
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from websockets import Subprotocol
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake
 
 import onnx_models
 from harness import ONE, ServerProcess, deploy, outputs_of, request
+from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import model_service_pb2
 
 
@@ -148,5 +154,32 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, tmp_path):
             timeout=60,
         )
         assert listed.returncode == 0, listed.stderr
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_websocket_port_serves_the_same_tls_and_client_certificates(pki, tmp_path):
+    server = ServerProcess(
+        tmp_path,
+        credentials(pki, True),
+        mds_tls_cert_file=pki / "server.pem",
+        mds_tls_key_file=pki / "server.key",
+        mds_tls_client_ca_file=pki / "ca.pem",
+    ).start()
+    url = f"wss://localhost:{server.websocket_port}/v1/predictions:ws"
+
+    async def predict(context: ssl.SSLContext) -> pb.PredictStreamResponse:
+        async with connect(url, ssl=context, subprotocols=[Subprotocol("mds.v1.proto")]) as socket:
+            await socket.send(request("adder", {"a": ONE, "b": ONE}).SerializeToString())
+            return pb.PredictStreamResponse.FromString(await socket.recv())
+
+    try:
+        deploy(server, "adder", onnx_models.add_two())
+        context = ssl.create_default_context(cafile=pki / "ca.pem")
+        context.load_cert_chain(pki / "client.pem", pki / "client.key")
+        assert outputs_of(asyncio.run(predict(context)).response)["z"].tolist() == [2.0]
+        anonymous = ssl.create_default_context(cafile=pki / "ca.pem")
+        with pytest.raises((ssl.SSLError, ConnectionError, InvalidHandshake)):
+            asyncio.run(predict(anonymous))
     finally:
         assert server.stop() == 0
