@@ -129,6 +129,7 @@ def test_multipart_as_a_browser_sends_it(envoy, unique, tmp_path):
     [
         ([("model", b"not a model")], "", 400, "not an ONNX model"),
         ([("header", b'{"labels": 3}')], "", 400, "is not a ModelHeader in JSON"),
+        ([("header", b"\xff{}")], "", 400, "is not a ModelHeader in JSON"),
         ([("header", b'{"name": "other"}'), ("model", onnx_models.dense())], "", 400, "names model 'other'"),
         ([("model", onnx_models.dense()), ("header", b"{}")], "?description=x", 400, "not both"),
         ([("model", onnx_models.dense()), ("model", onnx_models.dense())], "", 400, "two multipart parts"),

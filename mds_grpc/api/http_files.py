@@ -29,7 +29,7 @@ MAX_HEADER_BYTES = 1 << 20
 def _header_part(text: bytes) -> UploadHeader:
     try:
         return header_from_wire(json_format.Parse(text, model_pb.ModelHeader()))
-    except json_format.ParseError as error:
+    except (json_format.ParseError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"the `header` part is not a ModelHeader in JSON: {error}") from None
 
 
