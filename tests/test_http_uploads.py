@@ -289,6 +289,7 @@ def test_one_npy_body_with_curl(envoy, unique, tmp_path):
         ("?input=x", npy(np.array(["a", "b"])), "jobs take numeric and boolean arrays"),
         ("?input=x", npy(np.zeros(3, np.float32)) + b"\0" * 4, "more data than its shape"),
         ("?input=x", npy(np.float32(1)), "needs a full shape with rows first"),
+        ("?input=x", b"\x93NUMPY\x02\x00\xff\xff\xff\x7f{", "an .npy header of 2147483659 bytes"),
     ],
 )
 def test_job_input_errors(envoy, query, body, fragment):
