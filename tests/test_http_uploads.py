@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import subprocess
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
@@ -120,6 +121,32 @@ def test_multipart_as_a_browser_sends_it(envoy, unique, tmp_path):
     )
     assert reply.status_code == 200, reply.text
     assert [f["path"] for f in reply.json()["files"]] == ["model.onnx", "weights/w.bin"]
+    requests.delete(f"{envoy.url}/v1/models/{unique}")
+
+
+def test_a_browser_posts_form_data_with_fetch(envoy, unique, tmp_path):
+    """Chromium's own multipart body: FormData with a JSON header first and the model as a Blob."""
+    page = tmp_path / "upload.html"
+    page.write_text(
+        f"""<script>
+        const model = Uint8Array.from(atob("{base64.b64encode(onnx_models.dense()).decode()}"), c => c.charCodeAt(0));
+        const form = new FormData();
+        form.append("header", JSON.stringify({{labels: {{via: "browser"}}}}));
+        form.append("model", new Blob([model]), "classifier.onnx");
+        fetch("{envoy.url}/v1/models/{unique}:upload", {{method: "POST", body: form}})
+          .then(reply => reply.text()).then(text => {{ document.body.textContent = text; }});
+        </script>"""
+    )
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"]
+            + ["--disable-web-security", "--virtual-time-budget=20000", "--dump-dom", page.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    model = json.loads(dom.split("<body>")[1].split("</body>")[0])
+    assert (model["name"], model["labels"]) == (unique, {"via": "browser"})
     requests.delete(f"{envoy.url}/v1/models/{unique}")
 
 
