@@ -297,7 +297,9 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     http_files_pb2_grpc.add_HttpUploadServiceServicer_to_server(HttpUploadServicer(core.registry, core.jobs), served)
-    http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(HttpDownloadServicer(core.jobs), served)
+    http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(
+        HttpDownloadServicer(core.jobs, core.registry), served
+    )
     health_servicer = health.aio.HealthServicer()
     # The stubs ask for a whole server; registration only needs what ServedServer has.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]

@@ -304,6 +304,17 @@ def test_one_npy_body_with_curl(envoy, unique, tmp_path):
     requests.delete(f"{envoy.url}/v1/models/{unique}")
 
 
+def test_a_job_of_no_rows_downloads_an_empty_array(envoy, unique):
+    requests.post(f"{envoy.url}/v1/models/{unique}:upload", data=onnx_models.dense(), headers=HEADER)
+    job_input = requests.post(f"{envoy.url}/v1/jobInputs:upload?input=x", data=npy(np.zeros((0, 8), np.float32)))
+    job = requests.post(f"{envoy.url}/v1/jobs", json={"model": unique, "inputId": job_input.json()["id"]}).json()
+    assert requests.get(f"{envoy.url}/v1/jobs/{job['id']}:watch").json()[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    download = requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results?format=npy&output=scores")
+    empty = np.load(io.BytesIO(download.content))
+    assert (empty.dtype, empty.shape) == (np.float32, (0, 3))
+    requests.delete(f"{envoy.url}/v1/models/{unique}")
+
+
 @pytest.mark.usefixtures("nothing_left")
 @pytest.mark.parametrize(
     "query, body, fragment",

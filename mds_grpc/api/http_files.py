@@ -14,6 +14,7 @@ from mds_grpc.api.form_data import body_chunks, boundary_of, form_pieces
 from mds_grpc.api.jobs import input_to_wire
 from mds_grpc.api.models import header_from_wire, model_to_wire
 from mds_grpc.api.npy_files import NpyStream, npy_header, row_pieces
+from mds_grpc.core import dtypes
 from mds_grpc.core.auth import ADMIN
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.jobs import ColumnSpec, JobManager
@@ -124,8 +125,9 @@ class HttpUploadServicer(http_files_pb2_grpc.HttpUploadServiceServicer):
 
 
 class HttpDownloadServicer(http_files_pb2_grpc.HttpDownloadServiceServicer):
-    def __init__(self, jobs: JobManager):
+    def __init__(self, jobs: JobManager, registry: ModelRegistry):
         self.jobs = jobs
+        self.registry = registry
 
     async def DownloadJobOutput(self, request, context):
         if request.format != "npy":
@@ -143,3 +145,9 @@ class HttpDownloadServicer(http_files_pb2_grpc.HttpDownloadServiceServicer):
                 first = False
             for data in row_pieces(array):
                 yield httpbody_pb2.HttpBody(data=data)
+        if first:  # a job of no rows has no results: an empty array of the output's dtype
+            record = await self.registry.get(job.model, job.version)
+            (spec,) = [s for s in record.outputs if s.name == request.output]
+            dtype = dtypes.BY_NAME[spec.dtype or ""].numpy
+            header = npy_header(dtype, (0, *(max(d, 0) for d in spec.shape[1:])))
+            yield httpbody_pb2.HttpBody(content_type="application/octet-stream", data=header)
