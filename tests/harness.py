@@ -92,7 +92,7 @@ class WorkerProcess:
 class EnvoyProcess:
     """scripts/run_envoy.py in front of servers: REST/JSON, gRPC passthrough, WebSocket and /docs/ on one port."""
 
-    def __init__(self, *servers: "ServerProcess", cors_origins: tuple[str, ...] = ()):
+    def __init__(self, *servers: "ServerProcess", cors_origins: tuple[str, ...] = (), args: tuple[str, ...] = ()):
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         root = servers[0].root
@@ -112,6 +112,7 @@ class EnvoyProcess:
                 str(self.admin_port),
                 *upstreams,
                 *origins,
+                *args,
                 "--config-out",
                 str(root / "envoy.yaml"),
             ],

@@ -171,7 +171,7 @@ def test_envoy_in_the_chart_retries_the_calls_run_envoy_retries():
 
 @pytest.mark.parametrize("origins", [[], ["https://console.example.com", "http://localhost:3000"]])
 def test_envoy_in_the_chart_has_run_envoys_filters_and_cors_policy(origins, tmp_path):
-    """gRPC-Web and CORS as run_envoy.py sets them up, for the origins in envoy.corsOrigins (none by default)."""
+    """gRPC-Web, CORS and the Origin check as run_envoy.py sets them up, for envoy.corsOrigins (none by default)."""
     sets = ["--set-json", f"envoy.corsOrigins={json.dumps(origins)}"]
     chart = connection_manager(
         resources(template("default", KUBERNETES[-1], *sets))["ConfigMap", "mds-envoy"]["data"]["envoy.yaml"]
@@ -180,6 +180,8 @@ def test_envoy_in_the_chart_has_run_envoys_filters_and_cors_policy(origins, tmp_
         run_envoy.render("127.0.0.1", 8080, [], 9901, tmp_path / "envoy.yaml", origins).read_text()
     )
     assert [f["name"] for f in chart["http_filters"]] == [f["name"] for f in ours["http_filters"]]
+    filters = [{f["name"]: f["typed_config"] for f in manager["http_filters"]} for manager in (chart, ours)]
+    assert filters[0]["envoy.filters.http.lua"] == filters[1]["envoy.filters.http.lua"]
     policy = chart["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]
     assert policy == ours["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]
     assert [m["exact"] for m in policy["envoy.filters.http.cors"]["allow_origin_string_match"]] == origins

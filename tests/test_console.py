@@ -39,8 +39,7 @@ def console(built, tmp_path_factory):
     metrics_port = free_port()
     server = ServerProcess(tmp_path_factory.mktemp("console"), mds_metrics_port=metrics_port, mds_job_commit_ms=0)
     server.start()
-    with mock.patch.dict(os.environ, {"MDS_METRICS_PORT": str(metrics_port)}):  # run_envoy's default --metrics
-        envoy = EnvoyProcess(server)
+    envoy = EnvoyProcess(server, args=("--metrics", f"127.0.0.1:{metrics_port}"))
     yield server, envoy
     envoy.stop()
     assert server.stop() == 0
@@ -78,10 +77,23 @@ def test_envoy_serves_the_built_console_and_the_metrics(console):
     for asset, content_type in (("console.js", "text/javascript"), ("console.css", "text/css")):
         served = requests.get(f"{envoy.url}/ui/{asset}")
         assert served.headers["content-type"] == content_type
-        assert not re.search(r"https?://", served.text)  # no URL at all, so nothing loads from elsewhere
+        # No URL but the SVG namespace (a name, never fetched), so nothing loads from elsewhere.
+        assert not re.search(r"https?://(?!www\.w3\.org/2000/svg\b)", served.text)
     assert "mds_requests_total" in requests.get(f"{envoy.url}/ui/metrics").text
     missing = requests.get(f"{envoy.url}/ui/nothing.js")
     assert missing.status_code == 404 and missing.text == "no such file"
+
+
+def test_envoy_serves_metrics_only_when_told_which_server(console):
+    """/ui/metrics has no API key check: a server's MDS_METRICS_PORT in Envoy's environment does not turn it on."""
+    server, _ = console
+    with mock.patch.dict(os.environ, {"MDS_METRICS_PORT": server.env["MDS_METRICS_PORT"]}):
+        envoy = EnvoyProcess(server)
+    try:
+        off = requests.get(f"{envoy.url}/ui/metrics")
+        assert off.status_code == 404 and "--metrics HOST:PORT" in off.text
+    finally:
+        envoy.stop()
 
 
 def test_console_in_chromium(console, tmp_path):

@@ -1,6 +1,6 @@
 """Browsers call MDS over gRPC-Web through Envoy: connect-web from Node and from a page in headless Chromium on
 another origin (tests/browser/grpc_web.test.mjs), running the module docs/browsers.md shows; CORS preflights for
-allowed origins and others."""
+allowed origins and others; uploads and WebSockets refused from origins neither allowed nor Envoy's own."""
 
 import json
 import os
@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 import onnx_models
 from harness import DENSE, REPO, EnvoyProcess, ServerProcess, create_key, in_process, upload_requests
@@ -150,6 +153,33 @@ def test_preflight_allows_configured_origins_only(envoy, pages):
     for other in (pages[1], pages[0] + ".example.com", "null"):
         refused = requests.options(url, headers={"Origin": other, **PREFLIGHT})
         assert refused.status_code == 200 and "access-control-allow-origin" not in refused.headers
+
+
+def test_changes_from_another_origin_are_refused_unless_it_is_allowed(envoy, secured, pages):
+    """A page elsewhere can post a form (an upload) or open a WebSocket without a preflight: Envoy refuses both
+    when the Origin is neither Envoy's own nor allowed. Without an Origin (gRPC, curl), and for reads, all pass."""
+    key = {"authorization": f"Bearer {secured[1]}"}
+
+    def upload(origin: str | None) -> requests.Response:
+        headers = {**key, **({"Origin": origin} if origin else {})}
+        form = {"model": ("model.onnx", DENSE)}
+        return requests.post(f"{envoy.url}/v1/models/cross-origin:upload", headers=headers, files=form)
+
+    for foreign in (pages[1], "null"):
+        refused = upload(foreign)
+        assert refused.status_code == 403, refused.text
+        assert refused.text == f"cross-origin request refused: {foreign} is not an allowed origin"
+        assert requests.get(f"{envoy.url}/v1/models", headers={**key, "Origin": foreign}).status_code == 200
+    versions = [upload(origin).json()["version"] for origin in (None, pages[0], envoy.url)]
+    assert versions == ["1", "2", "3"]  # nothing was made by the refused ones
+
+    socket = envoy.url.replace("http://", "ws://") + "/v1/predictions:ws"
+    with pytest.raises(InvalidStatus) as refused_socket:
+        connect(socket, origin=Origin(pages[1]), additional_headers=key)
+    assert refused_socket.value.response.status_code == 403
+    for origin in (envoy.url, pages[0]):
+        with connect(socket, origin=Origin(origin), additional_headers=key) as accepted:
+            assert accepted.protocol.state.name == "OPEN"
 
 
 def test_no_origin_is_allowed_by_default(secured, pages):

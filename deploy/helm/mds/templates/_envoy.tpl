@@ -101,6 +101,29 @@ static_resources:
           - name: envoy.filters.http.cors
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+          # A page on another site can make a browser send a form POST (an upload) or open a WebSocket
+          # without asking first: refuse a request that is neither GET, HEAD nor OPTIONS, or that
+          # upgrades, when its Origin is neither this host's nor allowed. No Origin (gRPC, curl): passed.
+          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  local allowed = {{ include "mds.luaOrigins" . }}
+                  function envoy_on_request(request)
+                    local headers = request:headers()
+                    local origin = headers:get("origin")
+                    local method = headers:get(":method")
+                    local reads = method == "GET" or method == "HEAD" or method == "OPTIONS"
+                    if origin == nil or allowed[origin] or (reads and headers:get("upgrade") == nil) then
+                      return
+                    end
+                    local host = string.lower(origin):gsub("^https?://", "")
+                    if host ~= string.lower(headers:get(":authority") or "") then
+                      request:respond({[":status"] = "403", ["content-type"] = "text/plain"},
+                        "cross-origin request refused: " .. origin .. " is not an allowed origin")
+                    end
+                  end
           - name: envoy.filters.http.grpc_web  # gRPC-Web from browsers, as gRPC to the servers
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb
@@ -229,6 +252,15 @@ static_resources:
               socket_address:
                 address: {{ include "mds.fullname" . }}-server-headless.{{ .Release.Namespace }}.svc
                 port_value: {{ .Values.server.websocketPort }}
+{{- end -}}
+
+{{/* envoy.corsOrigins as a Lua table of allowed origins, as run_envoy.py writes it. */}}
+{{- define "mds.luaOrigins" -}}
+{{- $entries := list -}}
+{{- range .Values.envoy.corsOrigins -}}
+{{- $entries = append $entries (printf "[%q] = true" .) -}}
+{{- end -}}
+{{- printf "{%s}" (join ", " $entries) -}}
 {{- end -}}
 
 {{/* The gRPC paths of calls without side effects, which Envoy may retry on another server. */}}
