@@ -4,6 +4,7 @@ import { $, h } from "./dom.js";
 
 type Sample = { at: number; values: Map<string, number> };
 const POINTS = 60;
+const SVG = "http://www.w3.org/2000/svg";
 const history: Sample[] = [];
 
 /** Prometheus text format: "name{labels} value" lines, keyed by name and sorted label pairs. */
@@ -35,11 +36,17 @@ function chart(title: string, unit: string, points: (number | null)[]): HTMLElem
   const offset = POINTS - points.length;
   const y = (p: number) => (top ? 78 - (p / top) * 74 : 78).toFixed(1);
   const coords = points.flatMap((p, i) => (p === null ? [] : [`${((offset + i) * step).toFixed(1)},${y(p)}`]));
-  const svg = `<svg viewBox="0 0 300 80" role="img" aria-label="${title}"><polyline points="${coords.join(" ")}"/></svg>`;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", "0 0 300 80");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", title); // an attribute value: a model name in it is never markup
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", coords.join(" "));
+  svg.append(line);
   const last = known.length ? `${known[known.length - 1].toPrecision(3)} ${unit}` : "no calls lately";
   const range = known.length ? ` (max ${top.toPrecision(3)})` : "";
   const figure = h("figure", { class: "chart" }, h("figcaption", {}, `${title}: `, h("strong", {}, last), range));
-  figure.insertAdjacentHTML("beforeend", svg);
+  figure.append(svg);
   return figure;
 }
 
