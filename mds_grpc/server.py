@@ -55,12 +55,6 @@ from mds_grpc.logs import AccessLog
 from mds_grpc.storage import open_storage
 
 log = logging.getLogger("mds.server")
-# How much of a stream the server accepts ahead of its handler. gRPC's own window, probed from the
-# bandwidth-delay product, grows without bound when a fast sender (Envoy forwarding an HTTP upload)
-# outpaces the handler, and the server holds the excess: its RSS grew by 33 to 181 MiB during a 1 GiB
-# upload through Envoy, by 20 to 30 MiB with this window (docs/rest.md#memory). A stream then moves at
-# most 4 MiB per round trip.
-STREAM_WINDOW_BYTES = 4 << 20
 SERVICES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
     for module, name in (
@@ -178,6 +172,11 @@ def websocket_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def stream_window(window_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options for a fixed flow-control window per stream (MDS_GRPC_STREAM_WINDOW_BYTES); none for 0."""
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes)] if window_bytes else []
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files; None serves plaintext."""
     if not (settings.tls_cert_file or settings.tls_key_file):
@@ -277,9 +276,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", int(process is not None)),
-            # A fixed flow-control window per stream (see STREAM_WINDOW_BYTES), not gRPC's BDP-probed one.
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+            *stream_window(settings.grpc_stream_window_bytes),
         ],
     )
     access_log = AccessLog()

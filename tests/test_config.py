@@ -1,4 +1,4 @@
-"""Renamed settings: the new names, and the old ones, which still take effect with one deprecation warning each."""
+"""Settings: renamed ones, which still take effect with one deprecation warning each, and checked values."""
 
 import os
 import subprocess
@@ -55,6 +55,14 @@ def test_the_new_name_wins_over_the_old_one(environment, caplog, tmp_path):
 def test_a_bad_old_value_names_the_variable_it_came_from(environment):
     environment.setenv("MDS_JOB_WORKERS", "many")
     with pytest.raises(SystemExit, match="MDS_JOB_WORKERS='many' is not a valid int"):
+        load_settings()
+
+
+def test_the_stream_window_is_a_size_or_0_for_grpcs_own(environment):
+    environment.setenv("MDS_GRPC_STREAM_WINDOW_BYTES", "0")
+    assert load_settings().grpc_stream_window_bytes == 0
+    environment.setenv("MDS_GRPC_STREAM_WINDOW_BYTES", "-1")
+    with pytest.raises(SystemExit, match="MDS_GRPC_STREAM_WINDOW_BYTES must be 0 or more, got -1"):
         load_settings()
 
 
