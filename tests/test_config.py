@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from harness import DENSE, ServerProcess, upload_requests
 from mds_grpc.config import load_settings
 
 RENAMED_VARIABLES = ("MDS_PROCESSES", "MDS_WORKERS", "MDS_JOB_THREADS", "MDS_JOB_WORKERS")
@@ -64,6 +65,17 @@ def test_the_stream_window_is_a_size_or_0_for_grpcs_own(environment):
     environment.setenv("MDS_GRPC_STREAM_WINDOW_BYTES", "-1")
     with pytest.raises(SystemExit, match="MDS_GRPC_STREAM_WINDOW_BYTES must be 0 or more, got -1"):
         load_settings()
+
+
+def test_a_server_on_grpcs_own_stream_window_takes_uploads(tmp_path):
+    """MDS_GRPC_STREAM_WINDOW_BYTES=0: no fixed window; an upload of many chunks streams as with one."""
+    server = ServerProcess(tmp_path, mds_grpc_stream_window_bytes=0).start()
+    try:
+        side = {"model.onnx.data": bytes(8 << 20)}  # past the default window, in 64 KiB chunks
+        model = server.models.UploadModel(upload_requests("window", DENSE, side_files=side))
+        assert model.version == 1 and [f.size_bytes for f in model.files][-1] == 8 << 20
+    finally:
+        assert server.stop() == 0
 
 
 def serve(tmp_path, *flags: str) -> list[str]:
