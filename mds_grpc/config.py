@@ -128,6 +128,9 @@ class Settings:
         "Largest upload (main file plus external-data side files), in bytes; an upload fails as soon as it crosses it.",
         LIMITS,
     )
+    max_model_files: int = setting(
+        1000, "External-data side files one model upload may hold (besides its .onnx file); 0 allows none.", LIMITS
+    )
     max_message_bytes: int = setting(64 * MiB, "Largest gRPC message in either direction, in bytes.", LIMITS)
     stream_max_in_flight: int = setting(8, "Requests of one PredictStream worked on at once.", LIMITS)
     max_inputs: int = setting(64, "Input tensors per request.", LIMITS)

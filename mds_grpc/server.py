@@ -119,7 +119,13 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
     storage = open_storage(settings)
     cache = ModelCache(storage.blobs, data / cache_folder, settings.model_cache_bytes, settings.ort_intra_op_threads)
     registry = ModelRegistry(
-        storage.metadata, storage.blobs, cache, data / "tmp", settings.max_model_bytes, settings.resolve_ttl_seconds
+        storage.metadata,
+        storage.blobs,
+        cache,
+        data / "tmp",
+        settings.max_model_bytes,
+        settings.resolve_ttl_seconds,
+        max_side_files=settings.max_model_files,
     )
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(
@@ -131,6 +137,7 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         settings.max_job_batch_rows,
         settings.max_job_input_bytes,
         min(settings.max_message_bytes // 2, JobLimits.result_message_bytes),
+        TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes),
     )
     aliases = Aliases(storage.metadata, registry, settings.resolve_ttl_seconds)
     jobs = JobManager(storage, registry, data / "tmp", run_job.send, limits, aliases)
@@ -285,7 +292,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     probes = server if settings.auth_open_probes or guard is None else ServedServer(server, rpcs, guard, None)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core.registry, core.aliases), served)
     engine = InferenceEngine(core.registry, executor, settings.inline_run_max_us / 1e6, core.aliases)
-    limits = TensorLimits(settings.max_inputs, settings.max_rank, settings.max_elements, settings.max_string_bytes)
+    limits = core.jobs.limits.tensors
     inference = InferenceServicer(engine, settings.stream_max_in_flight, limits)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, served)
     websocket = PredictionSocket(inference, guard, access_log)
@@ -294,9 +301,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     )
     job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(core.jobs, limits), served)
     http_files_pb2_grpc.add_HttpUploadServiceServicer_to_server(HttpUploadServicer(core.registry, core.jobs), served)
-    http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(
-        HttpDownloadServicer(core.jobs, core.registry), served
-    )
+    http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(HttpDownloadServicer(core.jobs), served)
     health_servicer = health.aio.HealthServicer()
     # The stubs ask for a whole server; registration only needs what ServedServer has.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]

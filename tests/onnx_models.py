@@ -162,6 +162,14 @@ def fails_unless_rows_divide_by_four() -> bytes:
     return _model([helper.make_node("Reshape", ["x", "shape"], ["y"])], inputs, outputs, [shape]).SerializeToString()
 
 
+def outer_product() -> bytes:
+    """y = x @ x.T for x [N, 1]: a batch of N rows has rows of N elements, so batches differ in row shape."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "columns"])]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"]), helper.make_node("MatMul", ["x", "xt"], ["y"])]
+    return _model(nodes, inputs, outputs).SerializeToString()
+
+
 def custom_op() -> bytes:
     """A node from a custom-op domain that no loaded library implements (MDS never loads any)."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])]

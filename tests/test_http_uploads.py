@@ -195,6 +195,7 @@ def test_multipart_errors_store_nothing(envoy, unique, parts, query, status, fra
             "no name",
         ),
         ("multipart/form-data; boundary=x", b"garbage", "malformed multipart"),
+        ("multipart/form-data; boundary=" + "b" * 300, b"--" + b"b" * 300 + b"\r\n", "exceeds maximum of 256"),
     ],
 )
 def test_malformed_multipart_bodies(envoy, unique, content_type, body, fragment):
@@ -233,7 +234,15 @@ def test_a_cut_off_multipart_upload_leaves_nothing(envoy, server, unique):
 
 @pytest.fixture(scope="module")
 def small_envoy(tmp_path_factory):
-    server = ServerProcess(tmp_path_factory.mktemp("small"), mds_max_model_bytes=1000, mds_max_job_input_bytes=1000)
+    server = ServerProcess(
+        tmp_path_factory.mktemp("small"),
+        mds_max_model_bytes=1000,
+        mds_max_job_input_bytes=1000,
+        mds_max_inputs=2,
+        mds_max_rank=3,
+        mds_max_model_files=2,
+        mds_job_commit_ms=0,  # each batch its own result
+    )
     server.start()
     envoy = EnvoyProcess(server)
     yield envoy, server
@@ -254,6 +263,36 @@ def test_over_the_size_limit_is_429_and_leaves_nothing(small_envoy, multipart):
     assert_error(rows, 429, "exceeds the server's limit of 1000 bytes")
     wait_until(lambda: not server.leftovers(), what="the server to clean up")
     assert server.blobs() == []
+
+
+def test_tensor_and_file_count_limits_hold_over_http(small_envoy):
+    envoy, server = small_envoy
+    url = f"{envoy.url}/v1/jobInputs:upload"
+    three = [(name, (f"{name}.npy", npy(np.zeros(0, np.float32)))) for name in "abc"]
+    assert_error(requests.post(url, files=three), 429, "3 input tensors exceed the limit of 2 (MDS_MAX_INPUTS)")
+    deep = npy(np.zeros((1, 1, 1, 1), np.float32))
+    assert_error(requests.post(f"{url}?input=x", data=deep), 429, "rank 4, over the limit of 3 (MDS_MAX_RANK)")
+    files = [("model", ("m.onnx", b"x"))] + [(f"w{i}.bin", ("w", b"1")) for i in range(3)]
+    reply = requests.post(f"{envoy.url}/v1/models/many:upload", files=files)
+    assert_error(reply, 429, "at most 2 side files (MDS_MAX_MODEL_FILES); 'w2.bin' would be one more")
+    wait_until(lambda: not server.leftovers(), what="the server to clean up")
+    assert server.blobs() == []
+
+
+def test_rows_of_varying_shape_refuse_an_npy_download(small_envoy):
+    envoy, _ = small_envoy
+    requests.post(f"{envoy.url}/v1/models/outer:upload", data=onnx_models.outer_product(), headers=HEADER)
+    rows = requests.post(f"{envoy.url}/v1/jobInputs:upload?input=x", data=npy(np.ones((10, 1), np.float32)))
+    for batch_rows, status in ((5, 200), (4, 400)):  # rows of 5 elements twice; of 4, 4, then 2 elements
+        body = {"model": "outer", "inputId": rows.json()["id"], "batchRows": batch_rows}
+        job = requests.post(f"{envoy.url}/v1/jobs", json=body).json()
+        assert requests.get(f"{envoy.url}/v1/jobs/{job['id']}:watch").json()[-1]["state"] == "JOB_STATE_SUCCEEDED"
+        download = requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results?format=npy&output=y")
+        if status == 200:
+            np.testing.assert_array_equal(np.load(io.BytesIO(download.content)), np.ones((10, 5), np.float32))
+        else:
+            assert_error(download, 400, "output 'y' has rows of varying shape", "use GetJobResults")
+    requests.delete(f"{envoy.url}/v1/models/outer")
 
 
 def test_job_inputs_as_npy_then_results_as_npy(envoy, unique):
@@ -277,6 +316,8 @@ def test_job_inputs_as_npy_then_results_as_npy(envoy, unique):
     assert sum(int(batch["rows"]) for batch in requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results").json()) == 30
     unknown = requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results", params={"format": "npy", "output": "q"})
     assert_error(unknown, 400, "name one of the job's outputs ['z']")
+    csv = requests.get(f"{envoy.url}/v1/jobs/{job['id']}/results", params={"format": "csv", "output": "z"})
+    assert_error(csv, 400, "format 'csv' is not supported; use format=npy")
     assert_error(requests.get(f"{envoy.url}/v1/jobs/nope/results?format=npy&output=z"), 404, "'nope' does not exist")
     requests.delete(f"{envoy.url}/v1/models/{unique}")
 
@@ -327,7 +368,8 @@ def test_a_job_of_no_rows_downloads_an_empty_array(envoy, unique):
         ("?input=x", npy(np.array(["a", "b"])), "jobs take numeric and boolean arrays"),
         ("?input=x", npy(np.zeros(3, np.float32)) + b"\0" * 4, "more data than its shape"),
         ("?input=x", npy(np.float32(1)), "needs a full shape with rows first"),
-        ("?input=x", b"\x93NUMPY\x02\x00\xff\xff\xff\x7f{", "an .npy header of 2147483659 bytes"),
+        ("?input=x", b"\x93NUMPY\x02\x00\xff\xff\xff\x7f{", "an .npy header of 2147483647 bytes"),
+        ("?input=x", b"\x93NUMPY\x02\x00\x11\x27\x00\x00{", "an .npy header of 10001 bytes; at most 10000"),
     ],
 )
 def test_job_input_errors(envoy, query, body, fragment):

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
+from mds_grpc.core.job_records import JobInputRecord, JobOutput, JobRecord, JobResult, JobState, JobTensor
 from mds_grpc.storage.mongo_jobs import MongoJobStore
 from mds_grpc.storage.mongo_metadata import MongoConnection
 from mds_grpc.storage.sqlite_jobs import SqliteJobStore
@@ -23,7 +23,8 @@ def jobs(request, tmp_path):
 
 def new_job(model: str = "m") -> JobRecord:
     rows = JobInputRecord(uuid.uuid4().hex, 10, (JobTensor("x", "FP32", (3,), "c" * 64),), NOW)
-    return JobRecord(uuid.uuid4().hex, model, 1, JobState.QUEUED, rows, ("y",), 4, NOW, NOW)
+    outputs = (JobOutput("y", "FP32", (-1, 2)),)
+    return JobRecord(uuid.uuid4().hex, model, 1, JobState.QUEUED, rows, ("y",), 4, NOW, NOW, outputs=outputs)
 
 
 def test_a_job_round_trips_and_records_each_batch_once(jobs):
@@ -31,7 +32,7 @@ def test_a_job_round_trips_and_records_each_batch_once(jobs):
     jobs.create(job)
     assert jobs.get(job.id) == job
     assert jobs.transition(job.id, {JobState.QUEUED}, JobState.RUNNING).state == JobState.RUNNING
-    first = JobResult(0, 4, "d" * 64)
+    first = JobResult(0, 4, "d" * 64, ((5, 2),))
     assert jobs.record_batch(job.id, first).rows_done == 4
     assert jobs.record_batch(job.id, first) is None  # offset 0 again: already recorded
     assert jobs.get(job.id).results == (first,)

@@ -250,13 +250,23 @@ def test_empty_chunks_are_harmless(server, unique):
 
 @pytest.mark.usefixtures("nothing_left")
 def test_side_files_cannot_nest_in_one_another(server, unique):
-    for paths in (["a", "a/b"], ["model.onnx/x"]):
+    for paths in (["a", "a/b"], ["a/b/c", "a/b"], ["a/b", "a/b/c/d"], ["model.onnx/x"]):
         files = [pb.ModelFile(path=p) for p in paths]
         assert_status(
             partial(upload, server, unique, onnx_models.add_two(), external_files=files),
             grpc.StatusCode.INVALID_ARGUMENT,
             "is also used as a folder",
         )
+
+
+@pytest.mark.usefixtures("nothing_left")
+def test_side_files_past_the_limit_are_refused(server, unique):
+    files = [pb.ModelFile(path=f"w/{i}.bin") for i in range(1001)]
+    assert_status(
+        partial(upload, server, unique, onnx_models.add_two(), external_files=files),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "at most 1000 side files (MDS_MAX_MODEL_FILES); 'w/1000.bin' would be one more",
+    )
 
 
 @pytest.mark.usefixtures("nothing_left")

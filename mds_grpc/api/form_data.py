@@ -4,7 +4,8 @@ multipart/form-data parsed incrementally into named parts."""
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from mds_grpc.core.errors import InvalidArgument
 
@@ -91,11 +92,14 @@ async def form_pieces(boundary: bytes, chunks: AsyncIterable[bytes]) -> AsyncIte
     """The pieces of a multipart/form-data body as its chunks arrive; INVALID_ARGUMENT when it is malformed
     or ends before its closing boundary (a client cut off)."""
     parts = _Parts()
-    parser = MultipartParser(boundary, parts.callbacks())
+    try:
+        parser = MultipartParser(boundary, parts.callbacks())  # refuses a boundary over 256 bytes
+    except FormParserError as error:
+        raise InvalidArgument(f"malformed multipart/form-data Content-Type: {error}") from None
     async for chunk in chunks:
         try:
             parser.write(chunk)
-        except MultipartParseError as error:
+        except FormParserError as error:
             raise InvalidArgument(f"malformed multipart/form-data body: {error}") from None
         for piece in parts.pieces:
             yield piece

@@ -14,7 +14,6 @@ from mds_grpc.api.form_data import body_chunks, boundary_of, form_pieces
 from mds_grpc.api.jobs import input_to_wire
 from mds_grpc.api.models import header_from_wire, model_to_wire
 from mds_grpc.api.npy_files import NpyStream, npy_header, row_pieces
-from mds_grpc.core import dtypes
 from mds_grpc.core.auth import ADMIN
 from mds_grpc.core.errors import InvalidArgument
 from mds_grpc.core.jobs import ColumnSpec, JobManager
@@ -125,29 +124,17 @@ class HttpUploadServicer(http_files_pb2_grpc.HttpUploadServiceServicer):
 
 
 class HttpDownloadServicer(http_files_pb2_grpc.HttpDownloadServiceServicer):
-    def __init__(self, jobs: JobManager, registry: ModelRegistry):
+    def __init__(self, jobs: JobManager):
         self.jobs = jobs
-        self.registry = registry
 
     async def DownloadJobOutput(self, request, context):
         if request.format != "npy":
             raise InvalidArgument(f"format {request.format!r} is not supported; use format=npy")
         job = await self.jobs.get(request.id)
         check_model(job.model)
-        if request.output not in job.output_names:
-            raise InvalidArgument(f"name one of the job's outputs {list(job.output_names)} with output=NAME")
-        first = True
-        async for _, _, arrays in self.jobs.results(job):
-            array = arrays[request.output]
-            if first:
-                header = npy_header(array.dtype, (job.rows_total, *array.shape[1:]))
-                yield httpbody_pb2.HttpBody(content_type="application/octet-stream", data=header)
-                first = False
-            for data in row_pieces(array):
+        output = await self.jobs.output_rows(job, request.output)
+        header = npy_header(output.dtype, (job.rows_total, *output.row_shape))
+        yield httpbody_pb2.HttpBody(content_type="application/octet-stream", data=header)
+        async for rows in output.chunks:
+            for data in row_pieces(rows):
                 yield httpbody_pb2.HttpBody(data=data)
-        if first:  # a job of no rows has no results: an empty array of the output's dtype
-            record = await self.registry.get(job.model, job.version)
-            (spec,) = [s for s in record.outputs if s.name == request.output]
-            dtype = dtypes.BY_NAME[spec.dtype or ""].numpy
-            header = npy_header(dtype, (0, *(max(d, 0) for d in spec.shape[1:])))
-            yield httpbody_pb2.HttpBody(content_type="application/octet-stream", data=header)

@@ -12,7 +12,7 @@ from mds_grpc.core.jobs import ColumnSpec
 
 PIECE_BYTES = 1 << 20  # an .npy download's largest message
 _PREFIX = {(1, 0): 10, (2, 0): 12}  # magic, version and header length: bytes before the header's text
-MAX_HEADER_BYTES = 1 << 16  # numpy itself reads headers of up to 10,000 bytes unless told otherwise
+MAX_HEADER_BYTES = 10_000  # of the header's text, after the prefix: numpy's own limit for reading one safely
 
 
 class NpyStream:
@@ -50,9 +50,10 @@ class NpyStream:
         prefix = _PREFIX[version]
         if len(self.head) < prefix:
             return False
-        size = prefix + int.from_bytes(self.head[8:prefix], "little")
-        if size > MAX_HEADER_BYTES:
-            raise InvalidArgument(f"input {self.name!r} has an .npy header of {size} bytes; at most {MAX_HEADER_BYTES}")
+        text = int.from_bytes(self.head[8:prefix], "little")
+        if text > MAX_HEADER_BYTES:
+            raise InvalidArgument(f"input {self.name!r} has an .npy header of {text} bytes; at most {MAX_HEADER_BYTES}")
+        size = prefix + text
         if len(self.head) < size:
             return False
         handle = io.BytesIO(self.head[:size])

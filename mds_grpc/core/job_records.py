@@ -43,6 +43,16 @@ class JobResult:
     offset: int
     rows: int
     sha256: str
+    row_shapes: tuple[tuple[int, ...], ...] = ()  # per output, in the job's order; () in results stored before
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """An output a job computes, as its model version declares it: -1 for a symbolic dimension."""
+
+    name: str
+    dtype: str
+    row_shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class JobRecord:
     rows_done: int = 0
     error: str = ""
     results: tuple[JobResult, ...] = ()
+    outputs: tuple[JobOutput, ...] = ()  # () in jobs stored before outputs were recorded
 
     @property
     def rows_total(self) -> int:
@@ -74,10 +85,16 @@ def input_from_dict(data: dict) -> JobInputRecord:
     return JobInputRecord(data["id"], data["rows"], tensors, data["created_at"])
 
 
+def result_to_dict(result: JobResult) -> dict:
+    """Row shapes as {"dims": [...]} objects: some MongoDB-compatible stores (FerretDB) refuse nested arrays."""
+    return {**dataclasses.asdict(result), "row_shapes": [{"dims": list(shape)} for shape in result.row_shapes]}
+
+
 def job_to_dict(record: JobRecord) -> dict:
     data = dataclasses.asdict(record)
     data["state"] = record.state.value
     data["input"] = input_to_dict(record.input)
+    data["results"] = [result_to_dict(result) for result in record.results]
     return data
 
 
@@ -88,6 +105,12 @@ def job_from_dict(data: dict) -> JobRecord:
             "state": JobState(data["state"]),
             "input": input_from_dict(data["input"]),
             "output_names": tuple(data["output_names"]),
-            "results": tuple(JobResult(**r) for r in data["results"]),
+            "results": tuple(_result(r) for r in data["results"]),
+            "outputs": tuple(JobOutput(o["name"], o["dtype"], tuple(o["row_shape"])) for o in data.get("outputs", ())),
         }
     )
+
+
+def _result(data: dict) -> JobResult:
+    shapes = tuple(tuple(shape["dims"]) for shape in data.get("row_shapes", ()))
+    return JobResult(data["offset"], data["rows"], data["sha256"], shapes)

@@ -129,7 +129,8 @@ class JobRunner:
         sha256 = sha256_of(result_path)
 
         def record() -> JobRecord:
-            recorded = self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256))
+            shapes = tuple(output.shape[1:] for output in outputs)
+            recorded = self.storage.jobs.record_batch(job.id, JobResult(offset, rows, sha256, shapes))
             if recorded is None:  # it changed since the look above
                 raise _NotRecorded
             return recorded

@@ -19,10 +19,10 @@ from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mds_grpc.core.garbage import store_and_record
 from mds_grpc.core.inference import check_inputs, select_outputs
-from mds_grpc.core.job_records import JobInputRecord, JobRecord, JobResult, JobState, JobTensor
+from mds_grpc.core.job_records import JobInputRecord, JobOutput, JobRecord, JobResult, JobState, JobTensor
 from mds_grpc.core.limits import JobLimits
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
-from mds_grpc.core.records import utc_now
+from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.core.uploads import sha256_of
@@ -41,12 +41,14 @@ class _InputWriter:
     """Writes the rows of every column to its own raw file: whole chunks of rows checked against the
     declared columns (write), or each column's raw bytes, one column after another (append)."""
 
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, limits: JobLimits):
         self.folder = folder
-        self.max_bytes = max_bytes
+        self.limits = limits
         self.specs: dict[str, ColumnSpec] = {}
-        self.files: dict[str, BinaryIO] = {}
+        self.paths: dict[str, Path] = {}
+        self.files: dict[str, BinaryIO] = {}  # open: every column for `write`, the current one for `append`
         self.sizes: dict[str, int] = {}  # bytes written per column
+        self.total = 0  # bytes declared, all columns together
         self.rows = -1
         self.written = 0  # rows `write` has taken
         self.current = ""  # the column `append` writes to
@@ -54,6 +56,8 @@ class _InputWriter:
     def add(self, spec: ColumnSpec) -> None:
         if spec.name in self.specs:
             raise InvalidArgument(f"input names must be unique; {spec.name!r} comes twice")
+        self.limits.tensors.check_inputs(len(self.specs) + 1)
+        self.limits.tensors.check_rank(spec.name, spec.shape)
         if spec.dtype == "STRING":
             raise InvalidArgument(f"input {spec.name!r} is STRING; jobs take numeric and boolean tensors only")
         if not spec.shape or any(d < 0 for d in spec.shape):
@@ -62,11 +66,14 @@ class _InputWriter:
             raise InvalidArgument(
                 f"every input needs the same number of rows: {spec.name!r} has {spec.shape[0]}, others {self.rows}"
             )
-        size = sum(self._bytes(s) for s in self.specs.values()) + self._bytes(spec)
-        if size > self.max_bytes:
-            raise ResourceExhausted(f"job input of {size} bytes exceeds the server's limit of {self.max_bytes} bytes")
-        self.rows = spec.shape[0]
-        self.files[spec.name] = open(self.folder / f"column-{len(self.specs)}", "wb")
+        size = self.total + self._bytes(spec)
+        if size > self.limits.max_input_bytes:
+            raise ResourceExhausted(
+                f"job input of {size} bytes exceeds the server's limit of {self.limits.max_input_bytes} bytes"
+            )
+        self.rows, self.total = spec.shape[0], size
+        self.paths[spec.name] = self.folder / f"column-{len(self.specs)}"
+        self.files[spec.name] = open(self.paths[spec.name], "wb")
         self.specs[spec.name] = spec
         self.sizes[spec.name] = 0
 
@@ -97,6 +104,8 @@ class _InputWriter:
     def append(self, spec: ColumnSpec, data: bytes) -> None:
         """The next raw bytes (little-endian, C order) of column `spec`, which starts when first seen."""
         if spec.name != self.current:
+            if self.current:
+                self.files.pop(self.current).close()
             self.add(spec)
             self.current = spec.name
         if self.sizes[spec.name] + len(data) > self._bytes(spec):
@@ -116,7 +125,7 @@ class _InputWriter:
                 row = self._bytes(spec) // max(1, self.rows)
                 got = f"{self.sizes[name] // row} rows" if row else f"{self.sizes[name]} bytes"
                 raise InvalidArgument(f"received {got}, the header declared {self.rows} (input {name!r})")
-        return [(self.specs[name], Path(handle.name)) for name, handle in self.files.items()]
+        return [(spec, self.paths[name]) for name, spec in self.specs.items()]
 
     def close(self) -> None:
         for handle in self.files.values():
@@ -133,6 +142,37 @@ def _bytes_of(array: np.ndarray) -> int:
     if array.dtype == object:
         return sum(len(v.encode() if isinstance(v, str) else v) for v in array.ravel())
     return array.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputRows:
+    """One output of a job as a single array: rows of `row_shape` and `dtype`, streamed in chunks."""
+
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    chunks: AsyncIterator[np.ndarray]
+
+
+def _job_outputs(record: ModelRecord, names: Sequence[str]) -> tuple[JobOutput, ...]:
+    """The outputs `names` of a model version as a job records them, in that order."""
+    specs = {spec.name: spec for spec in record.outputs}
+    return tuple(JobOutput(name, specs[name].dtype or "", specs[name].shape[1:]) for name in names)
+
+
+def _varying(name: str) -> str:
+    return f"output {name!r} has rows of varying shape, which no single array holds; use GetJobResults"
+
+
+async def _shaped(
+    name: str, row_shape: tuple[int, ...], first: np.ndarray | None, rest: AsyncIterator[np.ndarray]
+) -> AsyncIterator[np.ndarray]:
+    """`first` (if any) then `rest`, each checked to have rows of `row_shape`."""
+    if first is not None:
+        yield first
+    async for batch in rest:
+        if batch.shape[1:] != row_shape:
+            raise FailedPrecondition(_varying(name))
+        yield batch
 
 
 class JobManager:
@@ -181,7 +221,7 @@ class JobManager:
     async def _store_input(self, fill: Callable[["_InputWriter"], Awaitable[None]]) -> JobInputRecord:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
-        writer = _InputWriter(folder, self.limits.max_input_bytes)
+        writer = _InputWriter(folder, self.limits)
         try:
             await fill(writer)
             columns = await asyncio.to_thread(writer.finish)
@@ -263,6 +303,7 @@ class JobManager:
             batch_rows=batch_rows or self.limits.default_batch_rows,
             created_at=now,
             updated_at=now,
+            outputs=_job_outputs(record, names),
         )
         await asyncio.to_thread(self.storage.jobs.create, job)
         try:
@@ -334,6 +375,29 @@ class JobManager:
             for start in range(0, result.rows, step):
                 rows = min(step, result.rows - start)
                 yield result.offset + start, rows, {name: a[start : start + rows] for name, a in arrays.items()}
+
+    async def output_rows(self, job: JobRecord, name: str) -> OutputRows:
+        """One output of a SUCCEEDED job as a single array: its dtype, its row shape and its rows in chunks.
+        Rows of varying shape (a symbolic non-batch dimension) are FAILED_PRECONDITION, before any chunk
+        when the job's results recorded their shapes, else at the first chunk that differs."""
+        if name not in job.output_names:
+            raise InvalidArgument(f"name one of the job's outputs {list(job.output_names)} with output=NAME")
+        index = job.output_names.index(name)
+        if len({result.row_shapes[index] for result in job.results if result.row_shapes}) > 1:
+            raise FailedPrecondition(_varying(name))
+        batches = (arrays[name] async for _, _, arrays in self.results(job))
+        first = await anext(batches, None)
+        if first is None:
+            output = await self._declared_output(job, name)
+            dtype, row_shape = dtypes.BY_NAME[output.dtype].numpy, tuple(max(d, 0) for d in output.row_shape)
+        else:
+            dtype, row_shape = first.dtype, first.shape[1:]
+        return OutputRows(dtype, row_shape, _shaped(name, row_shape, first, batches))
+
+    async def _declared_output(self, job: JobRecord, name: str) -> JobOutput:
+        """The output as the job recorded it, or (a job stored before outputs were recorded) as its model says."""
+        outputs = job.outputs or _job_outputs(await self.registry.get(job.model, job.version), job.output_names)
+        return outputs[job.output_names.index(name)]
 
     def _read_result(self, result: JobResult, names: Sequence[str]) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory(dir=self.tmp_dir) as folder:

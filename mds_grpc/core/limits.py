@@ -6,22 +6,6 @@ from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 
 
 @dataclass(frozen=True)
-class JobLimits:
-    default_batch_rows: int = 4096  # rows per onnxruntime run when a job does not say
-    max_batch_rows: int = 1 << 20  # the most a job may ask for
-    max_input_bytes: int = 16 << 30  # one uploaded job input, all columns together
-    # Outputs per GetJobResults message, roughly: most gRPC clients accept 4 MiB by default.
-    result_message_bytes: int = 3 << 20
-
-    def check_batch_rows(self, batch_rows: int) -> None:
-        if not 0 <= batch_rows <= self.max_batch_rows:
-            raise InvalidArgument(
-                f"batch_rows must be between 0 (the server's default, {self.default_batch_rows}) "
-                f"and {self.max_batch_rows} (MDS_MAX_JOB_BATCH_ROWS), got {batch_rows}"
-            )
-
-
-@dataclass(frozen=True)
 class TensorLimits:
     max_inputs: int = 64  # tensors per request
     max_rank: int = 16  # dimensions per tensor
@@ -51,4 +35,21 @@ class TensorLimits:
             raise ResourceExhausted(
                 f"tensor {name!r} has a {length}-byte STRING element, over the limit of "
                 f"{self.max_string_bytes} bytes (MDS_MAX_STRING_BYTES)"
+            )
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    default_batch_rows: int = 4096  # rows per onnxruntime run when a job does not say
+    max_batch_rows: int = 1 << 20  # the most a job may ask for
+    max_input_bytes: int = 16 << 30  # one uploaded job input, all columns together
+    # Outputs per GetJobResults message, roughly: most gRPC clients accept 4 MiB by default.
+    result_message_bytes: int = 3 << 20
+    tensors: TensorLimits = TensorLimits()  # max_inputs and max_rank hold for a job input's columns
+
+    def check_batch_rows(self, batch_rows: int) -> None:
+        if not 0 <= batch_rows <= self.max_batch_rows:
+            raise InvalidArgument(
+                f"batch_rows must be between 0 (the server's default, {self.default_batch_rows}) "
+                f"and {self.max_batch_rows} (MDS_MAX_JOB_BATCH_ROWS), got {batch_rows}"
             )

@@ -14,7 +14,7 @@ from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.stores import BlobStore, MetadataStore
-from mds_grpc.core.uploads import StagedUpload, UploadHeader, receive
+from mds_grpc.core.uploads import MAX_SIDE_FILES, StagedUpload, UploadHeader, receive
 
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
 # loaded on first use, so an upload's memory stays flat whatever the model's size.
@@ -31,6 +31,7 @@ class ModelRegistry:
         max_model_bytes: int,
         resolve_ttl: float = 1.0,
         warm_max_bytes: int = WARM_MAX_BYTES,
+        max_side_files: int = MAX_SIDE_FILES,
     ):
         self.metadata = metadata
         self.blobs = blobs
@@ -39,6 +40,7 @@ class ModelRegistry:
         self.max_model_bytes = max_model_bytes
         self.resolve_ttl = resolve_ttl
         self.warm_max_bytes = warm_max_bytes
+        self.max_side_files = max_side_files
 
     def sweep_local_copies(self) -> None:
         """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
@@ -51,7 +53,7 @@ class ModelRegistry:
 
         `parts` are (file path, bytes); an UploadHeader among them completes `header` (see uploads.receive).
         """
-        staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload)
+        staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload, self.max_side_files)
         handed_over = False
         try:
             files = await receive(staging, parts)

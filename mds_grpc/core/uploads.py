@@ -1,6 +1,7 @@
 """Receiving an upload: its files are streamed to a private temp folder while hashed."""
 
 import asyncio
+import bisect
 import hashlib
 import re
 import shutil
@@ -17,6 +18,7 @@ from mds_grpc.core.stores import BlobUpload
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,255}")  # 255: the longest file name Linux allows
 MAX_PATH_CHARS = 1024  # a side file's whole relative path, well inside PATH_MAX with the server's folders
+MAX_SIDE_FILES = 1000  # side files per upload, unless the server says otherwise
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,13 @@ class StagedUpload:
         header: UploadHeader,
         max_bytes: int,
         open_remote: Callable[[], BlobUpload | None] = lambda: None,
+        max_side_files: int = MAX_SIDE_FILES,
     ):
         check_name(header.name)
         self.header = header
+        self.max_side_files = max_side_files
         self.declared: dict[str, StoredFile] = {}
+        self.paths: list[str] = []  # the declared paths, sorted: those inside a folder come together
         self._declare_all(header)
         self.max_bytes = max_bytes
         self.dir = Path(tmp_root) / f"upload-{uuid.uuid4().hex}"
@@ -118,10 +123,22 @@ class StagedUpload:
     def _declare(self, file: StoredFile) -> None:
         if file.path not in self.declared:
             check_relative_path(file.path)
-            for other in self.declared:
-                if other.startswith(file.path + "/") or file.path.startswith(other + "/"):
-                    folder, inner = sorted((other, file.path), key=len)
-                    raise InvalidArgument(f"file {folder!r} is also used as a folder by another file, {inner!r}")
+            if len(self.declared) > self.max_side_files:  # the main file is declared too
+                raise ResourceExhausted(
+                    f"an upload holds at most {self.max_side_files} side files (MDS_MAX_MODEL_FILES); "
+                    f"{quoted(file.path)} would be one more"
+                )
+            at = bisect.bisect_left(self.paths, file.path + "/")
+            if at < len(self.paths) and self.paths[at].startswith(file.path + "/"):
+                raise InvalidArgument(
+                    f"file {file.path!r} is also used as a folder by another file, {self.paths[at]!r}"
+                )
+            for end in (i for i, c in enumerate(file.path) if c == "/"):
+                if file.path[:end] in self.declared:
+                    raise InvalidArgument(
+                        f"file {file.path[:end]!r} is also used as a folder by another file, {file.path!r}"
+                    )
+            bisect.insort(self.paths, file.path)
         self.declared[file.path] = file
 
     def complete(self, header: UploadHeader) -> None:

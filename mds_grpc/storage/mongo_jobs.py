@@ -1,6 +1,5 @@
 """Job store on MongoDB: state changes are single conditional find_one_and_update calls."""
 
-import dataclasses
 from collections.abc import Collection
 from datetime import UTC, datetime
 
@@ -15,6 +14,7 @@ from mds_grpc.core.job_records import (
     input_to_dict,
     job_from_dict,
     job_to_dict,
+    result_to_dict,
 )
 from mds_grpc.storage.mongo_metadata import MongoConnection
 
@@ -93,7 +93,7 @@ class MongoJobStore:
 
     def record_batch(self, job_id: str, result: JobResult) -> JobRecord | None:
         query = {"id": job_id, "state": JobState.RUNNING.value, "rows_done": result.offset}
-        update = {"$inc": {"rows_done": result.rows}, "$push": {"results": dataclasses.asdict(result)}}
+        update = {"$inc": {"rows_done": result.rows}, "$push": {"results": result_to_dict(result)}}
         return self._update(query, update)
 
     def referenced_blobs(self) -> set[str]:

@@ -88,6 +88,8 @@ class HttpUploadServiceServicer:
         no boundary; a part with no name; a second `model` or `header` part;
         a `header` part that is not a ModelHeader in JSON, names another
         model, or comes with the `description` or `sha256` query parameters.
+        * RESOURCE_EXHAUSTED (as UploadModel's): more side-file parts than the
+        server's limit on them (MDS_MAX_MODEL_FILES), at the first one over.
         A failed, cancelled or cut-off upload stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -104,11 +106,14 @@ class HttpUploadServiceServicer:
 
         Errors:
         * INVALID_ARGUMENT: a plain body without `input`, or multipart with it;
-        a body that is not an .npy file or is cut short; a Fortran-order array,
-        an unsupported dtype (strings, objects); a malformed multipart body, a
-        part with no name, two parts of one name; row counts that differ.
+        a body that is not an .npy file or is cut short; an .npy header over
+        10,000 bytes (numpy's own limit); a Fortran-order array, an unsupported
+        dtype (strings, objects); a malformed multipart body, a part with no
+        name, two parts of one name; row counts that differ.
         * RESOURCE_EXHAUSTED: over the server's job input size limit, known from
-        the .npy headers before the rows are read.
+        the .npy headers before the rows are read; more inputs, or an array of
+        more dimensions, than the server's tensor limits (MDS_MAX_INPUTS,
+        MDS_MAX_RANK), as for JobService.UploadJobInput.
         A failed upload stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -206,7 +211,7 @@ class HttpUploadService:
 class HttpDownloadServiceStub:
     """Job outputs as files. Its route shares its path with
     JobService.GetJobResults: Envoy sends `GET /v1/jobs/{id}/results` here when
-    the query has `format=npy`, there otherwise.
+    the query has a `format` parameter (whatever its value), there otherwise.
     """
 
     def __init__(self, channel):
@@ -225,7 +230,7 @@ class HttpDownloadServiceStub:
 class HttpDownloadServiceServicer:
     """Job outputs as files. Its route shares its path with
     JobService.GetJobResults: Envoy sends `GET /v1/jobs/{id}/results` here when
-    the query has `format=npy`, there otherwise.
+    the query has a `format` parameter (whatever its value), there otherwise.
     """
 
     def DownloadJobOutput(self, request, context):
@@ -234,8 +239,12 @@ class HttpDownloadServiceServicer:
         application/octet-stream).
 
         Errors: NOT_FOUND (an unknown job); FAILED_PRECONDITION (the job has not
-        succeeded); INVALID_ARGUMENT (`format` other than "npy"; no `output`, or
-        one the job did not compute).
+        succeeded; the output's rows differ in shape from one stored batch to
+        another, so no single array holds them: read them with GetJobResults);
+        INVALID_ARGUMENT (`format` other than "npy"; no `output`, or one the job
+        did not compute). These come before any byte of the file. The HTTP
+        status goes out with the first piece, so an error after it (a backend
+        failing) can only cut the file short.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,7 +269,7 @@ def add_HttpDownloadServiceServicer_to_server(servicer, server):
 class HttpDownloadService:
     """Job outputs as files. Its route shares its path with
     JobService.GetJobResults: Envoy sends `GET /v1/jobs/{id}/results` here when
-    the query has `format=npy`, there otherwise.
+    the query has a `format` parameter (whatever its value), there otherwise.
     """
 
     @staticmethod

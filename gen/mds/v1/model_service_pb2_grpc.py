@@ -97,7 +97,8 @@ class ModelServiceServicer:
         model (with onnxruntime's reason); an external-data location that is
         absolute, escapes the model's folder or names a file not uploaded.
         * RESOURCE_EXHAUSTED: the upload exceeds the server's model size limit
-        (the server stops reading at once).
+        (the server stops reading at once), or declares more side files than
+        its limit on them (MDS_MAX_MODEL_FILES).
         A failed or cancelled upload stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -67,7 +67,7 @@ static_resources:
               # A job output as an .npy file: the path of JobService.GetJobResults, with its own transcoding.
               - match:
                   safe_regex: {regex: "/v1/jobs/[^/]+/results"}
-                  query_parameters: [{name: format, string_match: {exact: npy}}]
+                  query_parameters: [{name: format, present_match: true}]
                 route: {cluster: mds, timeout: 0s}
                 typed_per_filter_config:
                   envoy.filters.http.grpc_json_transcoder:

@@ -49,7 +49,8 @@ type ModelServiceClient interface {
 	//     model (with onnxruntime's reason); an external-data location that is
 	//     absolute, escapes the model's folder or names a file not uploaded.
 	//   - RESOURCE_EXHAUSTED: the upload exceeds the server's model size limit
-	//     (the server stops reading at once).
+	//     (the server stops reading at once), or declares more side files than
+	//     its limit on them (MDS_MAX_MODEL_FILES).
 	//
 	// A failed or cancelled upload stores nothing.
 	UploadModel(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadModelRequest, Model], error)
@@ -199,7 +200,8 @@ type ModelServiceServer interface {
 	//     model (with onnxruntime's reason); an external-data location that is
 	//     absolute, escapes the model's folder or names a file not uploaded.
 	//   - RESOURCE_EXHAUSTED: the upload exceeds the server's model size limit
-	//     (the server stops reading at once).
+	//     (the server stops reading at once), or declares more side files than
+	//     its limit on them (MDS_MAX_MODEL_FILES).
 	//
 	// A failed or cancelled upload stores nothing.
 	UploadModel(grpc.ClientStreamingServer[UploadModelRequest, Model]) error

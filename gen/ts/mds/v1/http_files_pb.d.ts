@@ -145,6 +145,8 @@ export declare const HttpUploadService: GenService<{
    *   no boundary; a part with no name; a second `model` or `header` part;
    *   a `header` part that is not a ModelHeader in JSON, names another
    *   model, or comes with the `description` or `sha256` query parameters.
+   * * RESOURCE_EXHAUSTED (as UploadModel's): more side-file parts than the
+   *   server's limit on them (MDS_MAX_MODEL_FILES), at the first one over.
    * A failed, cancelled or cut-off upload stores nothing.
    *
    * @generated from rpc mds.v1.HttpUploadService.UploadModelBody
@@ -164,11 +166,14 @@ export declare const HttpUploadService: GenService<{
    *
    * Errors:
    * * INVALID_ARGUMENT: a plain body without `input`, or multipart with it;
-   *   a body that is not an .npy file or is cut short; a Fortran-order array,
-   *   an unsupported dtype (strings, objects); a malformed multipart body, a
-   *   part with no name, two parts of one name; row counts that differ.
+   *   a body that is not an .npy file or is cut short; an .npy header over
+   *   10,000 bytes (numpy's own limit); a Fortran-order array, an unsupported
+   *   dtype (strings, objects); a malformed multipart body, a part with no
+   *   name, two parts of one name; row counts that differ.
    * * RESOURCE_EXHAUSTED: over the server's job input size limit, known from
-   *   the .npy headers before the rows are read.
+   *   the .npy headers before the rows are read; more inputs, or an array of
+   *   more dimensions, than the server's tensor limits (MDS_MAX_INPUTS,
+   *   MDS_MAX_RANK), as for JobService.UploadJobInput.
    * A failed upload stores nothing.
    *
    * @generated from rpc mds.v1.HttpUploadService.UploadJobInputBody
@@ -183,7 +188,7 @@ export declare const HttpUploadService: GenService<{
 /**
  * Job outputs as files. Its route shares its path with
  * JobService.GetJobResults: Envoy sends `GET /v1/jobs/{id}/results` here when
- * the query has `format=npy`, there otherwise.
+ * the query has a `format` parameter (whatever its value), there otherwise.
  *
  * @generated from service mds.v1.HttpDownloadService
  */
@@ -194,8 +199,12 @@ export declare const HttpDownloadService: GenService<{
    * application/octet-stream).
    *
    * Errors: NOT_FOUND (an unknown job); FAILED_PRECONDITION (the job has not
-   * succeeded); INVALID_ARGUMENT (`format` other than "npy"; no `output`, or
-   * one the job did not compute).
+   * succeeded; the output's rows differ in shape from one stored batch to
+   * another, so no single array holds them: read them with GetJobResults);
+   * INVALID_ARGUMENT (`format` other than "npy"; no `output`, or one the job
+   * did not compute). These come before any byte of the file. The HTTP
+   * status goes out with the first piece, so an error after it (a backend
+   * failing) can only cut the file short.
    *
    * @generated from rpc mds.v1.HttpDownloadService.DownloadJobOutput
    */

@@ -55,7 +55,7 @@ export const HttpUploadService = /*@__PURE__*/
 /**
  * Job outputs as files. Its route shares its path with
  * JobService.GetJobResults: Envoy sends `GET /v1/jobs/{id}/results` here when
- * the query has `format=npy`, there otherwise.
+ * the query has a `format` parameter (whatever its value), there otherwise.
  *
  * @generated from service mds.v1.HttpDownloadService
  */
