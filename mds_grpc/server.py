@@ -295,7 +295,6 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     limits = core.jobs.limits.tensors
     inference = InferenceServicer(engine, settings.stream_max_in_flight, limits)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(inference, served)
-    websocket = PredictionSocket(inference, guard, access_log)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         OipServicer(engine, core.is_ready, settings.stream_max_in_flight, limits), served
     )
@@ -303,6 +302,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     http_files_pb2_grpc.add_HttpUploadServiceServicer_to_server(HttpUploadServicer(core.registry, core.jobs), served)
     http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(HttpDownloadServicer(core.jobs), served)
     health_servicer = health.aio.HealthServicer()
+    websocket = PredictionSocket(inference, guard, access_log, health_servicer)
     # The stubs ask for a whole server; registration only needs what ServedServer has.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

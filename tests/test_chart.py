@@ -238,6 +238,13 @@ def test_envoy_in_the_chart_sends_websocket_streaming_to_the_servers_websocket_p
     assert route["match"] == {"path": "/v1/predictions:ws"}
     clusters = yaml.safe_load(text)["static_resources"]["clusters"]
     (cluster,) = [c for c in clusters if c["name"] == route["route"]["cluster"]]
+    (our_cluster,) = [
+        c
+        for c in yaml.safe_load(ours.read_text())["static_resources"]["clusters"]
+        if c is not None and c["name"] == cluster["name"]
+    ]
+    health_checks = [c["health_checks"][0]["http_health_check"] for c in (cluster, our_cluster)]
+    assert health_checks == [{"path": "/health"}] * 2  # 503 while a server drains (docs/websocket.md)
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert endpoint["address"].startswith("mds-server-headless.")
     server = rendered["Deployment", "mds-server"]

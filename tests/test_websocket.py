@@ -5,6 +5,7 @@ Python (the websockets client) and from a page in headless Chromium."""
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import requests
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
+from websockets import Subprotocol
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
@@ -268,3 +270,93 @@ def test_hostile_frames_are_answered_and_the_connection_goes_on(site):
 def test_a_frame_over_the_message_limit_closes_the_connection(site):
     code, _ = closed_with(site["url"], site["keys"]["admin"], frames=[json_request(1), "x" * (2**20 + 1)])
     assert code == 1009
+
+
+def test_big_json_is_read_and_written_off_the_event_loop(site):
+    """A request of 32,768 numbers (over 2 KiB of JSON) and its reply are converted in a thread."""
+    a = list(range(2**15))
+    frame = json.dumps({"model": ADDER, "inputs": [tensor_json("a", a), tensor_json("b", [1])], "requestId": "big"})
+    _, replies = asyncio.run(exchange(site["url"], [frame, json_request(1)], site["keys"]["admin"]))
+    big, small = parsed(replies)
+    assert z_of(big) == [x + 1.0 for x in a] and z_of(small) == [2.0]
+
+
+def tensor_json(name: str, values: list) -> dict:
+    return {"name": name, "dtype": "DATA_TYPE_FP32", "shape": [len(values)], "contents": {"fp32Contents": values}}
+
+
+def test_a_text_frame_over_4_mib_is_refused_and_the_connection_goes_on(tmp_path):
+    server = ServerProcess(tmp_path).start()  # messages up to 64 MiB
+    try:
+        server.models.UploadModel(upload_requests(ADDER, onnx_models.add_two()), timeout=120)
+        padded = json.dumps({"model": ADDER, "requestId": "x" * (4 * 2**20)})
+        _, replies = asyncio.run(exchange(f"ws://127.0.0.1:{server.websocket_port}{PATH}", [padded, json_request(1)]))
+        refused, answered = parsed(replies)
+        assert refused.error.code == INVALID_ARGUMENT
+        assert f"message 1 is {len(padded)} characters of proto JSON" in refused.error.message
+        assert "binary frames (subprotocol mds.v1.proto)" in refused.error.message
+        assert z_of(answered) == [2.0]
+    finally:
+        assert server.stop() == 0
+
+
+def access_lines(server: ServerProcess) -> list[dict]:
+    """The server's access lines of WebSocket connections."""
+    lines = map(json.loads, (server.log_dir / "mds.log").read_text().splitlines())
+    return [e for e in lines if e.get("transport") == "websocket"]
+
+
+def test_a_connection_cut_off_at_shutdown_is_logged_with_its_counts(tmp_path):
+    """Its client reads nothing, so the server's replies back up: after the grace period its requests are
+    cancelled, the connection is cut, and its access line still counts the replies it had."""
+    server = ServerProcess(tmp_path, mds_shutdown_grace_seconds=0.5).start()
+    server.models.UploadModel(upload_requests(ADDER, onnx_models.add_two()), timeout=120)
+    a = np.ones(2**21, np.float32)  # 8 MiB requests and replies: ten are more than the sockets buffer
+    frames = [request(ADDER, {"a": a, "b": np.ones(1, np.float32)}).SerializeToString() for _ in range(10)]
+
+    async def stall():
+        url = f"ws://127.0.0.1:{server.websocket_port}{PATH}"
+        async with connect(url, subprotocols=[Subprotocol("mds.v1.proto")], max_size=2**24, max_queue=1) as ws:
+            for frame in frames:  # the server reads them all: 8 in flight, 2 buffered
+                await ws.send(frame)
+            return await asyncio.to_thread(server.stop)
+
+    assert asyncio.run(stall()) == 0
+    (line,) = access_lines(server)
+    assert line["code"] == "CANCELLED" and line["messages"] >= 1 and line["errors"] == 0, line
+
+
+def test_envoy_opens_no_websocket_to_a_draining_server(tmp_path):
+    """GET /health on the WebSocket port follows gRPC health; a draining server's open connections go on."""
+    draining = ServerProcess(tmp_path / "draining", mds_drain_seconds=120).start()
+    serving = ServerProcess(tmp_path / "serving").start()
+    envoy = EnvoyProcess(draining, serving)
+    try:
+        for server in (draining, serving):
+            server.models.UploadModel(upload_requests(ADDER, onnx_models.add_two()), timeout=120)
+        wait_until(lambda: envoy.stat("cluster.mds_websocket.membership_healthy") == 2, what="both servers healthy")
+        health = f"http://127.0.0.1:{draining.websocket_port}/health"
+        answer = requests.get(health, timeout=10)
+        assert (answer.status_code, answer.text) == (200, "SERVING\n")
+
+        async def drain():
+            async with connect(f"ws://127.0.0.1:{draining.websocket_port}{PATH}") as ws:
+                draining.process.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(
+                    wait_until, lambda: requests.get(health, timeout=10).status_code == 503, what="503 from /health"
+                )
+                await ws.send(json_request(1))  # an open connection is served through the drain
+                return parsed([await ws.recv()])
+
+        assert z_of(asyncio.run(drain())[0]) == [2.0]
+        assert requests.get(health, timeout=10).text == "NOT_SERVING\n"
+        wait_until(lambda: envoy.stat("cluster.mds_websocket.membership_healthy") == 1, what="Envoy to see the drain")
+        for i in range(10):
+            _, replies = asyncio.run(exchange(f"ws://127.0.0.1:{envoy.port}{PATH}", [json_request(i)]))
+            assert z_of(parsed(replies)[0]) == [i + 1.0]
+        wait_until(lambda: len(access_lines(serving)) == 10, what="10 access lines")
+        wait_until(lambda: len(access_lines(draining)) == 1, what="the open connection's access line")
+    finally:
+        envoy.stop()
+        assert serving.stop() == 0
+        assert draining.stop(signal.SIGINT) == 0  # no drain, or the end of one

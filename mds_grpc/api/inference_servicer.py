@@ -1,7 +1,8 @@
 """mds.v1.InferenceService: converts and delegates to the inference engine."""
 
+import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -96,20 +97,26 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     async def stream(
         self, requests: AsyncIterable[pb.PredictRequest | MdsError], deadline: Callable[[], float | None]
-    ) -> AsyncIterator[pb.PredictStreamResponse]:
+    ) -> AsyncGenerator[pb.PredictStreamResponse, None]:
         """PredictStream's replies, whatever carries it: in request order, each request's failure in its reply.
 
         An MdsError in place of a request (one the front door could not read) is that request's failure.
-        `deadline()` is asked as each request is read (a time.monotonic() value, or None).
+        `deadline()` is asked as each request is read, before it waits for an in-flight slot (a
+        time.monotonic() value, or None).
         """
+
+        async def with_deadlines() -> AsyncIterator[tuple[pb.PredictRequest | MdsError, float | None]]:
+            async for request in requests:
+                yield request, deadline()
+
         count = errors = 0
+        replies = in_order(with_deadlines(), lambda item: self._stream_item(*item), self.stream_max_in_flight)
         try:
-            async for reply in in_order(
-                requests, lambda r: self._stream_item(r, deadline()), self.stream_max_in_flight
-            ):
-                count += 1
-                errors += reply.HasField("error")
-                yield reply
+            async with contextlib.aclosing(replies):  # closing this stream stops its requests at once
+                async for reply in replies:
+                    count += 1
+                    errors += reply.HasField("error")
+                    yield reply
         finally:
             annotate(messages=count, errors=errors)
 

@@ -1,7 +1,7 @@
 """Bidirectional streams of independent requests: bounded concurrency, replies in request order."""
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import TypeVar
 
 Request = TypeVar("Request")
@@ -10,7 +10,7 @@ Reply = TypeVar("Reply")
 
 async def in_order(
     requests: AsyncIterable[Request], handle: Callable[[Request], Awaitable[Reply]], max_in_flight: int
-) -> AsyncIterator[Reply]:
+) -> AsyncGenerator[Reply, None]:
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
 
     A request counts until its reply is taken, so no more than `max_in_flight` are read ahead of

@@ -4,18 +4,22 @@ Each frame carries one message: a text frame a PredictRequest in proto JSON, a b
 protobuf. Replies are PredictStreamResponses, in request order: proto JSON unless the client chose the
 `mds.v1.proto` subprotocol. A connection that cannot be served (no valid API key, a bad `timeout`)
 closes with code 4000 + the gRPC status code and the message as reason (see docs/websocket.md).
+GET /health on the same port answers what gRPC health says of the server: 200, or 503 (draining, a backend down).
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2
 from websockets import ConnectionClosed, ConnectionClosedOK, Subprotocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -34,6 +38,12 @@ KEY_PROTOCOL = "mds.v1.bearer."  # browsers cannot set headers: the key may come
 METHOD = "/mds.v1.InferenceService/PredictStream"  # its scope, its access-log and metrics name
 CLOSE_STATUS_BASE = 4000  # a connection refused with gRPC status code c closes with 4000 + c
 MAX_REASON_BYTES = 123  # what a close frame holds
+MAX_JSON_CHARS = 4 * 2**20  # proto JSON is parsed in pure Python: big tensors belong in binary frames
+# Up to this size (characters of a request's JSON, bytes of a reply's protobuf), JSON is converted on the event
+# loop (about 1 ms here, a hop to a thread 0.1 to 0.3 ms); beyond it, in a thread, so gRPC calls go on meanwhile.
+INLINE_JSON_CHARS = 2**11
+CLOSE_SECONDS = 2.0  # how long a closing connection waits for the client's close frame
+HEALTH_PATH = "/health"
 log = logging.getLogger("mds.websocket")
 log.setLevel(logging.WARNING)  # the library logs each connection at INFO; the access log has them
 
@@ -77,20 +87,46 @@ def decode(frame: str | bytes, number: int) -> pb.PredictRequest | MdsError:
         return InvalidArgument(f"message {number} is not a PredictRequest in {kind}: {error}")
 
 
-def encoder(subprotocol: str | None) -> Callable[[pb.PredictStreamResponse], str | bytes]:
-    if subprotocol == PROTO:
-        return pb.PredictStreamResponse.SerializeToString
-    return lambda reply: json_format.MessageToJson(reply, indent=None)
+async def read(frame: str | bytes, number: int) -> pb.PredictRequest | MdsError:
+    """decode(), with big JSON off the event loop and JSON over MAX_JSON_CHARS refused."""
+    if isinstance(frame, bytes) or len(frame) <= INLINE_JSON_CHARS:
+        return decode(frame, number)
+    if len(frame) > MAX_JSON_CHARS:
+        return InvalidArgument(
+            f"message {number} is {len(frame)} characters of proto JSON; a text frame holds at most {MAX_JSON_CHARS} "
+            "characters (4 MiB): send big tensors as protobuf in binary frames (subprotocol mds.v1.proto)"
+        )
+    return await asyncio.to_thread(decode, frame, number)
+
+
+def encoder(subprotocol: str | None) -> Callable[[pb.PredictStreamResponse], Awaitable[str | bytes]]:
+    """The frame of a reply: protobuf with mds.v1.proto, else proto JSON (off the event loop when big)."""
+
+    async def encode(reply: pb.PredictStreamResponse) -> str | bytes:
+        if subprotocol == PROTO:
+            return reply.SerializeToString()
+        if reply.ByteSize() <= INLINE_JSON_CHARS:
+            return json_format.MessageToJson(reply, indent=None)
+        return await asyncio.to_thread(json_format.MessageToJson, reply, indent=None)
+
+    return encode
 
 
 class PredictionSocket:
-    """The WebSocket front door of PredictStream; `guard` (None: auth off) checks each connection's key."""
+    """The WebSocket front door of PredictStream; `guard` (None: auth off) checks each connection's key,
+    `health` is the server's gRPC health, which GET /health reports."""
 
-    def __init__(self, servicer: InferenceServicer, guard: Guard | None, access: AccessLog):
-        self.servicer, self.guard, self.access = servicer, guard, access
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        guard: Guard | None,
+        access: AccessLog,
+        health: grpc_health.aio.HealthServicer,
+    ):
+        self.servicer, self.guard, self.access, self.health = servicer, guard, access, health
         self.stopping = asyncio.Event()
         self.server: Server | None = None
-        self.handlers: set[asyncio.Task] = set()
+        self.handlers: dict[asyncio.Task, ServerConnection] = {}
 
     async def start(self, host: str, port: int, max_message_bytes: int, tls: ssl.SSLContext | None, shared: bool):
         """Listen (with `shared`, on a port other serving processes share); exit with one line when it cannot."""
@@ -103,6 +139,8 @@ class PredictionSocket:
                 process_request=self.check_path,
                 compression=None,  # tensors barely compress, and it costs each frame CPU time
                 max_size=max_message_bytes,
+                max_queue=1,  # frames read ahead of the handler: in_order already keeps requests in flight
+                close_timeout=CLOSE_SECONDS,
                 ssl=tls,
                 reuse_port=shared,
                 logger=log,
@@ -121,24 +159,44 @@ class PredictionSocket:
         try:
             await asyncio.wait_for(self.server.wait_closed(), grace_seconds)
         except TimeoutError:  # requests still running after the grace period are cancelled, their replies dropped
-            await asyncio.gather(*(c.close(1001, "server shutting down") for c in self.server.connections))
             for handler in self.handlers:
-                handler.cancel()
-            await self.server.wait_closed()
+                handler.cancel()  # each then closes its connection with 1001
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), CLOSE_SECONDS)
+            except TimeoutError:  # a client that reads nothing cannot even take its close frame
+                for connection in self.handlers.values():
+                    connection.transport.abort()
+                await self.server.wait_closed()
 
-    @staticmethod
-    def check_path(connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != PATH:
+    async def check_path(self, connection: ServerConnection, request: Request) -> Response | None:
+        """404 but for PATH; GET /health: 200 while gRPC health says SERVING, else 503 (Envoy's health check)."""
+        path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
+            # Check needs a context only for a service it does not know; it always knows "" (the whole server).
+            status = (await self.health.Check(health_pb2.HealthCheckRequest(), None)).status  # type: ignore[arg-type]
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            return connection.respond(200 if status == health_pb2.HealthCheckResponse.SERVING else 503, f"{name}\n")
+        if path != PATH:
             return connection.respond(404, f"not found: WebSocket streaming is at {PATH}\n")
         return None
 
     async def handle(self, connection: ServerConnection) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None  # stop() cancels it after the grace period, or aborts its connection
+        self.handlers[handler] = connection
+        try:
+            await self.stream_predictions(connection)
+            if self.stopping.is_set():  # a no-op when closed already
+                await connection.close(1001, "server shutting down")
+        finally:
+            del self.handlers[handler]
+
+    async def stream_predictions(self, connection: ServerConnection) -> None:
+        """Stream the connection's predictions; one access line."""
         fields: dict = {"transport": "websocket"}
         call_record.start(fields)
         start, code = time.perf_counter(), "OK"
-        handler = asyncio.current_task()
-        assert handler is not None and connection.request is not None  # a task, after the handshake
-        self.handlers.add(handler)
+        assert connection.request is not None  # after the handshake
         try:
             timeout = request_timeout(connection.request)
             if self.guard is not None:
@@ -150,10 +208,10 @@ class PredictionSocket:
                 await self.guard.check(METHOD, key)
             encode = encoder(connection.subprotocol)
             deadline = (lambda: None) if timeout is None else (lambda: time.monotonic() + timeout)
-            async for reply in self.servicer.stream(self._requests(connection), deadline):
-                await connection.send(encode(reply))
-            if self.stopping.is_set():
-                await connection.close(1001, "server shutting down")
+            # Closed here, not by the garbage collector: its counts must reach the access line.
+            async with contextlib.aclosing(self.servicer.stream(self._requests(connection), deadline)) as replies:
+                async for reply in replies:
+                    await connection.send(await encode(reply))
         except (ConnectionClosed, asyncio.CancelledError):
             code = "CANCELLED"  # the client left before its last reply, or the server stopped waiting
         except Exception as error:
@@ -162,7 +220,6 @@ class PredictionSocket:
             reason = message.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
             await connection.close(CLOSE_STATUS_BASE + status.value[0], reason)
         finally:
-            self.handlers.discard(handler)
             call_record.finish(self.access, METHOD, fields, code, time.perf_counter() - start)
 
     async def _requests(self, connection: ServerConnection) -> AsyncIterator[pb.PredictRequest | MdsError]:
@@ -181,6 +238,6 @@ class PredictionSocket:
                 except ConnectionClosedOK:
                     return  # the client is done
                 number += 1
-                yield decode(frame, number)
+                yield await read(frame, number)
         finally:
             stopping.cancel()

@@ -219,7 +219,8 @@ static_resources:
       no_traffic_interval: 1s
       unhealthy_threshold: 1
       healthy_threshold: 1
-      tcp_health_check: {}
+      # GET /health on the WebSocket port: 503 while the server drains or a backend is down, like gRPC health
+      http_health_check: {path: /health}
     outlier_detection:
       split_external_local_origin_errors: true
       consecutive_local_origin_failure: 2
