@@ -241,7 +241,6 @@ def small_envoy(tmp_path_factory):
         mds_max_inputs=2,
         mds_max_rank=3,
         mds_max_model_files=2,
-        mds_job_commit_ms=0,  # each batch its own result
     )
     server.start()
     envoy = EnvoyProcess(server)
@@ -283,7 +282,8 @@ def test_rows_of_varying_shape_refuse_an_npy_download(small_envoy):
     envoy, _ = small_envoy
     requests.post(f"{envoy.url}/v1/models/outer:upload", data=onnx_models.outer_product(), headers=HEADER)
     rows = requests.post(f"{envoy.url}/v1/jobInputs:upload?input=x", data=npy(np.ones((10, 1), np.float32)))
-    for batch_rows, status in ((5, 200), (4, 400)):  # rows of 5 elements twice; of 4, 4, then 2 elements
+    # Batches of 5 rows of 5 elements twice; of 4 rows of 4 elements twice, then 2 of 2 (a result of its own).
+    for batch_rows, status in ((5, 200), (4, 400)):
         body = {"model": "outer", "inputId": rows.json()["id"], "batchRows": batch_rows}
         job = requests.post(f"{envoy.url}/v1/jobs", json=body).json()
         assert requests.get(f"{envoy.url}/v1/jobs/{job['id']}:watch").json()[-1]["state"] == "JOB_STATE_SUCCEEDED"

@@ -91,6 +91,8 @@ class JobRunner:
             except RunFailed as error:
                 raise _JobFailed(f"onnxruntime failed on rows {offset}-{offset + rows - 1}: {error}") from None
 
+        # (offset, outputs) of a batch whose rows differ in shape from the result before it
+        carried: tuple[int, list[np.ndarray]] | None = None
         while job.rows_done < job.rows_total:
             offset = end = job.rows_done
             batches: list[list[np.ndarray]] = []
@@ -100,10 +102,15 @@ class JobRunner:
             ):
                 rows = min(job.batch_rows, job.rows_total - end)
                 try:
-                    batches.append(run_batch(end, rows))
+                    outputs = carried[1] if carried is not None and carried[0] == end else run_batch(end, rows)
                 except _JobFailed as error:
                     failure = error  # the batches before it are still recorded
                     break
+                carried = None
+                if batches and [o.shape[1:] for o in outputs] != [o.shape[1:] for o in batches[0]]:
+                    carried = (end, outputs)  # one result holds rows of one shape: these start the next
+                    break
+                batches.append(outputs)
                 size += sum(output.nbytes for output in batches[-1])
                 end += rows
             if batches:
