@@ -132,9 +132,6 @@ class Settings:
         1000, "External-data side files one model upload may hold (besides its .onnx file); 0 allows none.", LIMITS
     )
     max_message_bytes: int = setting(64 * MiB, "Largest gRPC message in either direction, in bytes.", LIMITS)
-    stream_max_in_flight: int = setting(8, "Requests of one PredictStream worked on at once.", LIMITS)
-    max_inputs: int = setting(64, "Input tensors per request.", LIMITS)
-    max_rank: int = setting(16, "Dimensions per tensor.", LIMITS)
     grpc_stream_window_bytes: int = setting(
         4 * MiB,
         "Flow-control window per gRPC stream, in bytes: how much of an upload the server takes ahead of its "
@@ -144,6 +141,9 @@ class Settings:
         "1 GiB upload through Envoy, against 20 to 30 MiB at 4 MiB; see docs/rest.md#memory).",
         LIMITS,
     )
+    stream_max_in_flight: int = setting(8, "Requests of one PredictStream worked on at once.", LIMITS)
+    max_inputs: int = setting(64, "Input tensors per request.", LIMITS)
+    max_rank: int = setting(16, "Dimensions per tensor.", LIMITS)
     max_elements: int = setting(
         1 << 28, "Elements per request (all tensors together), and the largest dimension.", LIMITS
     )
@@ -270,8 +270,8 @@ def load_settings(**overrides) -> Settings:
     for name in AT_LEAST_ONE:
         if getattr(settings, name) < 1:
             raise SystemExit(f"error: {env_name(name)} must be at least 1, got {getattr(settings, name)}")
-    return settings
     if settings.grpc_stream_window_bytes < 0:
         raise SystemExit(
             f"error: MDS_GRPC_STREAM_WINDOW_BYTES must be 0 or more, got {settings.grpc_stream_window_bytes}"
         )
+    return settings

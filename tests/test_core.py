@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.model_cache import LoadedModel
 from mds_grpc.core.records import BatchingPolicy, StoredFile
 from mds_grpc.core.runtime import OnnxSession
+from mds_grpc.core.to_the_end import to_the_end
 from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.server import build_core
 
@@ -168,3 +170,20 @@ def test_job_result_files_keep_every_dtype(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(loaded, outputs, strict=True))
     np.savez(tmp_path / "legacy.npz", outputs[0])  # as written before files named their dtypes
     assert result_files.load(tmp_path / "legacy.npz", 1)[0].dtype == dtypes.BY_NAME["BF16"].numpy
+
+
+async def test_a_cleanup_waiting_for_a_thread_survives_repeated_cancellation():
+    """A handler cancelled (again) while its cleanup waits for a busy thread pool still cleans up."""
+    loop = asyncio.get_running_loop()
+    pool, busy, cleaned = ThreadPoolExecutor(1), threading.Event(), threading.Event()
+    pool.submit(busy.wait, 30)  # the cleanup below queues behind this
+
+    task = asyncio.ensure_future(to_the_end(loop.run_in_executor(pool, cleaned.set)))
+    for _ in range(2):
+        await asyncio.sleep(0)  # let the task reach its await
+        task.cancel()
+    busy.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned.is_set()  # a plain `await` would have cancelled the queued cleanup before it ran
+    pool.shutdown()

@@ -25,6 +25,7 @@ from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
+from mds_grpc.core.to_the_end import to_the_end
 from mds_grpc.core.uploads import sha256_of
 
 
@@ -205,7 +206,7 @@ class JobManager:
             for spec in specs:
                 writer.add(spec)
             async for chunk in chunks:
-                await asyncio.to_thread(writer.write, chunk)
+                await to_the_end(asyncio.to_thread(writer.write, chunk))
 
         return await self._store_input(fill)
 
@@ -214,7 +215,7 @@ class JobManager:
 
         async def fill(writer: _InputWriter) -> None:
             async for spec, data in parts:
-                await asyncio.to_thread(writer.append, spec, data)
+                await to_the_end(asyncio.to_thread(writer.append, spec, data))
 
         return await self._store_input(fill)
 
@@ -224,8 +225,8 @@ class JobManager:
         writer = _InputWriter(folder, self.limits)
         try:
             await fill(writer)
-            columns = await asyncio.to_thread(writer.finish)
-            hashes = [await asyncio.to_thread(sha256_of, path) for _, path in columns]
+            columns = await to_the_end(asyncio.to_thread(writer.finish))
+            hashes = [await to_the_end(asyncio.to_thread(sha256_of, path)) for _, path in columns]
             record = JobInputRecord(
                 uuid.uuid4().hex,
                 writer.rows,
@@ -239,18 +240,20 @@ class JobManager:
                 (sha256, partial(self.storage.blobs.put_file, path, sha256))
                 for (_, path), sha256 in zip(columns, hashes, strict=True)
             ]
-            await asyncio.to_thread(
-                store_and_record,
-                self.storage.metadata,
-                self.storage.blobs,
-                writes,
-                partial(self.storage.jobs.create_input, record),
-                jobs=self.storage.jobs,
+            await to_the_end(
+                asyncio.to_thread(
+                    store_and_record,
+                    self.storage.metadata,
+                    self.storage.blobs,
+                    writes,
+                    partial(self.storage.jobs.create_input, record),
+                    jobs=self.storage.jobs,
+                )
             )
             return record
         finally:
-            writer.close()
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+            writer.close()  # the writes above have ended: a cancellation waits for the thread it interrupts
+            await to_the_end(asyncio.to_thread(shutil.rmtree, folder, True))
 
     async def create(
         self,

@@ -119,11 +119,17 @@ class ModelCache:
         return await asyncio.shield(task)
 
     async def _load(self, record: ModelRecord) -> LoadedModel:
+        deleted = NotFound(f"model {record.name!r} version {record.version} was deleted")
         try:
             folder = await asyncio.to_thread(self._materialize, record)
         except FileNotFoundError:
-            raise NotFound(f"model {record.name!r} version {record.version} was deleted") from None
-        session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads)
+            raise deleted from None
+        try:
+            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads)
+        except Exception:
+            if not (folder / MAIN_FILE).exists():  # a delete removed the folder while it was loading
+                raise deleted from None
+            raise
         return self.put(record, session)
 
     def _materialize(self, record: ModelRecord) -> Path:

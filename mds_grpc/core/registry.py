@@ -14,6 +14,7 @@ from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.stores import BlobStore, MetadataStore
+from mds_grpc.core.to_the_end import to_the_end
 from mds_grpc.core.uploads import MAX_SIDE_FILES, StagedUpload, UploadHeader, receive
 
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
@@ -87,7 +88,7 @@ class ModelRegistry:
             return await asyncio.shield(publishing)
         finally:
             if not handed_over:
-                await asyncio.to_thread(staging.cleanup)
+                await to_the_end(asyncio.to_thread(staging.cleanup))
 
     async def _publish_and_warm(self, staging: StagedUpload, draft: ModelRecord, session) -> ModelRecord:
         try:

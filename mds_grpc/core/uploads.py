@@ -14,6 +14,7 @@ from typing import BinaryIO
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
 from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, StoredFile
 from mds_grpc.core.stores import BlobUpload
+from mds_grpc.core.to_the_end import to_the_end
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9._-]{1,255}")  # 255: the longest file name Linux allows
@@ -214,15 +215,9 @@ async def receive(
 
     An UploadHeader among the parts completes the staging's header (StagedUpload.complete).
     """
-    pending: asyncio.Future | None = None
-    try:
-        async for part in parts:
-            if isinstance(part, UploadHeader):
-                staging.complete(part)
-                continue
-            pending = asyncio.ensure_future(asyncio.to_thread(staging.write, *part))
-            await asyncio.shield(pending)
-        return await asyncio.to_thread(staging.finish)
-    finally:
-        if pending is not None and not pending.done():
-            await asyncio.wait([pending])
+    async for part in parts:
+        if isinstance(part, UploadHeader):
+            staging.complete(part)
+            continue
+        await to_the_end(asyncio.to_thread(staging.write, *part))
+    return await to_the_end(asyncio.to_thread(staging.finish))
