@@ -67,9 +67,9 @@ def serve_processes(settings: Settings) -> None:
         reason = str(stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)  # already stopping
-    for child in children:
-        if child.is_alive():
-            child.terminate()  # SIGTERM: each drains its in-flight RPCs
+    terminated = [child for child in children if child.is_alive()]
+    for child in terminated:
+        child.terminate()  # SIGTERM: each drains its in-flight RPCs
     for child in children:
         if child.pid is not None:  # started
             child.join(settings.shutdown_grace_seconds + 30)
@@ -78,5 +78,7 @@ def serve_processes(settings: Settings) -> None:
                 child.join()
     codes = {c.name: c.exitcode for c in children}
     log.info("stopped", extra={"reason": reason, "exit_codes": codes})
-    if reason.startswith("a serving") or any(codes.values()):
+    # A process told to stop while still starting, before its signal handlers, ends by the signal: a clean stop.
+    failed = [c for c in children if c.exitcode and not (c in terminated and c.exitcode == -signal.SIGTERM)]
+    if reason.startswith("a serving") or failed:
         raise SystemExit(f"error: {reason}; exit codes {codes}")

@@ -157,8 +157,8 @@ class ServerProcess:
         self.websocket_port = int(self.env["MDS_WEBSOCKET_PORT"])
         self.process: subprocess.Popen | None = None
 
-    def start(self, with_worker: bool = True) -> "ServerProcess":
-        """Start the server (again); on Redis, with a `mds worker` of its own unless `with_worker` is off."""
+    def launch(self) -> None:
+        """Start `mds serve` without waiting for it to answer."""
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         self.stdout = open(self.root / "stdout.log", "ab")
@@ -180,6 +180,10 @@ class ServerProcess:
             stdout=self.stdout,
             stderr=subprocess.STDOUT,
         )
+
+    def start(self, with_worker: bool = True) -> "ServerProcess":
+        """Start the server (again); on Redis, with a `mds worker` of its own unless `with_worker` is off."""
+        self.launch()
         self.channel = (
             grpc.secure_channel(self.address, self.credentials)
             if self.credentials

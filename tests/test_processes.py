@@ -57,3 +57,14 @@ def test_when_one_process_dies_the_others_stop_and_the_supervisor_fails(tmp_path
     server.stdout.close()
     assert not Path(f"/proc/{second}").exists()
     assert "a serving process exited" in (server.log_dir / "mds.log").read_text()
+
+
+def test_a_stop_while_the_processes_are_still_starting_is_clean(tmp_path):
+    """SIGTERM as soon as the serving processes exist, before they install handlers of their own: exit 0."""
+    server = ServerProcess(tmp_path, mds_processes=2)
+    server.launch()
+    log = server.log_dir / "mds.log"
+    wait_until(lambda: log.exists() and "serving processes started" in log.read_text(), what="the processes to start")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    server.stdout.close()
