@@ -3,11 +3,13 @@
 `python bench/http_upload_memory.py [--s3] [--single-mib 300]` uploads (1) the 1 GiB external-data model of
 workload (d) (models.big_model) as multipart/form-data with `curl -F`, and (2) a single-file model of
 --single-mib MiB as a plain body with `curl --data-binary`, and prints a Markdown table: each process's peak
-RSS (VmHWM, reset before each upload) minus its RSS just before. --s3 stores on MinIO + FerretDB
-(scripts/services.sh) instead of the embedded default.
+RSS (VmHWM, reset before each upload) minus its RSS just before, and the peak RSS of the helper process that
+checked the model, if one did (from the server's log). --s3 stores on MinIO + FerretDB (scripts/services.sh)
+instead of the embedded default.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -53,8 +55,15 @@ def wait_for(url: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def measure(pids: dict[str, int], curl: list[str]) -> dict[str, float]:
-    """Run curl; each process's peak RSS growth in MiB, and the seconds it took."""
+def helper_peaks(log: Path) -> list[float]:
+    """Peak RSS, in MiB, of each helper process that checked a model so far."""
+    lines = map(json.loads, log.read_text().splitlines()) if log.exists() else []
+    return [line["peak_rss_mib"] for line in lines if line["message"] == "helper process ended"]
+
+
+def measure(pids: dict[str, int], curl: list[str], log: Path) -> dict[str, float]:
+    """Run curl; each process's peak RSS growth in MiB, the helper's peak RSS (0: none) and the seconds it took."""
+    helpers = len(helper_peaks(log))
     before = {name: memory_kib(pid, "VmRSS") for name, pid in pids.items()}
     for pid in pids.values():
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
@@ -64,7 +73,7 @@ def measure(pids: dict[str, int], curl: list[str]) -> dict[str, float]:
     if reply.returncode != 0:
         raise SystemExit(f"error: upload failed: {reply.stdout} {reply.stderr}")
     growth = {name: (memory_kib(pid, "VmHWM") - before[name]) / 1024 for name, pid in pids.items()}
-    return {**growth, "seconds": seconds}
+    return {**growth, "helper": max(helper_peaks(log)[helpers:], default=0), "seconds": seconds}
 
 
 def main() -> None:
@@ -84,7 +93,8 @@ def main() -> None:
     grpc_port, http_port = free_port(), free_port()
     log = open(work / "processes.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(grpc_port), "--data-dir", str(work / "data")],
+        [sys.executable, "-m", "mds_grpc", "serve", "--grpc-port", str(grpc_port), "--data-dir", str(work / "data")]
+        + ["--log-dir", str(work / "logs")],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -109,6 +119,7 @@ def main() -> None:
                     pids,
                     ["-F", f"model=@{big}", "-F", f"{models.BIG_DATA}=@{big.parent / models.BIG_DATA}"]
                     + [f"{url}/v1/models/big:upload"],
+                    work / "logs" / "mds.log",
                 ),
             ),
             (
@@ -118,6 +129,7 @@ def main() -> None:
                     pids,
                     ["--data-binary", f"@{single}", "-H", "Content-Type: application/octet-stream"]
                     + [f"{url}/v1/models/single:upload"],
+                    work / "logs" / "mds.log",
                 ),
             ),
         ]
@@ -127,12 +139,12 @@ def main() -> None:
             process.wait(60)
     storage = "MinIO + FerretDB" if args.s3 else "embedded (local files + SQLite)"
     print(f"Storage: {storage}\n")
-    print("| upload | MiB | seconds | Envoy peak RSS growth MiB | server peak RSS growth MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| upload | MiB | seconds | Envoy peak RSS growth MiB | server peak RSS growth MiB | helper peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, size, figures in rows:
         print(
             f"| {name} | {size / 2**20:,.0f} | {figures['seconds']:.1f} | {figures['Envoy']:.0f} "
-            f"| {figures['server']:.0f} |"
+            f"| {figures['server']:.0f} | {figures['helper']:.0f} |"
         )
 
 

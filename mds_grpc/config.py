@@ -160,6 +160,19 @@ class Settings:
     ort_intra_op_threads: int = setting(
         0, "onnxruntime's intra-op threads per session; 0 lets onnxruntime decide.", INFERENCE
     )
+    validation_processes: int = setting(
+        1,
+        "Helper processes, per serving process, that may check uploaded models at once; further uploads wait "
+        "their turn. A model whose .onnx file is bigger than MDS_VALIDATION_IN_PROCESS_MAX_BYTES is checked in "
+        "a helper spawned for it, which takes about three times the file in memory and gives it back when it ends.",
+        INFERENCE,
+    )
+    validation_in_process_max_bytes: int = setting(
+        16 * MiB,
+        "Uploaded models whose .onnx file is at most this many bytes are checked in the serving process "
+        "(faster; it grows by about three times the file meanwhile); bigger ones in a helper process.",
+        INFERENCE,
+    )
     inline_run_max_us: int = setting(
         250,
         "Models whose recent runs average under this many microseconds run on "
@@ -218,6 +231,7 @@ AT_LEAST_ONE = (
     "max_job_batch_rows",
     "job_threads",
     "max_job_input_bytes",
+    "validation_processes",
 )
 RENAMED = {"workers": "processes", "job_workers": "job_threads"}  # old name: new name; the old one still works
 

@@ -51,6 +51,7 @@ from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.model_folder import register_folder
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
+from mds_grpc.core.validation import Validator
 from mds_grpc.logs import AccessLog
 from mds_grpc.storage import open_storage
 
@@ -126,6 +127,9 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         settings.max_model_bytes,
         settings.resolve_ttl_seconds,
         max_side_files=settings.max_model_files,
+        validator=Validator(
+            settings.validation_processes, settings.validation_in_process_max_bytes, settings.ort_intra_op_threads
+        ),
     )
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(

@@ -9,16 +9,17 @@ from pathlib import Path
 from mds_grpc.core.batching import check_policy
 from mds_grpc.core.errors import InvalidArgument, NotFound
 from mds_grpc.core.garbage import delete_if_possible, store_and_record
-from mds_grpc.core.inspection import inspect_model
 from mds_grpc.core.model_cache import LoadedModel, ModelCache
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.stores import BlobStore, MetadataStore
 from mds_grpc.core.to_the_end import to_the_end
 from mds_grpc.core.uploads import MAX_SIDE_FILES, StagedUpload, UploadHeader, receive
+from mds_grpc.core.validation import Validator
 
 # Models up to this size are warmed by their upload. Bigger ones are checked with a lean session and
-# loaded on first use, so an upload's memory stays flat whatever the model's size.
+# loaded on first use; so is any model checked in a helper process (see Validator), so an upload's
+# memory stays flat whatever the model's size.
 WARM_MAX_BYTES = 64 << 20
 
 
@@ -33,6 +34,7 @@ class ModelRegistry:
         resolve_ttl: float = 1.0,
         warm_max_bytes: int = WARM_MAX_BYTES,
         max_side_files: int = MAX_SIDE_FILES,
+        validator: Validator | None = None,
     ):
         self.metadata = metadata
         self.blobs = blobs
@@ -42,6 +44,7 @@ class ModelRegistry:
         self.resolve_ttl = resolve_ttl
         self.warm_max_bytes = warm_max_bytes
         self.max_side_files = max_side_files
+        self.validator = validator or Validator(intra_op_threads=cache.intra_op_threads)
 
     def sweep_local_copies(self) -> None:
         """Remove uploads a crash left behind and model folders of an earlier process (call before serving)."""
@@ -61,9 +64,7 @@ class ModelRegistry:
             header = staging.header
             side_files = {stored.path for stored in files[1:]}
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
-            session, info = await asyncio.to_thread(
-                inspect_model, staging.main_path, side_files, self.cache.intra_op_threads, warm
-            )
+            session, info = await self.validator.inspect(staging.main_path, side_files, warm)
             draft = ModelRecord(
                 name=header.name,
                 version=0,
