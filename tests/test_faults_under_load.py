@@ -189,16 +189,19 @@ def test_a_backend_restarted_under_load_loses_no_acknowledged_write(stack, victi
         load.wait(lambda: all(load.calls_since(back)[0][op] >= 3 for op in OPS), "every call to recover")
     assert [f for f in load.failed if f[1] != grpc.StatusCode.UNAVAILABLE] == [] and load.wrong == []
 
-    # Every acknowledged upload is listed, unchanged, its blob readable; no failed upload is listed.
+    # Every acknowledged upload is listed, unchanged. An upload answered UNAVAILABLE may be listed too, when
+    # the store applied its record but the reply was lost as the store stopped; every listed blob is whole.
     listed = listed_models(server)
-    assert set(listed) == {*load.uploaded, "dense"}
+    unacknowledged = set(listed) - {*load.uploaded, "dense"}
+    assert {*load.uploaded, "dense"} <= set(listed)
+    assert len(unacknowledged) <= sum(op == "upload" for op, _, _ in load.failed)
     storage = storage_of(server)
-    for name, (sha256, _) in load.uploaded.items():
-        if name != "adder":
-            assert listed[name] == (1, sha256)
-            copy = tmp_path / f"{name}.onnx"
-            storage.blobs.fetch_to(sha256, copy)
-            assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha256
+    for name, (version, sha256) in listed.items():
+        if name in load.uploaded and name != "adder":
+            assert (version, sha256) == (1, load.uploaded[name][0])
+        copy = tmp_path / f"{name}.onnx"
+        storage.blobs.fetch_to(sha256, copy)
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha256
     # Every acknowledged job completes, every row exactly once.
     for job_id, (output, want) in load.jobs.items():
         final = watch(server, job_id)[-1]
