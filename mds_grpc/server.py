@@ -11,6 +11,7 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dramatiq
 import grpc
@@ -37,7 +38,6 @@ from mds_grpc.api.job_servicer import JobServicer
 from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.api.rpc_wrapper import ServedServer
-from mds_grpc.api.websocket import PredictionSocket
 from mds_grpc.config import Settings
 from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.auth import Authenticator
@@ -54,6 +54,9 @@ from mds_grpc.core.stores import Storage
 from mds_grpc.core.validation import Validator
 from mds_grpc.logs import AccessLog
 from mds_grpc.storage import open_storage
+
+if TYPE_CHECKING:
+    from mds_grpc.api.websocket import PredictionSocket
 
 log = logging.getLogger("mds.server")
 SERVICES = tuple(
@@ -183,6 +186,27 @@ def websocket_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+async def start_websocket(
+    settings: Settings,
+    process: int | None,
+    inference: InferenceServicer,
+    guard: Guard | None,
+    access_log: AccessLog,
+    health_servicer: health.aio.HealthServicer,
+    tls: ssl.SSLContext | None,
+) -> "PredictionSocket | None":
+    """PredictStream over WebSocket when MDS_WEBSOCKET_PORT is set; the websockets package is imported only then."""
+    if not settings.websocket_port:
+        return None
+    from mds_grpc.api.websocket import PredictionSocket
+
+    websocket = PredictionSocket(inference, guard, access_log, health_servicer)
+    await websocket.start(
+        settings.grpc_host, settings.websocket_port, settings.max_message_bytes, tls, shared=process is not None
+    )
+    return websocket
+
+
 def stream_window(window_bytes: int) -> list[tuple[str, int]]:
     """gRPC options for a fixed flow-control window per stream (MDS_GRPC_STREAM_WINDOW_BYTES); none for 0."""
     return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes)] if window_bytes else []
@@ -306,7 +330,6 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     http_files_pb2_grpc.add_HttpUploadServiceServicer_to_server(HttpUploadServicer(core.registry, core.jobs), served)
     http_files_pb2_grpc.add_HttpDownloadServiceServicer_to_server(HttpDownloadServicer(core.jobs), served)
     health_servicer = health.aio.HealthServicer()
-    websocket = PredictionSocket(inference, guard, access_log, health_servicer)
     # The stubs ask for a whole server; registration only needs what ServedServer has.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)  # type: ignore[arg-type]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -322,14 +345,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
     await server.start()
-    if settings.websocket_port:
-        await websocket.start(
-            settings.grpc_host,
-            settings.websocket_port,
-            settings.max_message_bytes,
-            websocket_tls(settings) if credentials else None,
-            shared=process is not None,
-        )
+    tls = websocket_tls(settings) if credentials else None
+    websocket = await start_websocket(settings, process, inference, guard, access_log, health_servicer, tls)
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
     log.info(
         "serving",
@@ -354,7 +371,10 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         with contextlib.suppress(TimeoutError):  # a second signal ends the drain early
             await asyncio.wait_for(stop.wait(), settings.drain_seconds)
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    await asyncio.gather(server.stop(settings.shutdown_grace_seconds), websocket.stop(settings.shutdown_grace_seconds))
+    stopping = [server.stop(settings.shutdown_grace_seconds)]
+    if websocket is not None:
+        stopping.append(websocket.stop(settings.shutdown_grace_seconds))
+    await asyncio.gather(*stopping)
     if worker is not None:  # a job interrupted here resumes from its last batch at the next start
         await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))
     executor.shutdown(wait=True, cancel_futures=True)

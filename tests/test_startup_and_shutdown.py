@@ -81,3 +81,24 @@ def test_sigterm_drains_while_health_says_not_serving(tmp_path, unique):
     assert server.process.wait(60) == 0
     server.stdout.close()
     server.channel.close()
+
+
+def test_the_embedded_default_imports_no_client_it_does_not_use(tmp_path):
+    """Without MDS_MONGO_URI, MDS_S3_ENDPOINT and MDS_REDIS_URL, and with MDS_WEBSOCKET_PORT=0, `mds serve`'s
+    modules and its core import neither those stores' clients nor websockets, nor onnx (only uploads need it):
+    a restart does not pay for them."""
+    check = (
+        "import sys\n"
+        "from mds_grpc import cli, processes, server\n"
+        "from mds_grpc.config import load_settings\n"
+        "server.build_core(load_settings())\n"
+        "unused = {'pymongo', 'minio', 'redis', 'dramatiq.brokers.redis', 'websockets', 'onnx'}\n"
+        "print(sorted(unused & set(sys.modules)))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDS_")}
+    env |= {"MDS_DATA_DIR": str(tmp_path / "data"), "MDS_WEBSOCKET_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", check], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

@@ -15,12 +15,14 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mds_grpc.core.errors import MdsError, ResourceExhausted
-from mds_grpc.core.inspection import ModelInfo, inspect_model
 from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.core.to_the_end import to_the_end
+
+if TYPE_CHECKING:
+    from mds_grpc.core.inspection import ModelInfo
 
 log = logging.getLogger("mds.validation")
 
@@ -44,10 +46,10 @@ class Validator:
         self._slots = asyncio.Semaphore(processes)
         self._context = multiprocessing.get_context("spawn")
 
-    async def inspect(self, path: Path, side_files: set[str], serve: bool) -> tuple[OnnxSession | None, ModelInfo]:
+    async def inspect(self, path: Path, side_files: set[str], serve: bool) -> tuple[OnnxSession | None, "ModelInfo"]:
         """As inspect_model; a model checked in a helper comes without a session (it loads on first use)."""
         if path.stat().st_size <= self.in_process_max_bytes:
-            return await asyncio.to_thread(inspect_model, path, side_files, self.intra_op_threads, serve)
+            return await asyncio.to_thread(_inspect, path, side_files, self.intra_op_threads, serve)
         return None, await self.run(_check, path, side_files, self.intra_op_threads)
 
     async def run(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -137,5 +139,13 @@ def _serve(sender: Connection, function: Callable[..., Any], args: tuple) -> Non
     sender.close()
 
 
-def _check(path: Path, side_files: set[str], intra_op_threads: int) -> ModelInfo:
-    return inspect_model(path, side_files, intra_op_threads, serve=False)[1]
+def _inspect(path: Path, side_files: set[str], intra_op_threads: int, serve: bool) -> tuple[OnnxSession, "ModelInfo"]:
+    """inspect_model, imported on the first check: it needs the onnx package (about 0.2 s to import), which
+    serving alone does not, so a server starts without it."""
+    from mds_grpc.core.inspection import inspect_model
+
+    return inspect_model(path, side_files, intra_op_threads, serve)
+
+
+def _check(path: Path, side_files: set[str], intra_op_threads: int) -> "ModelInfo":
+    return _inspect(path, side_files, intra_op_threads, serve=False)[1]
