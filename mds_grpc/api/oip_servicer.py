@@ -1,7 +1,6 @@
 """inference.GRPCInferenceService (Open Inference Protocol, V2): converts and delegates to the core."""
 
 from collections.abc import Awaitable, Callable
-from importlib.metadata import version as package_version
 
 import numpy as np
 
@@ -50,7 +49,9 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="mds", version=package_version("mds"), extensions=[])
+        from importlib.metadata import version  # about 40 ms to import: paid here, not by every start
+
+        return pb.ServerMetadataResponse(name="mds", version=version("mds"), extensions=[])
 
     async def ModelMetadata(self, request, context):
         record = await self.registry.get(request.name, await self._version(request.name, request.version))
