@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import random
 import threading
 import uuid
 
@@ -9,7 +10,7 @@ import pytest
 
 from mds_grpc.core.errors import Unavailable
 from mds_grpc.storage.local_blobs import LocalBlobStore
-from mds_grpc.storage.s3_blobs import S3BlobStore
+from mds_grpc.storage.s3_blobs import PART_BYTES, S3BlobStore
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -83,6 +84,28 @@ def test_s3_streaming_upload_commits_under_its_hash_or_leaves_nothing(services, 
     assert stream().commit(sha) is False  # already there: content-addressed
     objects = [o.object_name for o in store.client.list_objects(store.bucket, recursive=True)]
     assert objects == [f"sha256/{sha}"]
+    store.fetch_to(sha, tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == data
+
+
+def test_s3_streaming_upload_of_several_parts(services, tmp_path):
+    """A file of three parts arrives whole; one abandoned after a part was sent leaves no object."""
+    store = S3BlobStore(
+        services["MDS_S3_ENDPOINT"],
+        services["MDS_S3_ACCESS_KEY"],
+        services["MDS_S3_SECRET_KEY"],
+        bucket="test-" + uuid.uuid4().hex[:12],
+    )
+    data = random.Random(0).randbytes(2 * PART_BYTES + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    abandoned = store.open_upload()
+    abandoned.write(data[: PART_BYTES + 1])
+    abandoned.abort()
+    upload = store.open_upload()
+    for offset in range(0, len(data), 3 << 20):  # pieces that straddle the parts' boundaries
+        upload.write(data[offset : offset + (3 << 20)])
+    assert upload.commit(sha) is True
+    assert [o.object_name for o in store.client.list_objects(store.bucket, recursive=True)] == [f"sha256/{sha}"]
     store.fetch_to(sha, tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
 
