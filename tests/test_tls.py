@@ -119,14 +119,19 @@ def test_tls_serves_only_tls_clients(pki, tmp_path):
         assert server.stop() == 0
 
 
-def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, tmp_path):
-    server = ServerProcess(
+def mutual_tls_server(pki, tmp_path) -> ServerProcess:
+    """A server with TLS that requires client certificates signed by the test CA."""
+    return ServerProcess(
         tmp_path,
         credentials(pki, True),
         mds_tls_cert_file=pki / "server.pem",
         mds_tls_key_file=pki / "server.key",
         mds_tls_client_ca_file=pki / "ca.pem",
     ).start()
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, tmp_path):
+    server = mutual_tls_server(pki, tmp_path)
     try:
         assert list(server.models.ListModels(model_service_pb2.ListModelsRequest()).models) == []
         anonymous = grpc.secure_channel(server.address, credentials(pki, False))
@@ -159,13 +164,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, tmp_path):
 
 
 def test_the_websocket_port_serves_the_same_tls_and_client_certificates(pki, tmp_path):
-    server = ServerProcess(
-        tmp_path,
-        credentials(pki, True),
-        mds_tls_cert_file=pki / "server.pem",
-        mds_tls_key_file=pki / "server.key",
-        mds_tls_client_ca_file=pki / "ca.pem",
-    ).start()
+    server = mutual_tls_server(pki, tmp_path)
     url = f"wss://localhost:{server.websocket_port}/v1/predictions:ws"
 
     async def predict(context: ssl.SSLContext) -> pb.PredictStreamResponse:
