@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format
 
-from mds_grpc.client import Client, JobState, MdsError
+from mds_grpc.client import Client, JobState, MdsError, Placement
 from mds_grpc.config import RENAMED, Settings, env_name, load_settings, parse, warn_renamed
 
 
@@ -128,6 +128,12 @@ def _upload(args) -> None:
             metadata=metadata,
             max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
+            placement=Placement(
+                execution_providers=[name for name in args.providers.split(",") if name],
+                device_id=args.device_id,
+                tensorrt_fp16=args.tensorrt_fp16,
+                device_memory_bytes=args.device_memory_bytes,
+            ),
             progress=bar,
         )
     _print_message(model)
@@ -366,6 +372,17 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="dynamic batching: how long a batch waits for more requests, in µs",
+    )
+    upload.add_argument(
+        "--providers",
+        default="",
+        metavar="NAME,...",
+        help="execution providers, preferred first: tensorrt, cuda, cpu (default: the server's)",
+    )
+    upload.add_argument("--device-id", type=int, default=0, help="the GPU of the cuda and tensorrt providers")
+    upload.add_argument("--tensorrt-fp16", action="store_true", help="let TensorRT build FP16 kernels")
+    upload.add_argument(
+        "--device-memory-bytes", type=int, default=0, help="the session's device memory limit (default: the server's)"
     )
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
     upload.set_defaults(run=_upload)

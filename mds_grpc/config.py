@@ -39,6 +39,11 @@ LIMITS = Group(
     "before anything is allocated.",
 )
 INFERENCE = Group("Inference", "How models are loaded and run.")
+GPUS = Group(
+    "GPUs",
+    "Where models run. GPUs need onnxruntime-gpu (`MDS_GPU=1 make run`) on a CUDA machine; see docs/gpu.md. "
+    "A version can ask for its own providers at upload (ModelHeader.placement).",
+)
 JOBS = Group(
     "Jobs",
     "Bulk jobs run in `mds serve` itself or, with MDS_REDIS_URL, in `mds worker` processes "
@@ -154,6 +159,13 @@ class Settings:
         "Loaded onnxruntime sessions are kept in an LRU bounded by the sum of their model file sizes, in bytes.",
         INFERENCE,
     )
+    preload_models: bool = setting(
+        True,
+        "`mds serve` records the versions loaded, most recently used first, in MDS_DATA_DIR/loaded-models.json; at "
+        "start it serves at once and loads them again in the background, in that order, up to "
+        "MDS_MODEL_CACHE_BYTES. false: nothing is recorded, and each version loads on its first request.",
+        INFERENCE,
+    )
     inference_threads: int = setting(
         os.cpu_count() or 2, "Threads that run onnxruntime.", INFERENCE, shown="the number of CPUs"
     )
@@ -192,6 +204,26 @@ class Settings:
         INFERENCE,
     )
     model_name: str = setting("", "Serve the only model of MDS_MODEL_DIR under this name instead.", INFERENCE)
+
+    execution_providers: str = setting(
+        "cpu",
+        "onnxruntime execution providers for versions uploaded without their own, preferred first, among "
+        "tensorrt, cuda and cpu (e.g. cuda,cpu). A node the first cannot run goes to the next; a model only "
+        "falls back to the CPU when cpu is listed. Providers this server lacks are skipped, with a warning.",
+        GPUS,
+    )
+    gpu_memory_bytes: int = setting(
+        16 * GiB,
+        "Device memory that model sessions may hold on each GPU, in bytes: the sum of their limits stays under "
+        "it, evicting that GPU's least recently used session first.",
+        GPUS,
+    )
+    gpu_session_memory_bytes: int = setting(
+        4 * GiB,
+        "The most device memory one session may hold, in bytes (onnxruntime's CUDA arena limit, grown only by "
+        "what runs ask for; TensorRT's workspace), unless its version sets its own.",
+        GPUS,
+    )
 
     redis_url: str = setting(
         "",
@@ -232,6 +264,8 @@ AT_LEAST_ONE = (
     "job_threads",
     "max_job_input_bytes",
     "validation_processes",
+    "gpu_memory_bytes",
+    "gpu_session_memory_bytes",
 )
 RENAMED = {"workers": "processes", "job_workers": "job_threads"}  # old name: new name; the old one still works
 
@@ -284,6 +318,11 @@ def load_settings(**overrides) -> Settings:
     for name in AT_LEAST_ONE:
         if getattr(settings, name) < 1:
             raise SystemExit(f"error: {env_name(name)} must be at least 1, got {getattr(settings, name)}")
+    if settings.gpu_session_memory_bytes > settings.gpu_memory_bytes:
+        raise SystemExit(
+            f"error: MDS_GPU_SESSION_MEMORY_BYTES ({settings.gpu_session_memory_bytes}) must not exceed "
+            f"MDS_GPU_MEMORY_BYTES ({settings.gpu_memory_bytes})"
+        )
     if settings.grpc_stream_window_bytes < 0:
         raise SystemExit(
             f"error: MDS_GRPC_STREAM_WINDOW_BYTES must be 0 or more, got {settings.grpc_stream_window_bytes}"

@@ -30,6 +30,10 @@ ALIAS_REQUESTS = Counter(
     "mds_alias_requests", "Requests through an alias, by the version they were routed to", ["model", "alias", "version"]
 )
 MODEL_CACHE = Counter("mds_model_cache_events", "Model cache lookups and changes", ["event"])
+DEVICE_SESSIONS = Gauge("mds_device_sessions", "Model sessions loaded on each GPU", ["device"])
+DEVICE_MEMORY = Gauge(
+    "mds_device_memory_bytes", "Device memory the sessions on each GPU may hold (the sum of their limits)", ["device"]
+)
 State = TypeVar("State", bound=str)  # a job state, labelled by its lower-case name
 JOBS = Gauge("mds_jobs", "Jobs by state, read from the job store at each scrape (queued: the queue's depth)", ["state"])
 
@@ -92,6 +96,35 @@ def watch_jobs(count: Callable[[State], int], states: tuple[State, ...]) -> None
 
     for state in states:
         JOBS.labels(state.lower()).set_function(partial(reading, state))
+
+
+def device_usage(device: int, sessions: int, memory_bytes: int) -> None:
+    DEVICE_SESSIONS.labels(str(device)).set(sessions)
+    DEVICE_MEMORY.labels(str(device)).set(memory_bytes)
+
+
+def watch_gpus() -> None:
+    """mds_gpu_utilization_ratio and mds_gpu_memory_used_bytes per GPU, read through NVML at each scrape;
+    nothing when nvidia-ml-py or a driver is missing."""
+    try:
+        import pynvml  # optional: installed with the GPU build
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no package, no driver, no device
+        return
+    utilization = Gauge("mds_gpu_utilization_ratio", "GPU busy time over the last sample period (NVML)", ["device"])
+    used = Gauge("mds_gpu_memory_used_bytes", "Device memory in use by every process (NVML)", ["device"])
+
+    def busy(handle) -> float:
+        return pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+
+    def memory(handle) -> float:
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+    for index, handle in enumerate(handles):
+        utilization.labels(str(index)).set_function(partial(busy, handle))
+        used.labels(str(index)).set_function(partial(memory, handle))
 
 
 def serve_metrics(host: str, port: int) -> None:

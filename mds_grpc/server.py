@@ -39,16 +39,18 @@ from mds_grpc.api.model_servicer import ModelServicer
 from mds_grpc.api.oip_servicer import OipServicer
 from mds_grpc.api.rpc_wrapper import ServedServer
 from mds_grpc.config import Settings
+from mds_grpc.core import runtime
 from mds_grpc.core.aliases import Aliases
 from mds_grpc.core.auth import Authenticator
-from mds_grpc.core.errors import MdsError
+from mds_grpc.core.errors import InvalidArgument, MdsError
 from mds_grpc.core.inference import InferenceEngine
 from mds_grpc.core.job_records import JobState
 from mds_grpc.core.job_runner import JobRunner
 from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.limits import JobLimits, TensorLimits
-from mds_grpc.core.model_cache import ModelCache
+from mds_grpc.core.model_cache import ModelCache, gather_orders, order_file
 from mds_grpc.core.model_folder import register_folder
+from mds_grpc.core.placement import Placer, parse_providers
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.core.validation import Validator
@@ -118,10 +120,36 @@ def build_core(settings: Settings, cache_folder: str = "models") -> Core:
         ) from None
 
 
+def make_placer(settings: Settings) -> Placer:
+    """This server's execution providers; exits with one line when it has none of MDS_EXECUTION_PROVIDERS."""
+    try:
+        wanted = parse_providers(settings.execution_providers)
+    except InvalidArgument as error:
+        raise SystemExit(f"error: MDS_EXECUTION_PROVIDERS={settings.execution_providers!r}: {error}") from None
+    available = runtime.available_providers()
+    missing = [name for name in wanted if name not in available]
+    if len(missing) == len(wanted):
+        raise SystemExit(
+            f"error: MDS_EXECUTION_PROVIDERS={settings.execution_providers!r} names no provider this server has "
+            f"({', '.join(available)}); GPUs need onnxruntime-gpu on a CUDA machine (docs/gpu.md)"
+        )
+    if missing:
+        log.warning(f"MDS_EXECUTION_PROVIDERS: this server has no {', '.join(missing)}; models run on the next listed")
+    return Placer(
+        wanted, available, settings.gpu_memory_bytes, settings.gpu_session_memory_bytes, settings.data_dir / "engines"
+    )
+
+
 def _build_core(settings: Settings, cache_folder: str) -> Core:
     data = settings.data_dir
     storage = open_storage(settings)
-    cache = ModelCache(storage.blobs, data / cache_folder, settings.model_cache_bytes, settings.ort_intra_op_threads)
+    cache = ModelCache(
+        storage.blobs,
+        data / cache_folder,
+        settings.model_cache_bytes,
+        settings.ort_intra_op_threads,
+        make_placer(settings),
+    )
     registry = ModelRegistry(
         storage.metadata,
         storage.blobs,
@@ -288,6 +316,12 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     if process is None:  # serving processes sharing a port: their supervisor checked it before starting them
         check_ports(settings)
     core = build_core(settings, "models" if process is None else f"models/process-{process}")
+    cache = core.registry.cache
+    if settings.preload_models:  # read before anything loads; several processes: their supervisor gathered
+        if process is None:
+            gather_orders(settings.data_dir)
+        cache.order_file = order_file(settings.data_dir, process)
+        cache.recall(order_file(settings.data_dir))
     if process is None:
         core.registry.sweep_local_copies()
         await register_model_dir(core.registry, settings)  # several processes: their supervisor did
@@ -348,6 +382,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     tls = websocket_tls(settings) if credentials else None
     websocket = await start_websocket(settings, process, inference, guard, access_log, health_servicer, tls)
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
+    preloading = asyncio.ensure_future(cache.preload(core.registry.get))  # already serving: in the background
     log.info(
         "serving",
         extra={
@@ -364,6 +399,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
 
     await stop.wait()
     watcher.cancel()
+    preloading.cancel()  # versions it has not come to stay recorded
     await health_servicer.enter_graceful_shutdown()  # NOT_SERVING at once: balancers stop sending
     if stop_signals == [signal.SIGTERM] and settings.drain_seconds > 0:  # a second signal already: no drain
         log.info("draining", extra={"drain_seconds": settings.drain_seconds})
@@ -375,6 +411,7 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     if websocket is not None:
         stopping.append(websocket.stop(settings.shutdown_grace_seconds))
     await asyncio.gather(*stopping)
+    cache.save_order()  # the order of use since the last load or eviction, for the next start
     if worker is not None:  # a job interrupted here resumes from its last batch at the next start
         await asyncio.to_thread(worker.stop, int(settings.shutdown_grace_seconds * 1000))
     executor.shutdown(wait=True, cancel_futures=True)

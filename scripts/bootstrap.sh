@@ -12,6 +12,7 @@ venv=${MDS_VENV:-$cache/venv}
 python=${PYTHON:-python3}
 extras=dev,rest
 [ "${1:-}" = "--test" ] && extras=test,lint
+[ "${MDS_GPU:-0}" = 1 ] && extras=$extras,gpu  # onnxruntime-gpu in place of onnxruntime (docs/gpu.md)
 
 mkdir -p "$cache"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -21,7 +22,18 @@ stamp="$venv/.mds-deps-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --upgrade pip
   "$venv/bin/pip" install --quiet -e "$repo[$extras]"
+  # onnxruntime and onnxruntime-gpu write the same files: keep one, and reinstall it whole.
+  if [[ $extras == *gpu ]]; then drop=onnxruntime keep=onnxruntime-gpu; else drop=onnxruntime-gpu keep=onnxruntime; fi
+  if "$venv/bin/pip" show --quiet "$drop" 2>/dev/null; then
+    "$venv/bin/pip" uninstall --quiet --yes "$drop"
+    pin=$(grep -o "\"$keep[^\"]*==[0-9.]*" "$repo/pyproject.toml" | head -1 | sed 's/^"//; s/\[.*\]//')
+    "$venv/bin/pip" install --quiet --force-reinstall --no-deps "$pin"
+  fi
   rm -f "$venv"/.mds-deps-*-"$extras"
+  for other in "$venv"/.mds-deps-*; do  # the other build's stamps no longer hold
+    [[ $other == *,gpu ]] && other_gpu=1 || other_gpu=0
+    [ "$other_gpu" = "${MDS_GPU:-0}" ] || rm -f "$other"
+  done
   touch "$stamp"
 fi
 # The package itself: re-pointed at this checkout when another one installed it. The check

@@ -214,13 +214,18 @@ class ServerProcess:
         return sorted((self.data_dir / "tmp").rglob("*"))
 
     def blobs(self) -> list[str]:
-        """The SHA-256 of every stored blob, in the local folder or the S3 bucket."""
+        """The SHA-256 of every stored blob, in the local folder or the S3 bucket (see storage/s3_blobs.py:
+        a linked upload counts as its hash); any other object, by the last part of its key."""
         if "MDS_S3_ENDPOINT" in self.env:
             client = Minio(
                 self.env["MDS_S3_ENDPOINT"], self.env["MDS_S3_ACCESS_KEY"], self.env["MDS_S3_SECRET_KEY"], secure=False
             )
+            keys = [o.object_name for o in client.list_objects(self.env["MDS_S3_BUCKET"], recursive=True)]
+            links = [key.split("/")[1:] for key in keys if key.startswith("links/")]
+            linked = {f"uploads/{upload}" for _, upload in links}
             return sorted(
-                o.object_name.rsplit("/", 1)[-1] for o in client.list_objects(self.env["MDS_S3_BUCKET"], recursive=True)
+                {sha256 for sha256, _ in links}
+                | {key.rsplit("/", 1)[-1] for key in keys if not key.startswith("links/") and key not in linked}
             )
         return sorted(p.name for p in (self.data_dir / "blobs").rglob("*") if p.is_file())
 
@@ -423,6 +428,20 @@ def chunked_input(x: np.ndarray, chunk_rows: int, name: str = "x"):
     for start in range(0, len(x), chunk_rows):
         chunk = job_service_pb2.JobInputChunk(inputs=[from_array(name, x[start : start + chunk_rows], raw=True)])
         yield job_service_pb2.UploadJobInputRequest(chunk=chunk)
+
+
+def serve_fails(tmp_path, env: dict[str, str], *flags: str) -> list[str]:
+    """The stderr lines of an `mds serve` that must fail at start."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mds_grpc", "serve", "--data-dir", str(tmp_path / "data"), *flags],
+        env={**os.environ, "MDS_LOG_DIR": str(tmp_path / "logs"), **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    return result.stderr.splitlines()
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition"):

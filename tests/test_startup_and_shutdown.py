@@ -1,7 +1,9 @@
 """`mds serve` as an orchestrator sees it: a start-up failure is one line and a non-zero exit; SIGTERM turns health
 NOT_SERVING at once and keeps serving for MDS_DRAIN_SECONDS (a second signal ends the drain), then exits 0."""
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,24 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import onnx_models
-from harness import ServerProcess, deploy, request, wait_until
-
-
-def serve_fails(tmp_path, env: dict[str, str], *flags: str) -> list[str]:
-    """The stderr lines of an `mds serve` that must fail at start."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mds_grpc", "serve", "--data-dir", str(tmp_path / "data"), *flags],
-        env={**os.environ, "MDS_LOG_DIR": str(tmp_path / "logs"), **env},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr
-    return result.stderr.splitlines()
+from harness import ONE, ServerProcess, deploy, outputs_of, request, serve_fails, storage_of, wait_until
+from local_machine import free_port
 
 
 @pytest.fixture
@@ -102,3 +92,63 @@ def test_the_embedded_default_imports_no_client_it_does_not_use(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def log_events(server: ServerProcess) -> list[dict]:
+    return [json.loads(line) for line in (server.log_dir / "mds.log").read_text().splitlines()]
+
+
+def cache_events(metrics_port: int) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    prefix = 'mds_model_cache_events_total{event="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_a_restart_loads_the_models_last_used_in_the_background_most_recent_first(tmp_path):
+    """The versions loaded at the last stop load again at start, most recently used first, before any request
+    asks; one deleted meanwhile is skipped without a word. Then a prediction is a cache hit."""
+    first = ServerProcess(tmp_path).start()
+    for scale, name in enumerate(("older", "newer", "dropped"), 1):
+        deploy(first, name, onnx_models.add_two(float(scale)))
+    for name in ("dropped", "newer", "older"):  # "older" is now the most recently used, "dropped" the least
+        first.inference.Predict(request(name, {"a": ONE, "b": ONE}), timeout=30)
+    assert first.stop() == 0
+    assert storage_of(first).metadata.delete("dropped", 1)  # deleted while no server runs
+    shutil.rmtree(first.log_dir)
+    metrics_port = free_port()
+    second = ServerProcess(tmp_path, mds_metrics_port=metrics_port).start()
+    try:
+        log = second.log_dir / "mds.log"
+        wait_until(lambda: "preloading done" in log.read_text(), what="the preloading to end")
+        events = log_events(second)
+        preloaded = [e["model"] for e in events if e["message"] == "model preloaded"]
+        assert preloaded == ["older", "newer"]
+        assert not [e for e in events if e["level"] in ("WARNING", "ERROR")], events
+        assert cache_events(metrics_port) == {"preload": 2}
+        reply = second.inference.Predict(request("newer", {"a": ONE, "b": ONE}), timeout=30)
+        assert outputs_of(reply)["z"].tolist() == [4.0]
+        assert cache_events(metrics_port) == {"preload": 2, "hit": 1}
+    finally:
+        assert second.stop() == 0
+    assert json.loads((second.data_dir / "loaded-models.json").read_text())["models"] == [
+        {"name": "newer", "version": 1},
+        {"name": "older", "version": 1},
+    ]
+
+
+def test_a_corrupt_record_of_loaded_models_is_ignored(tmp_path):
+    server = ServerProcess(tmp_path, mds_preload_models="on")
+    server.data_dir.mkdir(parents=True)
+    (server.data_dir / "loaded-models.json").write_bytes(b"\x00{garbage")
+    server.start()
+    try:
+        deploy(server, "adder", onnx_models.add_two())
+        assert outputs_of(server.inference.Predict(request("adder", {"a": ONE, "b": ONE})))["z"].tolist() == [2.0]
+        messages = [e["message"] for e in log_events(server)]
+        assert "ignoring the record of the models loaded before" in messages and "preloading done" not in messages
+    finally:
+        assert server.stop() == 0

@@ -109,7 +109,7 @@ class HttpUploadServicer(http_files_pb2_grpc.HttpUploadServiceServicer):
         )
         record = await self.registry.upload(header, parts)
         annotate(version=record.version)
-        return model_to_wire(record)
+        return model_to_wire(record, runs_on=self.registry.runs_on(record))
 
     async def UploadJobInputBody(self, request_iterator, context):
         first = await anext(request_iterator, None) or http_files_pb2.UploadJobInputBodyRequest()

@@ -18,7 +18,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     async def _models(self, records: list[ModelRecord]) -> list[pb.Model]:
         pointing = await self.aliases.pointing_at(records)
-        return [model_to_wire(r, pointing.get((r.name, r.version), ())) for r in records]
+        return [model_to_wire(r, pointing.get((r.name, r.version), ()), self.registry.runs_on(r)) for r in records]
 
     async def UploadModel(self, request_iterator, context):
         header, parts = await split_upload(request_iterator)
@@ -26,7 +26,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         check_model(header.name, ADMIN)
         record = await self.registry.upload(header, parts)
         annotate(version=record.version)
-        return model_to_wire(record)
+        return model_to_wire(record, runs_on=self.registry.runs_on(record))
 
     async def GetModel(self, request, context):
         version = await self.aliases.version_for(request.name, request.version, request.alias, canary=False)

@@ -9,7 +9,7 @@ from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import to_wire_dtype
 from mds_grpc.core.alias_records import AliasEvent, AliasRecord
 from mds_grpc.core.errors import InvalidArgument
-from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, ModelRecord, StoredFile, TensorSpec
+from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, ModelRecord, Placement, StoredFile, TensorSpec
 from mds_grpc.core.uploads import UploadHeader
 
 
@@ -23,7 +23,7 @@ def spec_to_wire(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     )
 
 
-def model_to_wire(record: ModelRecord, aliases: Iterable[str] = ()) -> pb.Model:
+def model_to_wire(record: ModelRecord, aliases: Iterable[str] = (), runs_on: Iterable[str] = ()) -> pb.Model:
     model = pb.Model(
         name=record.name,
         version=record.version,
@@ -39,13 +39,25 @@ def model_to_wire(record: ModelRecord, aliases: Iterable[str] = ()) -> pb.Model:
         labels=record.labels,
         files=[pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in record.files],
         aliases=sorted(aliases),
+        execution_providers=runs_on,
     )
     if record.batching.enabled:
         model.batching.max_batch_size = record.batching.max_batch_size
         model.batching.max_queue_delay_us = record.batching.max_queue_delay_us
+    if record.placement != Placement():
+        model.placement.CopyFrom(placement_to_wire(record.placement))
     model.created_at.FromDatetime(record.created_at)
     model.metadata.update(record.metadata)
     return model
+
+
+def placement_to_wire(placement: Placement) -> pb.Placement:
+    return pb.Placement(
+        execution_providers=placement.providers,
+        device_id=placement.device_id,
+        tensorrt_fp16=placement.tensorrt_fp16,
+        device_memory_bytes=placement.device_memory_bytes,
+    )
 
 
 def alias_to_wire(alias: AliasRecord) -> pb.Alias:
@@ -87,6 +99,12 @@ def header_from_wire(header: pb.ModelHeader) -> UploadHeader:
         size_bytes=header.size_bytes,
         external_files=tuple(StoredFile(f.path, f.sha256.lower(), f.size_bytes) for f in header.external_files),
         batching=BatchingPolicy(header.batching.max_batch_size, header.batching.max_queue_delay_us),
+        placement=Placement(
+            tuple(name.lower() for name in header.placement.execution_providers),
+            header.placement.device_id,
+            header.placement.tensorrt_fp16,
+            header.placement.device_memory_bytes,
+        ),
     )
 
 

@@ -51,7 +51,8 @@ class OipServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         from importlib.metadata import version  # about 40 ms to import: paid here, not by every start
 
-        return pb.ServerMetadataResponse(name="mds", version=version("mds"), extensions=[])
+        providers = [f"execution_provider:{name}" for name in self.registry.available_providers]
+        return pb.ServerMetadataResponse(name="mds", version=version("mds"), extensions=providers)
 
     async def ModelMetadata(self, request, context):
         record = await self.registry.get(request.name, await self._version(request.name, request.version))

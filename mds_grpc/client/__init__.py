@@ -11,6 +11,7 @@ Failed calls raise an MdsError subclass named after the gRPC status (NotFound, I
 """
 
 from mds.v1.job_service_pb2 import JobState
+from mds.v1.model_service_pb2 import Placement
 from mds_grpc.client.client import Client
 from mds_grpc.client.replies import Prediction, ResultBatch
 from mds_grpc.core.errors import (
@@ -28,6 +29,7 @@ from mds_grpc.core.errors import (
 )
 
 __all__ = [
+    "Placement",
     "Cancelled",
     "Client",
     "DeadlineExceeded",

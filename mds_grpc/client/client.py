@@ -101,17 +101,20 @@ class Client:
         metadata: Mapping[str, Any] | None = None,
         max_batch_size: int = 0,
         max_queue_delay_us: int = 0,
+        placement: model_service_pb2.Placement | None = None,
         progress: Progress | None = None,
     ) -> model_service_pb2.Model:
         """Upload an .onnx file (with the external-data files it references, found beside it) or a model's
-        bytes as a new version of `name`. `max_batch_size` > 1 turns on dynamic batching. `progress(sent, total)`
-        is called, from the thread that sends, as bytes go out."""
+        bytes as a new version of `name`. `max_batch_size` > 1 turns on dynamic batching; `placement` says
+        where it runs (e.g. `Placement(execution_providers=["cuda", "cpu"])`). `progress(sent, total)` is called,
+        from the thread that sends, as bytes go out."""
         upload = ModelUpload(model)
         header = upload.header(
             name=name,
             description=description,
             labels=labels or {},
             batching=model_service_pb2.Batching(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us),
+            placement=placement,
         )
         if metadata:
             header.metadata.update(metadata)

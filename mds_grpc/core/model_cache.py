@@ -1,22 +1,80 @@
-"""Loaded model versions: an LRU bounded by model bytes, loaded lazily from storage."""
+"""Loaded model versions: an LRU bounded by model bytes, loaded from storage on first use or, after a restart,
+preloaded in the background in the order they were last used."""
 
 import asyncio
+import json
+import logging
+import os
 import shutil
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mds_grpc import metrics
 from mds_grpc.core.errors import NotFound
+from mds_grpc.core.placement import Placer
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
 from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.core.stores import BlobStore
 
 if TYPE_CHECKING:
     from mds_grpc.core.batching import Batcher
+
+log = logging.getLogger("mds.model_cache")
+Key = tuple[str, int]  # (name, version)
+ORDER_FILE = "loaded-models.json"  # in MDS_DATA_DIR: see ModelCache.save_order and gather_orders
+
+
+def order_file(data_dir: Path, process: int | None = None) -> Path:
+    """Where a serving process records its loaded versions: one file per process of `mds serve --processes N`."""
+    return data_dir / (ORDER_FILE if process is None else ORDER_FILE.replace(".json", f"-{process}.json"))
+
+
+def read_order(path: Path) -> list[Key]:
+    """The versions an order file lists, most recently used first.
+
+    A missing file is no versions; an unreadable or malformed one is ignored, with a warning."""
+    try:
+        entries = json.loads(path.read_text())["models"]
+        keys = [(entry["name"], entry["version"]) for entry in entries]
+        if not all(type(n) is str and n and type(v) is int and v > 0 for n, v in keys):
+            raise ValueError("a name is not a string or a version not a positive integer")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, LookupError, TypeError) as error:
+        log.warning(
+            "ignoring the record of the models loaded before",
+            extra={"path": str(path), "error": f"{type(error).__name__}: {error}"},
+        )
+        return []
+    return list(dict.fromkeys(keys))
+
+
+def write_order(path: Path, keys: list[Key]) -> None:
+    """Replace the file at once (a temp file of this process's own, renamed over it): a reader never sees a part."""
+    text = json.dumps({"models": [{"name": name, "version": version} for name, version in keys]})
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text + "\n")
+    os.replace(partial, path)
+
+
+def gather_orders(data_dir: Path) -> list[Key]:
+    """At start, before any serving process runs: merge what every process recorded into ORDER_FILE, and remove
+    the per-process files. The lists are interleaved (each one's most recent first, then each one's second...),
+    so every serving process of the next start preloads what any of them used, whatever their number then."""
+    paths = [order_file(data_dir), *sorted(data_dir.glob(ORDER_FILE.replace(".json", "-*.json")))]
+    lists = [read_order(path) for path in paths]
+    merged = list(dict.fromkeys(key for rank in zip_longest(*lists) for key in rank if key is not None))
+    if len(paths) > 1 or lists[0] != merged:
+        write_order(order_file(data_dir), merged)
+    for path in paths[1:]:
+        path.unlink(missing_ok=True)
+    return merged
 
 
 @dataclass(eq=False)
@@ -53,18 +111,37 @@ def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
 class ModelCache:
     """Sessions keyed by (name, version), each with its files in a local folder.
 
-    The sum of their file sizes stays under `capacity_bytes`, in memory and on disk; the
-    most recently used model always stays, even when it alone exceeds the bound.
+    The sum of the CPU sessions' file sizes stays under `capacity_bytes`, in memory and on disk; the
+    most recently used model always stays, even when it alone exceeds the bound. Sessions on a GPU
+    count their device memory limit against that GPU's budget instead, evicted the same way.
+
+    With an `order_file`, the cache records which versions it holds, most recently used first, so that
+    the next start can load them again before they are asked for (recall, then preload). The file is
+    rewritten whole (a temp file renamed over it) when a version is loaded, evicted or deleted, and at
+    shutdown (save_order), not on every hit. Serving processes sharing a data folder share the file: each
+    write is complete, and the last one wins.
     """
 
-    def __init__(self, blobs: BlobStore, folder_root: Path, capacity_bytes: int, intra_op_threads: int = 0):
+    def __init__(
+        self,
+        blobs: BlobStore,
+        folder_root: Path,
+        capacity_bytes: int,
+        intra_op_threads: int = 0,
+        placer: Placer | None = None,
+        order_file: Path | None = None,
+    ):
         self.blobs = blobs
         self.folder_root = Path(folder_root)
         self.capacity_bytes = capacity_bytes
         self.intra_op_threads = intra_op_threads
+        self.placer = placer or Placer()
+        self.order_file = order_file
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._latest: dict[str, LoadedModel] = {}  # the version a lookup of "the latest" last resolved to
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
+        self._pending: list[Key] = []  # recalled versions preload has not come to yet, most recent first
+        self._save_failed = False
 
     def _folder(self, key: tuple[str, int]) -> Path:
         return self.folder_root / key[0] / str(key[1])
@@ -75,7 +152,12 @@ class ModelCache:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(m.record.total_bytes for m in self._models.values())
+        """The file bytes of the sessions on the CPU."""
+        return sum(m.record.total_bytes for m in self._models.values() if m.session.device is None)
+
+    def device_bytes(self, device: int) -> int:
+        """The device memory limits of the sessions on GPU `device`."""
+        return sum(m.session.target.device_memory_bytes for m in self._models.values() if m.session.device == device)
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._models
@@ -104,33 +186,41 @@ class ModelCache:
         """The latest version of `name` changed: the next lookup of it reads the metadata store."""
         self._latest.pop(name, None)
 
-    async def get(self, record: ModelRecord) -> LoadedModel:
+    async def get(self, record: ModelRecord, preload: bool = False) -> LoadedModel:
+        """The loaded version, loaded now if need be; a `preload` neither counts as a use nor makes it recent."""
         key = (record.name, record.version)
         model = self._models.get(key)
         if model is not None:
-            self._models.move_to_end(key)
-            metrics.cache_event("hit")
+            if not preload:
+                self._models.move_to_end(key)
+                metrics.cache_event("hit")
             return model
         task = self._loading.get(key)
         if task is None:  # one load per model, shared by every waiter and finished even if they leave
-            metrics.cache_event("load")
-            task = self._loading[key] = asyncio.ensure_future(self._load(record))
+            metrics.cache_event("preload" if preload else "load")
+            task = self._loading[key] = asyncio.ensure_future(self._load(record, oldest=preload))
             task.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(task)
+        model = await asyncio.shield(task)
+        if not preload and self._models.get(key) is model:  # a request that joined a preload uses it now
+            self._models.move_to_end(key)
+        return model
 
-    async def _load(self, record: ModelRecord) -> LoadedModel:
+    async def _load(self, record: ModelRecord, oldest: bool = False) -> LoadedModel:
         deleted = NotFound(f"model {record.name!r} version {record.version} was deleted")
         try:
             folder = await asyncio.to_thread(self._materialize, record)
         except FileNotFoundError:
             raise deleted from None
+        target = self.placer.target(record.name, record.version, record.placement)
+        if self.placer.on_gpu(record.placement):  # free the device before the new session takes its share
+            self._make_room(target.device_id, target.device_memory_bytes)
         try:
-            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads)
+            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads, False, target)
         except Exception:
             if not (folder / MAIN_FILE).exists():  # a delete removed the folder while it was loading
                 raise deleted from None
             raise
-        return self.put(record, session)
+        return self.put(record, session, oldest)
 
     def _materialize(self, record: ModelRecord) -> Path:
         return materialize(self.blobs, record, self._folder((record.name, record.version)))
@@ -141,14 +231,39 @@ class ModelCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
 
-    def put(self, record: ModelRecord, session: OnnxSession) -> LoadedModel:
+    def put(self, record: ModelRecord, session: OnnxSession, oldest: bool = False) -> LoadedModel:
+        """Hold the session as the most recently used version or, `oldest` (a preload), the least recently used."""
         key = (record.name, record.version)
         model = self._models[key] = LoadedModel(record, session)
-        self._models.move_to_end(key)
-        while len(self._models) > 1 and self.loaded_bytes > self.capacity_bytes:
-            self._drop(next(iter(self._models)))
-            metrics.cache_event("eviction")
+        self._models.move_to_end(key, last=not oldest)
+        keep = next(reversed(self._models.values()))  # the most recently used stays
+        if session.device is None:
+            while self.loaded_bytes > self.capacity_bytes and self._evict(lambda m: m.session.device is None, keep):
+                pass
+        else:
+            self._make_room(session.device, 0, keep)
+        self.save_order()
         return model
+
+    def _make_room(self, device: int, bytes_needed: int, keep: LoadedModel | None = None) -> None:
+        """Evict the least recently used sessions of GPU `device` until `bytes_needed` more fit its budget."""
+        budget = self.placer.device_budget_bytes - bytes_needed
+        while self.device_bytes(device) > budget and self._evict(lambda m: m.session.device == device, keep):
+            pass
+        self._report(device)
+
+    def _report(self, device: int) -> None:
+        sessions = sum(m.session.device == device for m in self._models.values())
+        metrics.device_usage(device, sessions, self.device_bytes(device))
+
+    def _evict(self, eligible, keep: LoadedModel | None) -> bool:
+        """Drop the least recently used eligible model other than `keep`; False when there is none."""
+        key = next((k for k, m in self._models.items() if m is not keep and eligible(m)), None)
+        if key is None:
+            return False
+        self._drop(key)
+        metrics.cache_event("eviction")
+        return True
 
     def _drop(self, key: tuple[str, int]) -> None:
         """Forget a session and remove its folder, so the local copies stay bounded too.
@@ -158,6 +273,8 @@ class ModelCache:
         model = self._models.pop(key, None)
         if model is not None and self._latest.get(key[0]) is model:
             del self._latest[key[0]]
+        if model is not None and model.session.device is not None:
+            self._report(model.session.device)  # its device memory goes when the last run using it ends
         folder = self._folder(key)
         trash = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.trash")
         try:
@@ -173,3 +290,72 @@ class ModelCache:
         """Drop the sessions and folders of deleted versions."""
         for version in versions:
             self._drop((name, version))
+            engines = self.placer.engine_folder(name, version)
+            if engines is not None:
+                shutil.rmtree(engines, ignore_errors=True)
+        self._pending = [key for key in self._pending if key[0] != name or key[1] not in versions]
+        self.save_order()
+
+    def save_order(self) -> None:
+        """Write the order file: the loaded versions, most recently used first, then those preload has yet to load.
+
+        Called on the event loop only (see write_order); a failure is logged once and otherwise ignored.
+        """
+        if self.order_file is None:
+            return
+        keys = [*reversed(self._models), *(key for key in self._pending if key not in self._models)]
+        try:
+            write_order(self.order_file, keys)
+        except OSError as error:
+            if not self._save_failed:
+                log.warning(
+                    "cannot record the loaded models", extra={"path": str(self.order_file), "error": str(error)}
+                )
+            self._save_failed = True
+
+    def recall(self, source: Path | None = None) -> list[Key]:
+        """The versions `source` (the order file by default) lists, most recently used first, now pending preload."""
+        self._pending = read_order(source or self.order_file) if source or self.order_file else []
+        return list(self._pending)
+
+    def _fits(self, record: ModelRecord) -> bool:
+        """Whether the version can load without evicting anything (or, on the CPU, the cache is empty)."""
+        if self.placer.on_gpu(record.placement):
+            target = self.placer.target(record.name, record.version, record.placement)
+            used = self.device_bytes(target.device_id) + target.device_memory_bytes
+            return used <= self.placer.device_budget_bytes
+        return self.loaded_bytes == 0 or self.loaded_bytes + record.total_bytes <= self.capacity_bytes
+
+    async def preload(self, lookup: Callable[[str, int], Awaitable[ModelRecord]]) -> None:
+        """Load the recalled versions, most recently used first, while requests are served.
+
+        One at a time, each after the loads requests started meanwhile, through get (a request for a
+        version being preloaded waits for that load), as long as the cache has room. `lookup` reads a
+        version's record; a version deleted meanwhile is skipped silently, and a failure is logged once.
+        """
+        if not self._pending:
+            return
+        started, loaded = time.monotonic(), 0
+        for key in list(self._pending):
+            if key not in self._pending:  # deleted meanwhile
+                continue
+            while self._loading:  # loads requests are waiting for go first
+                await asyncio.wait(list(self._loading.values()))
+            which = {"model": key[0], "version": key[1]}
+            try:
+                record = None if key in self._models else await lookup(*key)
+                if record is None or key in self._models:
+                    pass  # a request loaded it first
+                elif not self._fits(record):
+                    log.info("model not preloaded: the cache is full", extra=which)
+                else:
+                    begin = time.monotonic()
+                    await self.get(record, preload=True)
+                    loaded += 1
+                    log.info("model preloaded", extra={**which, "seconds": round(time.monotonic() - begin, 3)})
+            except NotFound:
+                pass  # deleted since it was recorded
+            except Exception as error:
+                log.warning("model not preloaded", extra={**which, "error": str(error) or type(error).__name__})
+            self._pending = [k for k in self._pending if k != key]
+        log.info("preloading done", extra={"loaded": loaded, "seconds": round(time.monotonic() - started, 3)})

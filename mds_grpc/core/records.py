@@ -42,6 +42,16 @@ class BatchingPolicy:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where one model version runs (core/placement.py); the defaults follow the server's settings."""
+
+    providers: tuple[str, ...] = ()  # execution providers by short name, preferred first; () = the server's list
+    device_id: int = 0  # the GPU of the cuda and tensorrt providers
+    tensorrt_fp16: bool = False  # TensorRT may build FP16 kernels
+    device_memory_bytes: int = 0  # the session's device memory limit; 0 = MDS_GPU_SESSION_MEMORY_BYTES
+
+
+@dataclass(frozen=True)
 class ModelRecord:
     name: str
     version: int  # 0 until the metadata store allocates one
@@ -57,6 +67,7 @@ class ModelRecord:
     labels: dict[str, str] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     batching: BatchingPolicy = BatchingPolicy()
+    placement: Placement = Placement()
 
     @property
     def sha256(self) -> str:
@@ -75,6 +86,8 @@ def record_to_dict(record: ModelRecord) -> dict:
     """A JSON- and BSON-friendly dict, without nested arrays (created_at stays a datetime)."""
     data = dataclasses.asdict(record)
     data["opsets"] = [{"domain": domain, "version": version} for domain, version in record.opsets]
+    if record.placement == Placement():
+        del data["placement"]  # stored only when set, so servers that predate it still read the record
     return data
 
 
@@ -90,5 +103,10 @@ def record_from_dict(data: dict) -> ModelRecord:
             "outputs": tuple(spec(s) for s in data["outputs"]),
             "opsets": tuple((o["domain"], o["version"]) for o in data["opsets"]),
             "batching": BatchingPolicy(**data.get("batching", {})),  # absent from records stored before it
+            "placement": _placement(data.get("placement")),
         }
     )
+
+
+def _placement(data: dict | None) -> Placement:
+    return Placement() if data is None else Placement(**{**data, "providers": tuple(data["providers"])})

@@ -63,7 +63,10 @@ class ModelRegistry:
             files = await receive(staging, parts)
             header = staging.header
             side_files = {stored.path for stored in files[1:]}
+            self.cache.placer.check(header.placement)
+            # The check runs on the CPU: its session serves only a version that runs there.
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
+            warm = warm and not self.cache.placer.on_gpu(header.placement)
             session, info = await self.validator.inspect(staging.main_path, side_files, warm)
             draft = ModelRecord(
                 name=header.name,
@@ -80,6 +83,7 @@ class ModelRegistry:
                 labels=dict(header.labels),
                 metadata=dict(header.metadata),
                 batching=header.batching,
+                placement=header.placement,
             )
             check_policy(draft.batching, draft.inputs, draft.outputs)
             # Once the client has sent everything and the model is valid, finish even if it leaves:
@@ -119,6 +123,15 @@ class ModelRegistry:
         )
         await asyncio.to_thread(self.cache.adopt_folder, record, staging.dir)
         return record
+
+    @property
+    def available_providers(self) -> tuple[str, ...]:
+        """The execution providers this server has."""
+        return self.cache.placer.available
+
+    def runs_on(self, record: ModelRecord) -> tuple[str, ...]:
+        """The execution providers this server runs the version on, preferred first."""
+        return self.cache.placer.resolve(record.placement)
 
     async def get(self, name: str, version: int = 0) -> ModelRecord:
         if version < 0:

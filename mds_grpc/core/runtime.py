@@ -5,6 +5,7 @@ Nothing else imports onnxruntime. Types numpy knows only through ml_dtypes (BF16
 """
 
 import ctypes
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,12 +13,40 @@ import numpy as np
 import onnxruntime as ort
 
 from mds_grpc.core import dtypes
-from mds_grpc.core.errors import Unimplemented
+from mds_grpc.core.errors import FailedPrecondition, Unimplemented
+from mds_grpc.core.placement import GPU_PROVIDERS, SessionTarget
 from mds_grpc.core.records import TensorSpec
 
 ort.set_default_logger_severity(3)  # errors only; warnings about unused initializers are noise
+log = logging.getLogger("mds.runtime")
 
-PROVIDERS = ["CPUExecutionProvider"]
+ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+SHORT_NAMES = {ort_name: name for name, ort_name in ORT_NAMES.items()}
+
+
+def available_providers() -> tuple[str, ...]:
+    """The execution providers this onnxruntime build has, by short name, GPUs first."""
+    have = set(ort.get_available_providers())
+    return tuple(name for name, ort_name in ORT_NAMES.items() if ort_name in have)
+
+
+def _provider_options(name: str, target: SessionTarget) -> tuple[str, dict]:
+    limit = str(target.device_memory_bytes)
+    if name == "cuda":  # an arena that grows only by what is asked, up to its limit
+        options = {"device_id": target.device_id, "gpu_mem_limit": limit, "arena_extend_strategy": "kSameAsRequested"}
+    elif name == "tensorrt":
+        options = {
+            "device_id": target.device_id,
+            "trt_max_workspace_size": limit,
+            "trt_fp16_enable": target.tensorrt_fp16,
+        }
+        if target.engine_cache is not None:
+            target.engine_cache.mkdir(parents=True, exist_ok=True)
+            options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(target.engine_cache)}
+            options |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": str(target.engine_cache)}
+    else:
+        options = {}
+    return ORT_NAMES[name], options
 
 
 class RunFailed(Exception):
@@ -67,28 +96,65 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
 
 
 class OnnxSession:
-    """One onnxruntime CPU session, loaded by path (so external data resolves next to the file).
+    """One onnxruntime session, loaded by path (so external data resolves next to the file).
 
-    No custom-op library is ever registered. No memory arena either: after a run fails to allocate a
+    No custom-op library is ever registered. No CPU memory arena either: after a run fails to allocate a
     huge tensor, onnxruntime's arena makes the next run touch hundreds of MB, and it never gives memory back.
     A `lean` session, for checking a model only, does not prepack weights: external data then stays
     memory-mapped and untouched, where prepacking would copy every weight (slower runs without it).
+    On a GPU (`target`), runs bind their outputs to host memory, so each output is copied once.
     """
 
-    def __init__(self, path: Path, intra_op_threads: int = 0, lean: bool = False):
+    def __init__(self, path: Path, intra_op_threads: int = 0, lean: bool = False, target: SessionTarget | None = None):
+        self.target = target or SessionTarget()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.enable_cpu_mem_arena = False
         if lean:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        self._session = ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        if "cpu" not in self.target.providers:  # fail rather than run some nodes on the CPU
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        self._session = self._open(path, options)
+        # The providers it runs on, by short name, preferred first; and the GPU it holds memory on (None: CPU).
+        self.providers = tuple(SHORT_NAMES.get(name, name) for name in self._session.get_providers())
+        self.device = self.target.device_id if self.providers[0] in GPU_PROVIDERS else None
         self.inputs = tuple(_spec(a) for a in self._session.get_inputs())
         self.outputs = tuple(_spec(a) for a in self._session.get_outputs())
         self._extension_outputs = {
             s.name: dtypes.BY_NAME[s.dtype].numpy for s in self.outputs if s.dtype and dtypes.BY_NAME[s.dtype].extension
         }
+        self._bindable = all(spec.dtype != "STRING" for spec in self.inputs + self.outputs)
         # Moving average of run time per input element: the estimate of a run's cost.
         self._seconds_per_element: float | None = None
+
+    def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        """A session on the first provider of the target that can run the model; the log names each fallback."""
+        providers = list(self.target.providers)
+        while True:
+            name = providers[0]
+            try:
+                if ORT_NAMES[name] not in ort.get_available_providers():
+                    raise RunFailed(f"this onnxruntime has no {name} provider")
+                session = ort.InferenceSession(
+                    str(path),
+                    options,
+                    providers=[_provider_options(p, self.target) for p in providers],
+                    enable_fallback=0,
+                )
+                active = SHORT_NAMES.get(session.get_providers()[0])
+                if active != name:
+                    raise RunFailed(f"onnxruntime put it on {active}")
+                return session
+            except Exception as error:  # onnxruntime raises its own exception types
+                if name not in GPU_PROVIDERS:
+                    raise
+                if len(providers) == 1:
+                    raise FailedPrecondition(
+                        f"{name} cannot run the model ({str(error)[:500]}), and its placement "
+                        f"({', '.join(self.target.providers)}) allows no other provider"
+                    ) from None
+                log.warning("%s: %s cannot run the model (%s); trying %s", path, name, error, providers[1])
+                providers.pop(0)
 
     @property
     def intra_op_threads(self) -> int:
@@ -104,6 +170,8 @@ class OnnxSession:
         }  # DType.extension
         try:
             if not extensions:
+                if self.device is not None and self._bindable:
+                    return self._run_bound(output_names, feeds, options)
                 return self._session.run(list(output_names), feeds, options)
             # numpy-facing run() cannot carry extension types: they cross as OrtValues
             if any(a.dtype == object for a in feeds.values()):
@@ -117,6 +185,16 @@ class OnnxSession:
             raise
         except Exception as error:  # onnxruntime raises its own exception types
             raise RunFailed(str(error)) from None
+
+    def _run_bound(self, output_names: Sequence[str], feeds: dict[str, np.ndarray], options) -> list:
+        """A run whose outputs land in host memory that the returned arrays view (no second copy)."""
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name in output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding, options)
+        return [value.numpy() for value in binding.get_outputs()]
 
     def warm_up(self) -> None:
         """One run on zeros shaped like the inputs (symbolic dimensions as 1), so the first request pays no

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mds_grpc.core.errors import InvalidArgument, ResourceExhausted
-from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, StoredFile
+from mds_grpc.core.records import MAIN_FILE, BatchingPolicy, Placement, StoredFile
 from mds_grpc.core.stores import BlobUpload
 from mds_grpc.core.to_the_end import to_the_end
 
@@ -32,6 +32,7 @@ class UploadHeader:
     size_bytes: int = 0  # of the main file; 0 = not verified
     external_files: tuple[StoredFile, ...] = ()  # side files, sha256/size optional as above
     batching: BatchingPolicy = BatchingPolicy()
+    placement: Placement = Placement()
     # Side files are taken as they arrive, declared or not (an HTTP multipart upload, whose header
     # may come after the files or not at all); declared ones must still arrive and match.
     open_files: bool = False
@@ -179,6 +180,8 @@ class StagedUpload:
     def _close(self) -> None:
         if self._open is not None:
             self._open.handle.close()
+            if self._open.remote is not None:
+                self._open.remote.close()  # its part buffers go now, not at the commit
             self.received[self._open.path] = StoredFile(self._open.path, self._open.hasher.hexdigest(), self._open.size)
             self._open = None
 

@@ -29,7 +29,7 @@ from mds.v1 import options_pb2 as mds_dot_v1_dot_options__pb2
 from mds.v1 import tensor_pb2 as mds_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amds/v1/model_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\x80\x01\n\x12UploadModelRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.mds.v1.ModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\'\n\nfile_chunk\x18\x03 \x01(\x0b\x32\x11.mds.v1.FileChunkH\x00\x42\t\n\x07payload\"\xb4\x02\n\x0bModelHeader\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x06labels\x18\x03 \x03(\x0b\x32\x1f.mds.v1.ModelHeader.LabelsEntry\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12)\n\x0e\x65xternal_files\x18\x07 \x03(\x0b\x32\x11.mds.v1.ModelFile\x12\"\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x10.mds.v1.Batching\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x08\x42\x61tching\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\r\"=\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\x0bOperatorSet\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x9e\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x06inputs\x18\x06 \x03(\x0b\x32\x12.mds.v1.TensorSpec\x12#\n\x07outputs\x18\x07 \x03(\x0b\x32\x12.mds.v1.TensorSpec\x12#\n\x06opsets\x18\x08 \x03(\x0b\x32\x13.mds.v1.OperatorSet\x12\x15\n\rproducer_name\x18\t \x01(\t\x12\x18\n\x10producer_version\x18\n \x01(\t\x12\x12\n\nir_version\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12)\n\x06labels\x18\r \x03(\x0b\x32\x19.mds.v1.Model.LabelsEntry\x12)\n\x08metadata\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12 \n\x05\x66iles\x18\x0f \x03(\x0b\x32\x11.mds.v1.ModelFile\x12\"\n\x08\x62\x61tching\x18\x10 \x01(\x0b\x32\x10.mds.v1.Batching\x12\x0f\n\x07\x61liases\x18\x11 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x61lias\x18\x03 \x01(\t\"N\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\x90\xb5\x18\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.mds.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x12\x44\x65leteModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eremove_aliases\x18\x03 \x01(\x08\"=\n\x13\x44\x65leteModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65leted_versions\x18\x02 \x03(\x03\"v\n\x0fSetAliasRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\"\x96\x01\n\x05\x41lias\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12ListAliasesRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\"5\n\x13ListAliasesResponse\x12\x1e\n\x07\x61liases\x18\x01 \x03(\x0b\x32\r.mds.v1.Alias\"8\n\x12\x44\x65leteAliasRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"=\n\x17ListAliasHistoryRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"\x93\x01\n\x0b\x41liasChange\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\r\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03who\x18\x06 \x01(\t\"@\n\x18ListAliasHistoryResponse\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.mds.v1.AliasChange2\xca\x07\n\x0cModelService\x12U\n\x0bUploadModel\x12\x1a.mds.v1.UploadModelRequest\x1a\r.mds.v1.Model\"\x19\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\x0f\"\n/v1/models:\x01*(\x01\x12\xa4\x01\n\x08GetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"p\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x66\x12\x11/v1/models/{name}Z&\x12$/v1/models/{name}/versions/{version}Z)\x12\'/v1/models/{name}/aliases/{alias}/model\x12[\n\nListModels\x12\x19.mds.v1.ListModelsRequest\x1a\x1a.mds.v1.ListModelsResponse\"\x16\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x8d\x01\n\x0b\x44\x65leteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"E\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02;*\x11/v1/models/{name}Z&*$/v1/models/{name}/versions/{version}\x12\x65\n\x08SetAlias\x12\x17.mds.v1.SetAliasRequest\x1a\r.mds.v1.Alias\"1\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\'\x1a\"/v1/models/{model}/aliases/{alias}:\x01*\x12n\n\x0bListAliases\x12\x1a.mds.v1.ListAliasesRequest\x1a\x1b.mds.v1.ListAliasesResponse\"&\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/models/{model}/aliases\x12h\n\x0b\x44\x65leteAlias\x12\x1a.mds.v1.DeleteAliasRequest\x1a\r.mds.v1.Alias\".\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02$*\"/v1/models/{model}/aliases/{alias}\x12\x8d\x01\n\x10ListAliasHistory\x12\x1f.mds.v1.ListAliasHistoryRequest\x1a .mds.v1.ListAliasHistoryResponse\"6\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02,\x12*/v1/models/{model}/aliases/{alias}/historyB(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amds/v1/model_service.proto\x12\x06mds.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14mds/v1/options.proto\x1a\x13mds/v1/tensor.proto\"\x80\x01\n\x12UploadModelRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.mds.v1.ModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\'\n\nfile_chunk\x18\x03 \x01(\x0b\x32\x11.mds.v1.FileChunkH\x00\x42\t\n\x07payload\"\xda\x02\n\x0bModelHeader\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x06labels\x18\x03 \x03(\x0b\x32\x1f.mds.v1.ModelHeader.LabelsEntry\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12)\n\x0e\x65xternal_files\x18\x07 \x03(\x0b\x32\x11.mds.v1.ModelFile\x12\"\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x10.mds.v1.Batching\x12$\n\tplacement\x18\t \x01(\x0b\x32\x11.mds.v1.Placement\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\tPlacement\x12\x1b\n\x13\x65xecution_providers\x18\x01 \x03(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\r\x12\x15\n\rtensorrt_fp16\x18\x03 \x01(\x08\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x04 \x01(\x04\">\n\x08\x42\x61tching\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\r\"=\n\tModelFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\x0bOperatorSet\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xe1\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x06inputs\x18\x06 \x03(\x0b\x32\x12.mds.v1.TensorSpec\x12#\n\x07outputs\x18\x07 \x03(\x0b\x32\x12.mds.v1.TensorSpec\x12#\n\x06opsets\x18\x08 \x03(\x0b\x32\x13.mds.v1.OperatorSet\x12\x15\n\rproducer_name\x18\t \x01(\t\x12\x18\n\x10producer_version\x18\n \x01(\t\x12\x12\n\nir_version\x18\x0b \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12)\n\x06labels\x18\r \x03(\x0b\x32\x19.mds.v1.Model.LabelsEntry\x12)\n\x08metadata\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12 \n\x05\x66iles\x18\x0f \x03(\x0b\x32\x11.mds.v1.ModelFile\x12\"\n\x08\x62\x61tching\x18\x10 \x01(\x0b\x32\x10.mds.v1.Batching\x12\x0f\n\x07\x61liases\x18\x11 \x03(\t\x12$\n\tplacement\x18\x12 \x01(\x0b\x32\x11.mds.v1.Placement\x12\x1b\n\x13\x65xecution_providers\x18\x13 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x61lias\x18\x03 \x01(\t\"N\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\x90\xb5\x18\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.mds.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x12\x44\x65leteModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0eremove_aliases\x18\x03 \x01(\x08\"=\n\x13\x44\x65leteModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65leted_versions\x18\x02 \x03(\x03\"v\n\x0fSetAliasRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\"\x96\x01\n\x05\x41lias\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12ListAliasesRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\"5\n\x13ListAliasesResponse\x12\x1e\n\x07\x61liases\x18\x01 \x03(\x0b\x32\r.mds.v1.Alias\"8\n\x12\x44\x65leteAliasRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"=\n\x17ListAliasHistoryRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"\x93\x01\n\x0b\x41liasChange\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\r\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03who\x18\x06 \x01(\t\"@\n\x18ListAliasHistoryResponse\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.mds.v1.AliasChange2\xca\x07\n\x0cModelService\x12U\n\x0bUploadModel\x12\x1a.mds.v1.UploadModelRequest\x1a\r.mds.v1.Model\"\x19\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\x0f\"\n/v1/models:\x01*(\x01\x12\xa4\x01\n\x08GetModel\x12\x17.mds.v1.GetModelRequest\x1a\r.mds.v1.Model\"p\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x66\x12\x11/v1/models/{name}Z&\x12$/v1/models/{name}/versions/{version}Z)\x12\'/v1/models/{name}/aliases/{alias}/model\x12[\n\nListModels\x12\x19.mds.v1.ListModelsRequest\x1a\x1a.mds.v1.ListModelsResponse\"\x16\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x8d\x01\n\x0b\x44\x65leteModel\x12\x1a.mds.v1.DeleteModelRequest\x1a\x1b.mds.v1.DeleteModelResponse\"E\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02;*\x11/v1/models/{name}Z&*$/v1/models/{name}/versions/{version}\x12\x65\n\x08SetAlias\x12\x17.mds.v1.SetAliasRequest\x1a\r.mds.v1.Alias\"1\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02\'\x1a\"/v1/models/{model}/aliases/{alias}:\x01*\x12n\n\x0bListAliases\x12\x1a.mds.v1.ListAliasesRequest\x1a\x1b.mds.v1.ListAliasesResponse\"&\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/models/{model}/aliases\x12h\n\x0b\x44\x65leteAlias\x12\x1a.mds.v1.DeleteAliasRequest\x1a\r.mds.v1.Alias\".\x88\xb5\x18\x03\x82\xd3\xe4\x93\x02$*\"/v1/models/{model}/aliases/{alias}\x12\x8d\x01\n\x10ListAliasHistory\x12\x1f.mds.v1.ListAliasHistoryRequest\x1a .mds.v1.ListAliasHistoryResponse\"6\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02,\x12*/v1/models/{model}/aliases/{alias}/historyB(Z&github.com/mds/mds/gen/go/mds/v1;mdsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -76,47 +76,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADMODELREQUEST']._serialized_start=175
   _globals['_UPLOADMODELREQUEST']._serialized_end=303
   _globals['_MODELHEADER']._serialized_start=306
-  _globals['_MODELHEADER']._serialized_end=614
-  _globals['_MODELHEADER_LABELSENTRY']._serialized_start=569
-  _globals['_MODELHEADER_LABELSENTRY']._serialized_end=614
-  _globals['_BATCHING']._serialized_start=616
-  _globals['_BATCHING']._serialized_end=678
-  _globals['_MODELFILE']._serialized_start=680
-  _globals['_MODELFILE']._serialized_end=741
-  _globals['_FILECHUNK']._serialized_start=743
-  _globals['_FILECHUNK']._serialized_end=782
-  _globals['_OPERATORSET']._serialized_start=784
-  _globals['_OPERATORSET']._serialized_end=830
-  _globals['_MODEL']._serialized_start=833
-  _globals['_MODEL']._serialized_end=1375
-  _globals['_MODEL_LABELSENTRY']._serialized_start=569
-  _globals['_MODEL_LABELSENTRY']._serialized_end=614
-  _globals['_GETMODELREQUEST']._serialized_start=1377
-  _globals['_GETMODELREQUEST']._serialized_end=1446
-  _globals['_LISTMODELSREQUEST']._serialized_start=1448
-  _globals['_LISTMODELSREQUEST']._serialized_end=1526
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1528
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1604
-  _globals['_DELETEMODELREQUEST']._serialized_start=1606
-  _globals['_DELETEMODELREQUEST']._serialized_end=1687
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1689
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1750
-  _globals['_SETALIASREQUEST']._serialized_start=1752
-  _globals['_SETALIASREQUEST']._serialized_end=1870
-  _globals['_ALIAS']._serialized_start=1873
-  _globals['_ALIAS']._serialized_end=2023
-  _globals['_LISTALIASESREQUEST']._serialized_start=2025
-  _globals['_LISTALIASESREQUEST']._serialized_end=2066
-  _globals['_LISTALIASESRESPONSE']._serialized_start=2068
-  _globals['_LISTALIASESRESPONSE']._serialized_end=2121
-  _globals['_DELETEALIASREQUEST']._serialized_start=2123
-  _globals['_DELETEALIASREQUEST']._serialized_end=2179
-  _globals['_LISTALIASHISTORYREQUEST']._serialized_start=2181
-  _globals['_LISTALIASHISTORYREQUEST']._serialized_end=2242
-  _globals['_ALIASCHANGE']._serialized_start=2245
-  _globals['_ALIASCHANGE']._serialized_end=2392
-  _globals['_LISTALIASHISTORYRESPONSE']._serialized_start=2394
-  _globals['_LISTALIASHISTORYRESPONSE']._serialized_end=2458
-  _globals['_MODELSERVICE']._serialized_start=2461
-  _globals['_MODELSERVICE']._serialized_end=3431
+  _globals['_MODELHEADER']._serialized_end=652
+  _globals['_MODELHEADER_LABELSENTRY']._serialized_start=607
+  _globals['_MODELHEADER_LABELSENTRY']._serialized_end=652
+  _globals['_PLACEMENT']._serialized_start=654
+  _globals['_PLACEMENT']._serialized_end=765
+  _globals['_BATCHING']._serialized_start=767
+  _globals['_BATCHING']._serialized_end=829
+  _globals['_MODELFILE']._serialized_start=831
+  _globals['_MODELFILE']._serialized_end=892
+  _globals['_FILECHUNK']._serialized_start=894
+  _globals['_FILECHUNK']._serialized_end=933
+  _globals['_OPERATORSET']._serialized_start=935
+  _globals['_OPERATORSET']._serialized_end=981
+  _globals['_MODEL']._serialized_start=984
+  _globals['_MODEL']._serialized_end=1593
+  _globals['_MODEL_LABELSENTRY']._serialized_start=607
+  _globals['_MODEL_LABELSENTRY']._serialized_end=652
+  _globals['_GETMODELREQUEST']._serialized_start=1595
+  _globals['_GETMODELREQUEST']._serialized_end=1664
+  _globals['_LISTMODELSREQUEST']._serialized_start=1666
+  _globals['_LISTMODELSREQUEST']._serialized_end=1744
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1746
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1822
+  _globals['_DELETEMODELREQUEST']._serialized_start=1824
+  _globals['_DELETEMODELREQUEST']._serialized_end=1905
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1907
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1968
+  _globals['_SETALIASREQUEST']._serialized_start=1970
+  _globals['_SETALIASREQUEST']._serialized_end=2088
+  _globals['_ALIAS']._serialized_start=2091
+  _globals['_ALIAS']._serialized_end=2241
+  _globals['_LISTALIASESREQUEST']._serialized_start=2243
+  _globals['_LISTALIASESREQUEST']._serialized_end=2284
+  _globals['_LISTALIASESRESPONSE']._serialized_start=2286
+  _globals['_LISTALIASESRESPONSE']._serialized_end=2339
+  _globals['_DELETEALIASREQUEST']._serialized_start=2341
+  _globals['_DELETEALIASREQUEST']._serialized_end=2397
+  _globals['_LISTALIASHISTORYREQUEST']._serialized_start=2399
+  _globals['_LISTALIASHISTORYREQUEST']._serialized_end=2460
+  _globals['_ALIASCHANGE']._serialized_start=2463
+  _globals['_ALIASCHANGE']._serialized_end=2610
+  _globals['_LISTALIASHISTORYRESPONSE']._serialized_start=2612
+  _globals['_LISTALIASHISTORYRESPONSE']._serialized_end=2676
+  _globals['_MODELSERVICE']._serialized_start=2679
+  _globals['_MODELSERVICE']._serialized_end=3649
 # @@protoc_insertion_point(module_scope)

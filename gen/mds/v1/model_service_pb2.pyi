@@ -24,7 +24,7 @@ class UploadModelRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("name", "description", "labels", "metadata", "sha256", "size_bytes", "external_files", "batching")
+    __slots__ = ("name", "description", "labels", "metadata", "sha256", "size_bytes", "external_files", "batching", "placement")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ModelHeader(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_FILES_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     labels: _containers.ScalarMap[str, str]
@@ -48,7 +49,20 @@ class ModelHeader(_message.Message):
     size_bytes: int
     external_files: _containers.RepeatedCompositeFieldContainer[ModelFile]
     batching: Batching
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., external_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+    placement: Placement
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., external_files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("execution_providers", "device_id", "tensorrt_fp16", "device_memory_bytes")
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORRT_FP16_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    execution_providers: _containers.RepeatedScalarFieldContainer[str]
+    device_id: int
+    tensorrt_fp16: bool
+    device_memory_bytes: int
+    def __init__(self, execution_providers: _Optional[_Iterable[str]] = ..., device_id: _Optional[int] = ..., tensorrt_fp16: _Optional[bool] = ..., device_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_us")
@@ -85,7 +99,7 @@ class OperatorSet(_message.Message):
     def __init__(self, domain: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size_bytes", "created_at", "inputs", "outputs", "opsets", "producer_name", "producer_version", "ir_version", "description", "labels", "metadata", "files", "batching", "aliases")
+    __slots__ = ("name", "version", "sha256", "size_bytes", "created_at", "inputs", "outputs", "opsets", "producer_name", "producer_version", "ir_version", "description", "labels", "metadata", "files", "batching", "aliases", "placement", "execution_providers")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +124,8 @@ class Model(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -127,7 +143,9 @@ class Model(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[ModelFile]
     batching: Batching
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., opsets: _Optional[_Iterable[_Union[OperatorSet, _Mapping]]] = ..., producer_name: _Optional[str] = ..., producer_version: _Optional[str] = ..., ir_version: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    placement: Placement
+    execution_providers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., opsets: _Optional[_Iterable[_Union[OperatorSet, _Mapping]]] = ..., producer_name: _Optional[str] = ..., producer_version: _Optional[str] = ..., ir_version: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name", "version", "alias")

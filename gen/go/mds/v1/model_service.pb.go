@@ -143,7 +143,13 @@ type ModelHeader struct {
 	// Dynamic batching for this version; off when unset. INVALID_ARGUMENT when
 	// it is on and the model has an input or output whose first dimension is
 	// not dynamic.
-	Batching      *Batching `protobuf:"bytes,8,opt,name=batching,proto3" json:"batching,omitempty"`
+	Batching *Batching `protobuf:"bytes,8,opt,name=batching,proto3" json:"batching,omitempty"`
+	// Where this version runs; unset follows the server's settings
+	// (MDS_EXECUTION_PROVIDERS). FAILED_PRECONDITION when it names a provider the
+	// server does not have (the message lists those it has) or asks for more
+	// device memory than the server gives one GPU; INVALID_ARGUMENT for an
+	// unknown or repeated provider name.
+	Placement     *Placement `protobuf:"bytes,9,opt,name=placement,proto3" json:"placement,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -234,6 +240,94 @@ func (x *ModelHeader) GetBatching() *Batching {
 	return nil
 }
 
+func (x *ModelHeader) GetPlacement() *Placement {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
+// Where a model version runs: onnxruntime execution providers and their GPU.
+// The server's providers are listed in V2 ServerMetadata's extensions as
+// "execution_provider:NAME".
+type Placement struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Providers by name, preferred first: "tensorrt", "cuda", "cpu". A node the
+	// first cannot run goes to the next, and a model the first cannot load at
+	// all loads on the next (the server logs it); it only runs on the CPU when
+	// "cpu" is listed. Empty follows the server's MDS_EXECUTION_PROVIDERS.
+	ExecutionProviders []string `protobuf:"bytes,1,rep,name=execution_providers,json=executionProviders,proto3" json:"execution_providers,omitempty"`
+	// The GPU (CUDA device ordinal) of the cuda and tensorrt providers.
+	DeviceId uint32 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	// Whether TensorRT may build FP16 kernels: faster, less precise.
+	TensorrtFp16 bool `protobuf:"varint,3,opt,name=tensorrt_fp16,json=tensorrtFp16,proto3" json:"tensorrt_fp16,omitempty"`
+	// The most device memory the version's session may hold, in bytes (the
+	// CUDA arena's limit, TensorRT's workspace); 0 uses the server's
+	// MDS_GPU_SESSION_MEMORY_BYTES. It counts against the GPU's
+	// MDS_GPU_MEMORY_BYTES while the session is loaded.
+	DeviceMemoryBytes uint64 `protobuf:"varint,4,opt,name=device_memory_bytes,json=deviceMemoryBytes,proto3" json:"device_memory_bytes,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Placement) Reset() {
+	*x = Placement{}
+	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Placement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Placement) ProtoMessage() {}
+
+func (x *Placement) ProtoReflect() protoreflect.Message {
+	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Placement.ProtoReflect.Descriptor instead.
+func (*Placement) Descriptor() ([]byte, []int) {
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Placement) GetExecutionProviders() []string {
+	if x != nil {
+		return x.ExecutionProviders
+	}
+	return nil
+}
+
+func (x *Placement) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *Placement) GetTensorrtFp16() bool {
+	if x != nil {
+		return x.TensorrtFp16
+	}
+	return false
+}
+
+func (x *Placement) GetDeviceMemoryBytes() uint64 {
+	if x != nil {
+		return x.DeviceMemoryBytes
+	}
+	return 0
+}
+
 // Dynamic batching: concurrent Predict and PredictStream requests (and V2
 // ModelInfer) for one model version run together in one onnxruntime call,
 // concatenated along the first dimension and split again for the replies.
@@ -254,7 +348,7 @@ type Batching struct {
 
 func (x *Batching) Reset() {
 	*x = Batching{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	mi := &file_mds_v1_model_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -266,7 +360,7 @@ func (x *Batching) String() string {
 func (*Batching) ProtoMessage() {}
 
 func (x *Batching) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[2]
+	mi := &file_mds_v1_model_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -279,7 +373,7 @@ func (x *Batching) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batching.ProtoReflect.Descriptor instead.
 func (*Batching) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{2}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Batching) GetMaxBatchSize() uint32 {
@@ -312,7 +406,7 @@ type ModelFile struct {
 
 func (x *ModelFile) Reset() {
 	*x = ModelFile{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[3]
+	mi := &file_mds_v1_model_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -324,7 +418,7 @@ func (x *ModelFile) String() string {
 func (*ModelFile) ProtoMessage() {}
 
 func (x *ModelFile) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[3]
+	mi := &file_mds_v1_model_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -337,7 +431,7 @@ func (x *ModelFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelFile.ProtoReflect.Descriptor instead.
 func (*ModelFile) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{3}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ModelFile) GetPath() string {
@@ -372,7 +466,7 @@ type FileChunk struct {
 
 func (x *FileChunk) Reset() {
 	*x = FileChunk{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[4]
+	mi := &file_mds_v1_model_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -384,7 +478,7 @@ func (x *FileChunk) String() string {
 func (*FileChunk) ProtoMessage() {}
 
 func (x *FileChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[4]
+	mi := &file_mds_v1_model_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -397,7 +491,7 @@ func (x *FileChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChunk.ProtoReflect.Descriptor instead.
 func (*FileChunk) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{4}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *FileChunk) GetPath() string {
@@ -426,7 +520,7 @@ type OperatorSet struct {
 
 func (x *OperatorSet) Reset() {
 	*x = OperatorSet{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[5]
+	mi := &file_mds_v1_model_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -438,7 +532,7 @@ func (x *OperatorSet) String() string {
 func (*OperatorSet) ProtoMessage() {}
 
 func (x *OperatorSet) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[5]
+	mi := &file_mds_v1_model_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -451,7 +545,7 @@ func (x *OperatorSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorSet.ProtoReflect.Descriptor instead.
 func (*OperatorSet) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{5}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *OperatorSet) GetDomain() string {
@@ -490,14 +584,20 @@ type Model struct {
 	// Unset when the version does not batch.
 	Batching *Batching `protobuf:"bytes,16,opt,name=batching,proto3" json:"batching,omitempty"`
 	// The aliases whose version or canary version this is, by name.
-	Aliases       []string `protobuf:"bytes,17,rep,name=aliases,proto3" json:"aliases,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Aliases []string `protobuf:"bytes,17,rep,name=aliases,proto3" json:"aliases,omitempty"`
+	// The placement given at upload; unset when it follows the server's settings.
+	Placement *Placement `protobuf:"bytes,18,opt,name=placement,proto3" json:"placement,omitempty"`
+	// The providers the answering server runs this version on, preferred first:
+	// the placement's (or the server's) that it has. Empty when it has none of
+	// them: predictions there are FAILED_PRECONDITION.
+	ExecutionProviders []string `protobuf:"bytes,19,rep,name=execution_providers,json=executionProviders,proto3" json:"execution_providers,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
 	*x = Model{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[6]
+	mi := &file_mds_v1_model_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -509,7 +609,7 @@ func (x *Model) String() string {
 func (*Model) ProtoMessage() {}
 
 func (x *Model) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[6]
+	mi := &file_mds_v1_model_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -522,7 +622,7 @@ func (x *Model) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Model.ProtoReflect.Descriptor instead.
 func (*Model) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{6}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Model) GetName() string {
@@ -644,6 +744,20 @@ func (x *Model) GetAliases() []string {
 	return nil
 }
 
+func (x *Model) GetPlacement() *Placement {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
+func (x *Model) GetExecutionProviders() []string {
+	if x != nil {
+		return x.ExecutionProviders
+	}
+	return nil
+}
+
 type GetModelRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -658,7 +772,7 @@ type GetModelRequest struct {
 
 func (x *GetModelRequest) Reset() {
 	*x = GetModelRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[7]
+	mi := &file_mds_v1_model_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +784,7 @@ func (x *GetModelRequest) String() string {
 func (*GetModelRequest) ProtoMessage() {}
 
 func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[7]
+	mi := &file_mds_v1_model_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +797,7 @@ func (x *GetModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelRequest.ProtoReflect.Descriptor instead.
 func (*GetModelRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{7}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetModelRequest) GetName() string {
@@ -722,7 +836,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[8]
+	mi := &file_mds_v1_model_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +848,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[8]
+	mi := &file_mds_v1_model_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +861,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{8}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListModelsRequest) GetPageSize() int32 {
@@ -782,7 +896,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[9]
+	mi := &file_mds_v1_model_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +908,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[9]
+	mi := &file_mds_v1_model_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +921,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{9}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListModelsResponse) GetModels() []*Model {
@@ -838,7 +952,7 @@ type DeleteModelRequest struct {
 
 func (x *DeleteModelRequest) Reset() {
 	*x = DeleteModelRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[10]
+	mi := &file_mds_v1_model_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -850,7 +964,7 @@ func (x *DeleteModelRequest) String() string {
 func (*DeleteModelRequest) ProtoMessage() {}
 
 func (x *DeleteModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[10]
+	mi := &file_mds_v1_model_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -863,7 +977,7 @@ func (x *DeleteModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelRequest.ProtoReflect.Descriptor instead.
 func (*DeleteModelRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{10}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DeleteModelRequest) GetName() string {
@@ -897,7 +1011,7 @@ type DeleteModelResponse struct {
 
 func (x *DeleteModelResponse) Reset() {
 	*x = DeleteModelResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[11]
+	mi := &file_mds_v1_model_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -909,7 +1023,7 @@ func (x *DeleteModelResponse) String() string {
 func (*DeleteModelResponse) ProtoMessage() {}
 
 func (x *DeleteModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[11]
+	mi := &file_mds_v1_model_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -922,7 +1036,7 @@ func (x *DeleteModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteModelResponse.ProtoReflect.Descriptor instead.
 func (*DeleteModelResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{11}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeleteModelResponse) GetName() string {
@@ -957,7 +1071,7 @@ type SetAliasRequest struct {
 
 func (x *SetAliasRequest) Reset() {
 	*x = SetAliasRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[12]
+	mi := &file_mds_v1_model_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1083,7 @@ func (x *SetAliasRequest) String() string {
 func (*SetAliasRequest) ProtoMessage() {}
 
 func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[12]
+	mi := &file_mds_v1_model_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1096,7 @@ func (x *SetAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAliasRequest.ProtoReflect.Descriptor instead.
 func (*SetAliasRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{12}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetAliasRequest) GetModel() string {
@@ -1035,7 +1149,7 @@ type Alias struct {
 
 func (x *Alias) Reset() {
 	*x = Alias{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[13]
+	mi := &file_mds_v1_model_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1047,7 +1161,7 @@ func (x *Alias) String() string {
 func (*Alias) ProtoMessage() {}
 
 func (x *Alias) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[13]
+	mi := &file_mds_v1_model_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1060,7 +1174,7 @@ func (x *Alias) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Alias.ProtoReflect.Descriptor instead.
 func (*Alias) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{13}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Alias) GetModel() string {
@@ -1114,7 +1228,7 @@ type ListAliasesRequest struct {
 
 func (x *ListAliasesRequest) Reset() {
 	*x = ListAliasesRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[14]
+	mi := &file_mds_v1_model_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1240,7 @@ func (x *ListAliasesRequest) String() string {
 func (*ListAliasesRequest) ProtoMessage() {}
 
 func (x *ListAliasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[14]
+	mi := &file_mds_v1_model_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1253,7 @@ func (x *ListAliasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAliasesRequest.ProtoReflect.Descriptor instead.
 func (*ListAliasesRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{14}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListAliasesRequest) GetModel() string {
@@ -1158,7 +1272,7 @@ type ListAliasesResponse struct {
 
 func (x *ListAliasesResponse) Reset() {
 	*x = ListAliasesResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[15]
+	mi := &file_mds_v1_model_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1170,7 +1284,7 @@ func (x *ListAliasesResponse) String() string {
 func (*ListAliasesResponse) ProtoMessage() {}
 
 func (x *ListAliasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[15]
+	mi := &file_mds_v1_model_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1183,7 +1297,7 @@ func (x *ListAliasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAliasesResponse.ProtoReflect.Descriptor instead.
 func (*ListAliasesResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{15}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListAliasesResponse) GetAliases() []*Alias {
@@ -1203,7 +1317,7 @@ type DeleteAliasRequest struct {
 
 func (x *DeleteAliasRequest) Reset() {
 	*x = DeleteAliasRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[16]
+	mi := &file_mds_v1_model_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1215,7 +1329,7 @@ func (x *DeleteAliasRequest) String() string {
 func (*DeleteAliasRequest) ProtoMessage() {}
 
 func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[16]
+	mi := &file_mds_v1_model_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1228,7 +1342,7 @@ func (x *DeleteAliasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAliasRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAliasRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{16}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *DeleteAliasRequest) GetModel() string {
@@ -1255,7 +1369,7 @@ type ListAliasHistoryRequest struct {
 
 func (x *ListAliasHistoryRequest) Reset() {
 	*x = ListAliasHistoryRequest{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[17]
+	mi := &file_mds_v1_model_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1267,7 +1381,7 @@ func (x *ListAliasHistoryRequest) String() string {
 func (*ListAliasHistoryRequest) ProtoMessage() {}
 
 func (x *ListAliasHistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[17]
+	mi := &file_mds_v1_model_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1280,7 +1394,7 @@ func (x *ListAliasHistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAliasHistoryRequest.ProtoReflect.Descriptor instead.
 func (*ListAliasHistoryRequest) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{17}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListAliasHistoryRequest) GetModel() string {
@@ -1315,7 +1429,7 @@ type AliasChange struct {
 
 func (x *AliasChange) Reset() {
 	*x = AliasChange{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[18]
+	mi := &file_mds_v1_model_service_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +1441,7 @@ func (x *AliasChange) String() string {
 func (*AliasChange) ProtoMessage() {}
 
 func (x *AliasChange) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[18]
+	mi := &file_mds_v1_model_service_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +1454,7 @@ func (x *AliasChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AliasChange.ProtoReflect.Descriptor instead.
 func (*AliasChange) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{18}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AliasChange) GetAction() string {
@@ -1394,7 +1508,7 @@ type ListAliasHistoryResponse struct {
 
 func (x *ListAliasHistoryResponse) Reset() {
 	*x = ListAliasHistoryResponse{}
-	mi := &file_mds_v1_model_service_proto_msgTypes[19]
+	mi := &file_mds_v1_model_service_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1406,7 +1520,7 @@ func (x *ListAliasHistoryResponse) String() string {
 func (*ListAliasHistoryResponse) ProtoMessage() {}
 
 func (x *ListAliasHistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mds_v1_model_service_proto_msgTypes[19]
+	mi := &file_mds_v1_model_service_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1419,7 +1533,7 @@ func (x *ListAliasHistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAliasHistoryResponse.ProtoReflect.Descriptor instead.
 func (*ListAliasHistoryResponse) Descriptor() ([]byte, []int) {
-	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{19}
+	return file_mds_v1_model_service_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListAliasHistoryResponse) GetChanges() []*AliasChange {
@@ -1439,7 +1553,7 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x122\n" +
 	"\n" +
 	"file_chunk\x18\x03 \x01(\v2\x11.mds.v1.FileChunkH\x00R\tfileChunkB\t\n" +
-	"\apayload\"\x91\x03\n" +
+	"\apayload\"\xc2\x03\n" +
 	"\vModelHeader\x12\x18\n" +
 	"\x04name\x18\x01 \x01(\tB\x04\x90\xb5\x18\x01R\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
@@ -1449,10 +1563,16 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\n" +
 	"size_bytes\x18\x06 \x01(\x03R\tsizeBytes\x128\n" +
 	"\x0eexternal_files\x18\a \x03(\v2\x11.mds.v1.ModelFileR\rexternalFiles\x12,\n" +
-	"\bbatching\x18\b \x01(\v2\x10.mds.v1.BatchingR\bbatching\x1a9\n" +
+	"\bbatching\x18\b \x01(\v2\x10.mds.v1.BatchingR\bbatching\x12/\n" +
+	"\tplacement\x18\t \x01(\v2\x11.mds.v1.PlacementR\tplacement\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"]\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xae\x01\n" +
+	"\tPlacement\x12/\n" +
+	"\x13execution_providers\x18\x01 \x03(\tR\x12executionProviders\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12#\n" +
+	"\rtensorrt_fp16\x18\x03 \x01(\bR\ftensorrtFp16\x12.\n" +
+	"\x13device_memory_bytes\x18\x04 \x01(\x04R\x11deviceMemoryBytes\"]\n" +
 	"\bBatching\x12$\n" +
 	"\x0emax_batch_size\x18\x01 \x01(\rR\fmaxBatchSize\x12+\n" +
 	"\x12max_queue_delay_us\x18\x02 \x01(\rR\x0fmaxQueueDelayUs\"V\n" +
@@ -1466,7 +1586,7 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"?\n" +
 	"\vOperatorSet\x12\x16\n" +
 	"\x06domain\x18\x01 \x01(\tR\x06domain\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x03R\aversion\"\xd3\x05\n" +
+	"\aversion\x18\x02 \x01(\x03R\aversion\"\xb5\x06\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12\x16\n" +
@@ -1488,7 +1608,9 @@ const file_mds_v1_model_service_proto_rawDesc = "" +
 	"\bmetadata\x18\x0e \x01(\v2\x17.google.protobuf.StructR\bmetadata\x12'\n" +
 	"\x05files\x18\x0f \x03(\v2\x11.mds.v1.ModelFileR\x05files\x12,\n" +
 	"\bbatching\x18\x10 \x01(\v2\x10.mds.v1.BatchingR\bbatching\x12\x18\n" +
-	"\aaliases\x18\x11 \x03(\tR\aaliases\x1a9\n" +
+	"\aaliases\x18\x11 \x03(\tR\aaliases\x12/\n" +
+	"\tplacement\x18\x12 \x01(\v2\x11.mds.v1.PlacementR\tplacement\x12/\n" +
+	"\x13execution_providers\x18\x13 \x03(\tR\x12executionProviders\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
@@ -1569,75 +1691,78 @@ func file_mds_v1_model_service_proto_rawDescGZIP() []byte {
 	return file_mds_v1_model_service_proto_rawDescData
 }
 
-var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_mds_v1_model_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_mds_v1_model_service_proto_goTypes = []any{
 	(*UploadModelRequest)(nil),       // 0: mds.v1.UploadModelRequest
 	(*ModelHeader)(nil),              // 1: mds.v1.ModelHeader
-	(*Batching)(nil),                 // 2: mds.v1.Batching
-	(*ModelFile)(nil),                // 3: mds.v1.ModelFile
-	(*FileChunk)(nil),                // 4: mds.v1.FileChunk
-	(*OperatorSet)(nil),              // 5: mds.v1.OperatorSet
-	(*Model)(nil),                    // 6: mds.v1.Model
-	(*GetModelRequest)(nil),          // 7: mds.v1.GetModelRequest
-	(*ListModelsRequest)(nil),        // 8: mds.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),       // 9: mds.v1.ListModelsResponse
-	(*DeleteModelRequest)(nil),       // 10: mds.v1.DeleteModelRequest
-	(*DeleteModelResponse)(nil),      // 11: mds.v1.DeleteModelResponse
-	(*SetAliasRequest)(nil),          // 12: mds.v1.SetAliasRequest
-	(*Alias)(nil),                    // 13: mds.v1.Alias
-	(*ListAliasesRequest)(nil),       // 14: mds.v1.ListAliasesRequest
-	(*ListAliasesResponse)(nil),      // 15: mds.v1.ListAliasesResponse
-	(*DeleteAliasRequest)(nil),       // 16: mds.v1.DeleteAliasRequest
-	(*ListAliasHistoryRequest)(nil),  // 17: mds.v1.ListAliasHistoryRequest
-	(*AliasChange)(nil),              // 18: mds.v1.AliasChange
-	(*ListAliasHistoryResponse)(nil), // 19: mds.v1.ListAliasHistoryResponse
-	nil,                              // 20: mds.v1.ModelHeader.LabelsEntry
-	nil,                              // 21: mds.v1.Model.LabelsEntry
-	(*structpb.Struct)(nil),          // 22: google.protobuf.Struct
-	(*timestamppb.Timestamp)(nil),    // 23: google.protobuf.Timestamp
-	(*TensorSpec)(nil),               // 24: mds.v1.TensorSpec
+	(*Placement)(nil),                // 2: mds.v1.Placement
+	(*Batching)(nil),                 // 3: mds.v1.Batching
+	(*ModelFile)(nil),                // 4: mds.v1.ModelFile
+	(*FileChunk)(nil),                // 5: mds.v1.FileChunk
+	(*OperatorSet)(nil),              // 6: mds.v1.OperatorSet
+	(*Model)(nil),                    // 7: mds.v1.Model
+	(*GetModelRequest)(nil),          // 8: mds.v1.GetModelRequest
+	(*ListModelsRequest)(nil),        // 9: mds.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),       // 10: mds.v1.ListModelsResponse
+	(*DeleteModelRequest)(nil),       // 11: mds.v1.DeleteModelRequest
+	(*DeleteModelResponse)(nil),      // 12: mds.v1.DeleteModelResponse
+	(*SetAliasRequest)(nil),          // 13: mds.v1.SetAliasRequest
+	(*Alias)(nil),                    // 14: mds.v1.Alias
+	(*ListAliasesRequest)(nil),       // 15: mds.v1.ListAliasesRequest
+	(*ListAliasesResponse)(nil),      // 16: mds.v1.ListAliasesResponse
+	(*DeleteAliasRequest)(nil),       // 17: mds.v1.DeleteAliasRequest
+	(*ListAliasHistoryRequest)(nil),  // 18: mds.v1.ListAliasHistoryRequest
+	(*AliasChange)(nil),              // 19: mds.v1.AliasChange
+	(*ListAliasHistoryResponse)(nil), // 20: mds.v1.ListAliasHistoryResponse
+	nil,                              // 21: mds.v1.ModelHeader.LabelsEntry
+	nil,                              // 22: mds.v1.Model.LabelsEntry
+	(*structpb.Struct)(nil),          // 23: google.protobuf.Struct
+	(*timestamppb.Timestamp)(nil),    // 24: google.protobuf.Timestamp
+	(*TensorSpec)(nil),               // 25: mds.v1.TensorSpec
 }
 var file_mds_v1_model_service_proto_depIdxs = []int32{
 	1,  // 0: mds.v1.UploadModelRequest.header:type_name -> mds.v1.ModelHeader
-	4,  // 1: mds.v1.UploadModelRequest.file_chunk:type_name -> mds.v1.FileChunk
-	20, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
-	22, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
-	3,  // 4: mds.v1.ModelHeader.external_files:type_name -> mds.v1.ModelFile
-	2,  // 5: mds.v1.ModelHeader.batching:type_name -> mds.v1.Batching
-	23, // 6: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
-	24, // 7: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
-	24, // 8: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
-	5,  // 9: mds.v1.Model.opsets:type_name -> mds.v1.OperatorSet
-	21, // 10: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
-	22, // 11: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
-	3,  // 12: mds.v1.Model.files:type_name -> mds.v1.ModelFile
-	2,  // 13: mds.v1.Model.batching:type_name -> mds.v1.Batching
-	6,  // 14: mds.v1.ListModelsResponse.models:type_name -> mds.v1.Model
-	23, // 15: mds.v1.Alias.updated_at:type_name -> google.protobuf.Timestamp
-	13, // 16: mds.v1.ListAliasesResponse.aliases:type_name -> mds.v1.Alias
-	23, // 17: mds.v1.AliasChange.at:type_name -> google.protobuf.Timestamp
-	18, // 18: mds.v1.ListAliasHistoryResponse.changes:type_name -> mds.v1.AliasChange
-	0,  // 19: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
-	7,  // 20: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
-	8,  // 21: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
-	10, // 22: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
-	12, // 23: mds.v1.ModelService.SetAlias:input_type -> mds.v1.SetAliasRequest
-	14, // 24: mds.v1.ModelService.ListAliases:input_type -> mds.v1.ListAliasesRequest
-	16, // 25: mds.v1.ModelService.DeleteAlias:input_type -> mds.v1.DeleteAliasRequest
-	17, // 26: mds.v1.ModelService.ListAliasHistory:input_type -> mds.v1.ListAliasHistoryRequest
-	6,  // 27: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
-	6,  // 28: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
-	9,  // 29: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
-	11, // 30: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
-	13, // 31: mds.v1.ModelService.SetAlias:output_type -> mds.v1.Alias
-	15, // 32: mds.v1.ModelService.ListAliases:output_type -> mds.v1.ListAliasesResponse
-	13, // 33: mds.v1.ModelService.DeleteAlias:output_type -> mds.v1.Alias
-	19, // 34: mds.v1.ModelService.ListAliasHistory:output_type -> mds.v1.ListAliasHistoryResponse
-	27, // [27:35] is the sub-list for method output_type
-	19, // [19:27] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	5,  // 1: mds.v1.UploadModelRequest.file_chunk:type_name -> mds.v1.FileChunk
+	21, // 2: mds.v1.ModelHeader.labels:type_name -> mds.v1.ModelHeader.LabelsEntry
+	23, // 3: mds.v1.ModelHeader.metadata:type_name -> google.protobuf.Struct
+	4,  // 4: mds.v1.ModelHeader.external_files:type_name -> mds.v1.ModelFile
+	3,  // 5: mds.v1.ModelHeader.batching:type_name -> mds.v1.Batching
+	2,  // 6: mds.v1.ModelHeader.placement:type_name -> mds.v1.Placement
+	24, // 7: mds.v1.Model.created_at:type_name -> google.protobuf.Timestamp
+	25, // 8: mds.v1.Model.inputs:type_name -> mds.v1.TensorSpec
+	25, // 9: mds.v1.Model.outputs:type_name -> mds.v1.TensorSpec
+	6,  // 10: mds.v1.Model.opsets:type_name -> mds.v1.OperatorSet
+	22, // 11: mds.v1.Model.labels:type_name -> mds.v1.Model.LabelsEntry
+	23, // 12: mds.v1.Model.metadata:type_name -> google.protobuf.Struct
+	4,  // 13: mds.v1.Model.files:type_name -> mds.v1.ModelFile
+	3,  // 14: mds.v1.Model.batching:type_name -> mds.v1.Batching
+	2,  // 15: mds.v1.Model.placement:type_name -> mds.v1.Placement
+	7,  // 16: mds.v1.ListModelsResponse.models:type_name -> mds.v1.Model
+	24, // 17: mds.v1.Alias.updated_at:type_name -> google.protobuf.Timestamp
+	14, // 18: mds.v1.ListAliasesResponse.aliases:type_name -> mds.v1.Alias
+	24, // 19: mds.v1.AliasChange.at:type_name -> google.protobuf.Timestamp
+	19, // 20: mds.v1.ListAliasHistoryResponse.changes:type_name -> mds.v1.AliasChange
+	0,  // 21: mds.v1.ModelService.UploadModel:input_type -> mds.v1.UploadModelRequest
+	8,  // 22: mds.v1.ModelService.GetModel:input_type -> mds.v1.GetModelRequest
+	9,  // 23: mds.v1.ModelService.ListModels:input_type -> mds.v1.ListModelsRequest
+	11, // 24: mds.v1.ModelService.DeleteModel:input_type -> mds.v1.DeleteModelRequest
+	13, // 25: mds.v1.ModelService.SetAlias:input_type -> mds.v1.SetAliasRequest
+	15, // 26: mds.v1.ModelService.ListAliases:input_type -> mds.v1.ListAliasesRequest
+	17, // 27: mds.v1.ModelService.DeleteAlias:input_type -> mds.v1.DeleteAliasRequest
+	18, // 28: mds.v1.ModelService.ListAliasHistory:input_type -> mds.v1.ListAliasHistoryRequest
+	7,  // 29: mds.v1.ModelService.UploadModel:output_type -> mds.v1.Model
+	7,  // 30: mds.v1.ModelService.GetModel:output_type -> mds.v1.Model
+	10, // 31: mds.v1.ModelService.ListModels:output_type -> mds.v1.ListModelsResponse
+	12, // 32: mds.v1.ModelService.DeleteModel:output_type -> mds.v1.DeleteModelResponse
+	14, // 33: mds.v1.ModelService.SetAlias:output_type -> mds.v1.Alias
+	16, // 34: mds.v1.ModelService.ListAliases:output_type -> mds.v1.ListAliasesResponse
+	14, // 35: mds.v1.ModelService.DeleteAlias:output_type -> mds.v1.Alias
+	20, // 36: mds.v1.ModelService.ListAliasHistory:output_type -> mds.v1.ListAliasHistoryResponse
+	29, // [29:37] is the sub-list for method output_type
+	21, // [21:29] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_mds_v1_model_service_proto_init() }
@@ -1658,7 +1783,7 @@ func file_mds_v1_model_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mds_v1_model_service_proto_rawDesc), len(file_mds_v1_model_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -110,6 +110,17 @@ export declare type ModelHeader = Message<"mds.v1.ModelHeader"> & {
    * @generated from field: mds.v1.Batching batching = 8;
    */
   batching?: Batching | undefined;
+
+  /**
+   * Where this version runs; unset follows the server's settings
+   * (MDS_EXECUTION_PROVIDERS). FAILED_PRECONDITION when it names a provider the
+   * server does not have (the message lists those it has) or asks for more
+   * device memory than the server gives one GPU; INVALID_ARGUMENT for an
+   * unknown or repeated provider name.
+   *
+   * @generated from field: mds.v1.Placement placement = 9;
+   */
+  placement?: Placement | undefined;
 };
 
 /**
@@ -117,6 +128,55 @@ export declare type ModelHeader = Message<"mds.v1.ModelHeader"> & {
  * Use `create(ModelHeaderSchema)` to create a new message.
  */
 export declare const ModelHeaderSchema: GenMessage<ModelHeader>;
+
+/**
+ * Where a model version runs: onnxruntime execution providers and their GPU.
+ * The server's providers are listed in V2 ServerMetadata's extensions as
+ * "execution_provider:NAME".
+ *
+ * @generated from message mds.v1.Placement
+ */
+export declare type Placement = Message<"mds.v1.Placement"> & {
+  /**
+   * Providers by name, preferred first: "tensorrt", "cuda", "cpu". A node the
+   * first cannot run goes to the next, and a model the first cannot load at
+   * all loads on the next (the server logs it); it only runs on the CPU when
+   * "cpu" is listed. Empty follows the server's MDS_EXECUTION_PROVIDERS.
+   *
+   * @generated from field: repeated string execution_providers = 1;
+   */
+  executionProviders: string[];
+
+  /**
+   * The GPU (CUDA device ordinal) of the cuda and tensorrt providers.
+   *
+   * @generated from field: uint32 device_id = 2;
+   */
+  deviceId: number;
+
+  /**
+   * Whether TensorRT may build FP16 kernels: faster, less precise.
+   *
+   * @generated from field: bool tensorrt_fp16 = 3;
+   */
+  tensorrtFp16: boolean;
+
+  /**
+   * The most device memory the version's session may hold, in bytes (the
+   * CUDA arena's limit, TensorRT's workspace); 0 uses the server's
+   * MDS_GPU_SESSION_MEMORY_BYTES. It counts against the GPU's
+   * MDS_GPU_MEMORY_BYTES while the session is loaded.
+   *
+   * @generated from field: uint64 device_memory_bytes = 4;
+   */
+  deviceMemoryBytes: bigint;
+};
+
+/**
+ * Describes the message mds.v1.Placement.
+ * Use `create(PlacementSchema)` to create a new message.
+ */
+export declare const PlacementSchema: GenMessage<Placement>;
 
 /**
  * Dynamic batching: concurrent Predict and PredictStream requests (and V2
@@ -331,6 +391,22 @@ export declare type Model = Message<"mds.v1.Model"> & {
    * @generated from field: repeated string aliases = 17;
    */
   aliases: string[];
+
+  /**
+   * The placement given at upload; unset when it follows the server's settings.
+   *
+   * @generated from field: mds.v1.Placement placement = 18;
+   */
+  placement?: Placement | undefined;
+
+  /**
+   * The providers the answering server runs this version on, preferred first:
+   * the placement's (or the server's) that it has. Empty when it has none of
+   * them: predictions there are FAILED_PRECONDITION.
+   *
+   * @generated from field: repeated string execution_providers = 19;
+   */
+  executionProviders: string[];
 };
 
 /**
