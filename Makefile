@@ -47,12 +47,14 @@ envoy: install
 image:
 	scripts/image.sh build
 
-## The benchmark suite (bench/): writes bench/results/results.{json,md,png}. The peers (KServe, MLServer)
-## install once into $(MDS_CACHE)/peers; BENCH_ARGS="--only a,b --duration 10" picks workloads and lengths.
+## The benchmark suite (bench/): writes bench/results/results.{json,md,png} (ignored by git), each target met or
+## missed at the end of results.md. The peers (KServe, MLServer) install once into $(MDS_CACHE)/peers;
+## BENCH_ARGS="--only a,b --duration 10" picks workloads and lengths, "--publish" also updates bench/published/.
 bench: install-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-## A bounded soak (3 minutes by default) of mixed load: writes bench/results/soak.json.
+## A bounded soak (3 minutes by default) of mixed load: writes bench/results/soak.json; SOAK_ARGS=--publish also
+## updates bench/published/soak.json when it passes.
 soak: install-test
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 

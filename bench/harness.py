@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,28 @@ def memory_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def helper_peaks(log: Path | None) -> list[float]:
+    """Peak RSS, in MiB, of each helper process that checked a model so far, from the server's JSON log LOG."""
+    lines = map(json.loads, log.read_text().splitlines()) if log and log.exists() else []
+    ended = (line for line in lines if line.get("message") == "helper process ended")
+    return [line["peak_rss_mib"] for line in ended if line["peak_rss_mib"] is not None]
+
+
+def peak_memory(pids: dict[str, int], action: Callable[[], object], log: Path | None = None) -> dict:
+    """Run ACTION: each process's peak RSS growth in MiB (VmHWM, reset just before, minus VmRSS just before),
+    under its name in PIDS; "helper": the peak RSS in MiB of the helper process that checked a model meanwhile
+    (from the server's log LOG; None when none did); "seconds": how long ACTION took."""
+    helpers = len(helper_peaks(log))
+    before = {name: memory_kib(pid, "VmRSS") for name, pid in pids.items()}
+    for pid in pids.values():
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+    start = time.perf_counter()
+    action()
+    seconds = time.perf_counter() - start
+    growth = {name: (memory_kib(pid, "VmHWM") - before[name]) / 1024 for name, pid in pids.items()}
+    return {**growth, "helper": max(helper_peaks(log)[helpers:], default=None), "seconds": seconds}
 
 
 class Target:

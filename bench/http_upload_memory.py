@@ -9,7 +9,6 @@ instead of the embedded default.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,34 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "scripts")]
 import models  # noqa: E402
-from harness import REPO, memory_kib  # noqa: E402
-from local_machine import CACHE, free_port  # noqa: E402
-
-
-def single_file_model(path: Path, mib: int) -> Path:
-    """x[batch, 1024] @ W[1024, n]: W inline in the .onnx file, about `mib` MiB."""
-    if path.exists():
-        return path
-    columns = mib * 256
-    weights = np.random.default_rng(0).standard_normal((1024, columns), np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "single",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", columns])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mds-bench")
-    model.ir_version = 8
-    onnx.save_model(model, str(path.with_suffix(".part")))
-    path.with_suffix(".part").rename(path)
-    return path
+from harness import REPO, peak_memory  # noqa: E402
+from local_machine import free_port  # noqa: E402
 
 
 def wait_for(url: str, timeout: float = 60) -> None:
@@ -55,25 +30,10 @@ def wait_for(url: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def helper_peaks(log: Path) -> list[float]:
-    """Peak RSS, in MiB, of each helper process that checked a model so far."""
-    lines = map(json.loads, log.read_text().splitlines()) if log.exists() else []
-    return [line["peak_rss_mib"] for line in lines if line["message"] == "helper process ended"]
-
-
-def measure(pids: dict[str, int], curl: list[str], log: Path) -> dict[str, float]:
-    """Run curl; each process's peak RSS growth in MiB, the helper's peak RSS (0: none) and the seconds it took."""
-    helpers = len(helper_peaks(log))
-    before = {name: memory_kib(pid, "VmRSS") for name, pid in pids.items()}
-    for pid in pids.values():
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
-    start = time.perf_counter()
-    reply = subprocess.run(["curl", "-sS", "--fail-with-body", *curl], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+def curl(arguments: list[str]) -> None:
+    reply = subprocess.run(["curl", "-sS", "--fail-with-body", *arguments], capture_output=True, text=True)
     if reply.returncode != 0:
         raise SystemExit(f"error: upload failed: {reply.stdout} {reply.stderr}")
-    growth = {name: (memory_kib(pid, "VmHWM") - before[name]) / 1024 for name, pid in pids.items()}
-    return {**growth, "helper": max(helper_peaks(log)[helpers:], default=0), "seconds": seconds}
 
 
 def main() -> None:
@@ -110,25 +70,29 @@ def main() -> None:
         wait_for(f"{url}/v1/models")
         pids = {"Envoy": envoy.pid, "server": server.pid}
         big = models.big_model()
-        single = single_file_model(CACHE / "bench-models" / f"single-{args.single_mib}.onnx", args.single_mib)
+        single = models.single_file_model(args.single_mib)
         rows = [
             (
                 "multipart: big.onnx + big.onnx.data (`curl -F`)",
                 big.stat().st_size + (big.parent / models.BIG_DATA).stat().st_size,
-                measure(
+                peak_memory(
                     pids,
-                    ["-F", f"model=@{big}", "-F", f"{models.BIG_DATA}=@{big.parent / models.BIG_DATA}"]
-                    + [f"{url}/v1/models/big:upload"],
+                    lambda: curl(
+                        ["-F", f"model=@{big}", "-F", f"{models.BIG_DATA}=@{big.parent / models.BIG_DATA}"]
+                        + [f"{url}/v1/models/big:upload"]
+                    ),
                     work / "logs" / "mds.log",
                 ),
             ),
             (
                 "plain body: one .onnx file (`curl --data-binary`)",
                 single.stat().st_size,
-                measure(
+                peak_memory(
                     pids,
-                    ["--data-binary", f"@{single}", "-H", "Content-Type: application/octet-stream"]
-                    + [f"{url}/v1/models/single:upload"],
+                    lambda: curl(
+                        ["--data-binary", f"@{single}", "-H", "Content-Type: application/octet-stream"]
+                        + [f"{url}/v1/models/single:upload"]
+                    ),
                     work / "logs" / "mds.log",
                 ),
             ),
@@ -144,7 +108,7 @@ def main() -> None:
     for name, size, figures in rows:
         print(
             f"| {name} | {size / 2**20:,.0f} | {figures['seconds']:.1f} | {figures['Envoy']:.0f} "
-            f"| {figures['server']:.0f} | {figures['helper']:.0f} |"
+            f"| {figures['server']:.0f} | {'–' if figures['helper'] is None else format(figures['helper'], '.0f')} |"
         )
 
 

@@ -5,12 +5,13 @@ import itertools
 import os
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 import models
-from harness import PREDICT, REPO, Target, check_outputs, memory_kib, session, upload
+from harness import PREDICT, REPO, Target, check_outputs, peak_memory, session, upload
 from local_machine import free_port
 from mds.v1 import inference_service_pb2 as pb
 from mds.v1 import job_service_pb2 as jobs
@@ -18,6 +19,8 @@ from mds.v1 import job_service_pb2_grpc, tensor_pb2
 from mds_grpc.api.tensors import from_array, to_array
 
 RAW_PUT = "minio client fput_object"
+EXTERNAL_DATA = "external data"  # (d) models: the big one, weights in big.onnx.data
+SINGLE_FILE = "single file"  # weights inline in the .onnx file
 IN_PROCESS_JOB = "onnxruntime in-process"
 ORT_LOAD = "onnxruntime read + load"
 JOB_BATCH_ROWS = 4096  # MDS_JOB_BATCH_ROWS's default
@@ -53,30 +56,47 @@ def big_shape(bench) -> tuple[int, int]:
     return (1024, 4096) if bench.smoke else (8192, 32768)
 
 
+def single_mib(bench) -> int:
+    """The single-file model's size: 512 MiB; 32 MiB in a smoke run (still over the 16 MiB that MDS checks
+    in the serving process, so a helper process checks it)."""
+    return 32 if bench.smoke else 512
+
+
 def upload_rate(bench) -> list[dict]:
-    """(d) The big model's files into MinIO with the minio client, then through MDS's UploadModel."""
+    """(d) Each model's files into MinIO with the minio client, then through MDS's UploadModel: the big model
+    (weights in an external-data file) and a single-file one (weights inline, checked in a helper process)."""
     from minio import Minio
 
     mds = production(bench)
-    path = models.big_model(*big_shape(bench))
-    files = [path, path.parent / models.BIG_DATA]
-    size = sum(f.stat().st_size for f in files)
     client = Minio(mds.env["MDS_S3_ENDPOINT"], mds.env["MDS_S3_ACCESS_KEY"], mds.env["MDS_S3_SECRET_KEY"], secure=False)
     client.make_bucket("bench-raw")
-    start = time.perf_counter()
-    for file in files:
-        client.fput_object("bench-raw", f"big/{file.name}", str(file))
-    raw = time.perf_counter() - start
-    rss = memory_kib(mds.process.pid, "VmRSS")
-    Path(f"/proc/{mds.process.pid}/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
-    start = time.perf_counter()
-    upload(mds, "big", path, (models.BIG_DATA,))
-    seconds = time.perf_counter() - start
-    growth = (memory_kib(mds.process.pid, "VmHWM") - rss) / 1024
-    return [
-        {"target": name, "mib": size / 2**20, "seconds": s, "mb_per_s": size / 1e6 / s, "rss_growth_mib": g}
-        for name, s, g in ((RAW_PUT, raw, None), ("MDS UploadModel", seconds, growth))
-    ]
+    big = models.big_model(*big_shape(bench))
+    rows = []
+    for model, path, side in (
+        (EXTERNAL_DATA, big, (models.BIG_DATA,)),
+        (SINGLE_FILE, models.single_file_model(single_mib(bench)), ()),
+    ):
+        files = [path, *(path.parent / s for s in side)]
+        size = sum(f.stat().st_size for f in files)
+        start = time.perf_counter()
+        for file in files:
+            client.fput_object("bench-raw", f"{path.stem}/{file.name}", str(file))
+        raw = time.perf_counter() - start
+        send = partial(upload, mds, f"upload-{path.stem}", path, side)
+        figures = peak_memory({"server": mds.process.pid}, send, Path(mds.env["MDS_LOG_DIR"]) / "mds.log")
+        rows += [
+            {"target": RAW_PUT, "model": model, "mib": size / 2**20, "seconds": raw, "mb_per_s": size / 1e6 / raw},
+            {
+                "target": "MDS UploadModel",
+                "model": model,
+                "mib": size / 2**20,
+                "seconds": figures["seconds"],
+                "mb_per_s": size / 1e6 / figures["seconds"],
+                "rss_growth_mib": figures["server"],
+                "helper_peak_mib": figures["helper"],
+            },
+        ]
+    return rows
 
 
 def bulk_job(bench) -> list[dict]:

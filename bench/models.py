@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from local_machine import CACHE
@@ -100,5 +101,29 @@ def big_model(rows: int = 8192, columns: int = 32768) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mds-bench")
     model.ir_version = 8
     path.with_suffix(".part").write_bytes(model.SerializeToString())
+    path.with_suffix(".part").rename(path)
+    return path
+
+
+def single_file_model(mib: int) -> Path:
+    """x[batch, 1024] @ W[1024, mib * 256]: W (`mib` MiB of fp32) inline in the .onnx file, so the server checks
+    it in a helper process (mds_grpc/core/validation.py). Written once into $MDS_CACHE/bench-models."""
+    path = MODELS / f"single-{mib}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = mib * 256
+    weights = np.random.default_rng(0).standard_normal((1024, columns), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "single",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", columns])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    del weights
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mds-bench")
+    model.ir_version = 8
+    onnx.save_model(model, str(path.with_suffix(".part")))
     path.with_suffix(".part").rename(path)
     return path

@@ -2,12 +2,15 @@
 (KServe, MLServer) on the same model files and the same load generator (ghz), in one run.
 MDS runs with its production features on: access log, Prometheus metrics, API keys.
 
-    python bench/run.py [--smoke] [--only a,b,...] [--no-peers] [--duration 5] [--out bench/results]
+    python bench/run.py [--smoke] [--only a,b,...] [--no-peers] [--duration 5] [--out bench/results] [--publish]
 
-Workloads: (a) MLP unary, (b) bidi streams, (c) a compute-heavy real model, (d) a 1 GiB upload,
-(e) a 1M-row bulk job, (f) cold start. Writes results.json, results.md (one table per workload, with
-ratios to the floor, the peers and in-process onnxruntime) and results.png. `--smoke` is a short run of
-the harness (about half a minute): 1 s per point, no peers, no heavy model, 16 MiB instead of 1 GiB.
+Workloads: (a) MLP unary, (b) bidi streams, (c) a compute-heavy real model, (d) a 1 GiB external-data upload
+and a 512 MiB single-file one, (e) a 1M-row bulk job, (f) cold start. Writes results.json, results.md (one
+table per workload, with ratios to the floor, the peers and in-process onnxruntime, then each target of
+GOALS met or missed) and results.png into --out (bench/results/, ignored by git). `--publish` also merges
+the run into the committed snapshot, bench/published/: the workloads run replace their earlier rows there.
+`--smoke` is a short run of the harness (about half a minute): 1 s per point, no peers, no heavy model,
+16 MiB instead of 1 GiB.
 """
 
 import argparse
@@ -32,6 +35,8 @@ import serving  # noqa: E402
 from harness import REPO, Target, upload  # noqa: E402
 from local_machine import free_port  # noqa: E402
 from models import mlp  # noqa: E402
+
+PUBLISHED = REPO / "bench" / "published"
 
 
 class Bench:
@@ -77,6 +82,7 @@ class Bench:
             "MDS_AUTH": "on",
             "MDS_ORT_INTRA_OP_THREADS": "1",
             "MDS_METRICS_PORT": str(free_port()),
+            "MDS_WEBSOCKET_PORT": str(free_port()),  # not the default 50052: runs may share the machine
             "MDS_DRAIN_SECONDS": "0",  # nothing balances across the targets
         }
         created = subprocess.run(
@@ -159,10 +165,12 @@ WORKLOADS = {
         lifecycle.upload_rate,
         [
             ("target", "target", ""),
+            ("model", "model", ""),
             ("MiB", "mib", ",.0f"),
             ("seconds", "seconds", ".2f"),
             ("MB/s", "mb_per_s", ",.0f"),
             ("server peak RSS growth MiB", "rss_growth_mib", ",.0f"),
+            ("helper process peak RSS MiB", "helper_peak_mib", ",.0f"),
         ],
         "mb_per_s",
         [("× minio client", lifecycle.RAW_PUT)],
@@ -190,6 +198,133 @@ WORKLOADS = {
 }
 
 
+@dataclass(frozen=True)
+class Goal:
+    """A target (issue 15), checked on figures taken from a run's rows; none: not measured in that run."""
+
+    workload: str
+    text: str
+    figures: Callable[[list[dict]], list[float]]
+    limit: float
+    at_most: bool = False  # figures must be ≤ limit; otherwise ≥
+    unit: str = "×"
+    elsewhere: str = ""  # what measures it when this suite does not
+    also: str = ""  # the other workloads whose rows it reads: it counts only when they ran in the same run
+
+
+def pick(rows: list[dict], workload: str, target: str, key: str, **match) -> list[float]:
+    """KEY (a row's field or one of its ratio columns) of WORKLOAD's rows for TARGET whose fields match MATCH."""
+    return [
+        value
+        for r in rows
+        if r["workload"] == workload and r["target"] == target and all(r.get(k) == v for k, v in match.items())
+        for value in [r.get(key, r.get("ratios", {}).get(key))]
+        if value is not None
+    ]
+
+
+def upload_then_predict(rows: list[dict]) -> list[float]:
+    """(f) upload → first prediction of the big model over (d)'s minio client put of its files plus
+    onnxruntime's read + load."""
+    put = pick(rows, "d", lifecycle.RAW_PUT, "seconds", model=lifecycle.EXTERNAL_DATA)
+    load = pick(rows, "f", lifecycle.ORT_LOAD, "seconds", model="big")
+    mds = pick(rows, "f", "MDS upload → first prediction", "seconds", model="big")
+    return [mds[0] / (put[0] + load[0])] if put and load and mds else []
+
+
+def of(workload: str, target: str, key: str, **match) -> Callable[[list[dict]], list[float]]:
+    return lambda rows: pick(rows, workload, target, key, **match)
+
+
+MINIO, UPLOAD = WORKLOADS["d"].ratios[0][0], "MDS UploadModel"
+GOALS = [
+    Goal("a", "Predict ≥ 0.95× the floor at concurrency 1 / 8 / 64", of("a", "MDS", FLOOR[0], call="Predict"), 0.95),
+    Goal("a", "ModelInfer ≥ 0.95× the floor", of("a", "MDS", FLOOR[0], call="ModelInfer"), 0.95),
+    Goal("b", "streams ≥ 1.0× the floor at 1 / 8 streams", of("b", "MDS", FLOOR[0]), 1.0),
+    *[
+        goal
+        for model, size in ((lifecycle.EXTERNAL_DATA, "1 GiB"), (lifecycle.SINGLE_FILE, "512 MiB"))
+        for goal in (
+            Goal("d", f"{size} {model} upload ≥ 0.8× the minio client", of("d", UPLOAD, MINIO, model=model), 0.8),
+            Goal(
+                "d",
+                f"{size} {model}: server RSS growth ≤ 64 MiB",
+                of("d", UPLOAD, "rss_growth_mib", model=model),
+                64,
+                at_most=True,
+                unit=" MiB",
+            ),
+        )
+    ],
+    Goal(
+        "e",
+        "1M rows, CreateJob → SUCCEEDED ≥ 0.7× in-process",
+        of("e", "MDS job: CreateJob → SUCCEEDED", "× in-process"),
+        0.7,
+    ),
+    Goal(
+        "e",
+        "1M rows, input upload → results read ≥ 0.4× in-process",
+        of("e", "MDS job: input upload → results read", "× in-process"),
+        0.4,
+    ),
+    Goal(
+        "f",
+        "restart → first prediction ≤ 1.3× the floor's, both models",
+        lambda rows: [],
+        1.3,
+        at_most=True,
+        elsewhere="bench/cold_start.py",
+    ),
+    Goal(
+        "f",
+        "upload → first prediction (1 GiB) ≤ 1.5× minio client put + onnxruntime read + load",
+        upload_then_predict,
+        1.5,
+        at_most=True,
+        also="d",
+    ),
+]
+
+
+def check(runs: dict[str, dict], rows: list[dict]) -> list[dict]:
+    """Each goal of the workloads in RUNS: its figures and whether all of them meet it (None: not measured)."""
+    checked = []
+    for goal in GOALS:
+        if goal.workload in runs:
+            same_run = all(
+                runs.get(key, {}).get("started", 0) == runs[goal.workload].get("started") for key in goal.also
+            )
+            figures = goal.figures(rows) if same_run else []
+            met = all(f <= goal.limit if goal.at_most else f >= goal.limit for f in figures) if figures else None
+            checked.append(
+                {
+                    "workload": goal.workload,
+                    "target": goal.text,
+                    "figures": figures,
+                    "unit": goal.unit,
+                    "met": met,
+                    "elsewhere": goal.elsewhere,
+                }
+            )
+    return checked
+
+
+def targets_markdown(checked: list[dict]) -> str:
+    lines = ["### Targets", "", "| workload | target | measured | met? |", "|---|---|---|---|"]
+    for c in checked:
+        measured = " / ".join(
+            f"{f:.2f}{c['unit']}" if c["unit"] == "×" else f"{f:+.1f}{c['unit']}" for f in c["figures"]
+        )
+        verdict = {
+            True: "met",
+            False: "missed",
+            None: f"not in this run ({c['elsewhere']})" if c["elsewhere"] else "not in this run",
+        }[c["met"]]
+        lines.append(f"| ({c['workload']}) | {c['target']} | {measured or '–'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_ratios(rows: list[dict], workload: Workload) -> None:
     """Each MDS row's figure over its baseline's, at the same concurrency and model (peers get × floor too)."""
     for row in rows:
@@ -210,12 +345,13 @@ def add_ratios(rows: list[dict], workload: Workload) -> None:
                 row["ratios"][column] = row[workload.value] / base[workload.value]
 
 
-def markdown(rows: list[dict], workload: Workload) -> str:
+def markdown(rows: list[dict], workload: Workload, note: str = "") -> str:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     headers = [h for h, _, _ in workload.columns] + [c for c, _ in workload.ratios]
     lines = [
         f"### {workload.title}",
         "",
+        *([note, ""] if note else []),
         "| " + " | ".join(headers) + " |",
         "|"
         + "|".join(["---:" if spec else "---" for _, _, spec in workload.columns] + ["---:"] * len(workload.ratios))
@@ -266,16 +402,27 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated workloads to run, e.g. a,b (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="leave KServe and MLServer out")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results", help="where the results go (ignored by git)"
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"also merge the run into the committed snapshot, {PUBLISHED.relative_to(REPO)}/ (the workloads run "
+        "replace their earlier rows)",
+    )
     args = parser.parse_args()
     chosen = args.only.split(",") if args.only else [k for k in WORKLOADS if not (args.smoke and k == "c")]
     if unknown := set(chosen) - set(WORKLOADS):
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {','.join(WORKLOADS)}")
+    if args.publish and args.smoke:
+        parser.error("a smoke run is not published")
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.smoke or args.no_peers) and {"a", "b"} & set(chosen):
         peers.install()
 
     results = {}
+    started = time.strftime("%Y-%m-%d %H:%M")
     with contextlib.ExitStack() as stack:
         bench = Bench(args, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mds-bench-"))), stack)
         for key in chosen:
@@ -287,16 +434,47 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"onnxruntime {ort.__version__}"
     )
+    run = {"machine": machine, "duration_s": bench.duration, "smoke": args.smoke, "started": started}
+    runs = {key: run for key in results}
     rows = [{"workload": key, **row} for key, rows in results.items() for row in rows]
-    (args.out / "results.json").write_text(
-        json.dumps({"machine": machine, "duration_s": bench.duration, "smoke": args.smoke, "rows": rows}, indent=2)
+    print(write(args.out, runs, rows))
+    if args.publish:
+        earlier_runs, earlier_rows = published()
+        rows = [r for r in earlier_rows if r["workload"] not in results] + rows
+        write(PUBLISHED, {**earlier_runs, **runs}, sorted(rows, key=lambda r: list(WORKLOADS).index(r["workload"])))
+        print(f"published: {', '.join(results)} into {PUBLISHED}", file=sys.stderr)
+
+
+def write(folder: Path, runs: dict[str, dict], rows: list[dict]) -> str:
+    """results.json, results.md and results.png into FOLDER for ROWS (each naming its workload), measured in
+    RUNS (each workload's machine, seconds per point, smoke flag and start); returns the Markdown."""
+    results = {key: [r for r in rows if r["workload"] == key] for key in WORKLOADS if key in runs}
+    checked = check(runs, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"runs": runs, "rows": rows, "targets": checked}, indent=2))
+    settings = {
+        key: f"Machine: {run['machine']}; {run['duration_s']:g} s per point"
+        + (f"; run {run['started']}." if run.get("started") else ".")
+        for key, run in runs.items()
+    }
+    shared = set(settings.values())
+    text = (f"{next(iter(shared))}\n\n" if len(shared) == 1 else "") + "\n".join(
+        markdown(rows, WORKLOADS[key], "" if len(shared) == 1 else settings[key]) for key, rows in results.items()
     )
-    (args.out / "results.md").write_text(
-        f"Machine: {machine}; {bench.duration:g} s per point.\n\n"
-        + "\n".join(markdown(rows, WORKLOADS[key]) for key, rows in results.items())
-    )
-    chart(results, args.out / "results.png")
-    print((args.out / "results.md").read_text())
+    (folder / "results.md").write_text(text + "\n" + targets_markdown(checked))
+    chart(results, folder / "results.png")
+    return (folder / "results.md").read_text()
+
+
+def published() -> tuple[dict[str, dict], list[dict]]:
+    """The committed snapshot's runs and rows (a snapshot from before runs were kept per workload was one run)."""
+    path = PUBLISHED / "results.json"
+    if not path.exists():
+        return {}, []
+    snapshot = json.loads(path.read_text())
+    rows = snapshot["rows"]
+    run = {key: snapshot.get(key) for key in ("machine", "duration_s", "smoke")}
+    return snapshot.get("runs") or {r["workload"]: run for r in rows}, rows
 
 
 if __name__ == "__main__":

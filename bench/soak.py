@@ -1,14 +1,17 @@
 """A bounded soak: mixed upload / predict / stream / job load on a loopback MDS, stopping by itself.
 
-    python bench/soak.py [--seconds 180] [--out bench/results/soak.json]
+    python bench/soak.py [--seconds 180] [--out bench/results/soak.json] [--publish]
 
 Fails (exit 1) when a request that should succeed fails, or when the server's RSS or open
 file descriptors grow past the tolerance between the end of the warm-up and the end.
+bench/results/ is ignored by git; --publish also copies a passing report to the committed
+snapshot, bench/published/soak.json.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "scr
 from local_machine import free_port  # noqa: E402
 from models import mlp  # noqa: E402
 
+PUBLISHED = Path(__file__).parent / "published" / "soak.json"
 RSS_TOLERANCE_MIB = 64
 FD_TOLERANCE = 8
 
@@ -123,6 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
+    parser.add_argument(
+        "--publish", action="store_true", help="also copy a passing report to bench/published/soak.json (committed)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mds-soak-"))
     port = free_port()
@@ -139,7 +146,7 @@ def main() -> None:
             "--log-dir",
             str(work / "logs"),
         ],
-        env={**os.environ, "MDS_DRAIN_SECONDS": "0"},
+        env={**os.environ, "MDS_DRAIN_SECONDS": "0", "MDS_WEBSOCKET_PORT": str(free_port())},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -185,6 +192,9 @@ def main() -> None:
     healthy = (
         not load.failures and report["rss_growth_mib"] <= RSS_TOLERANCE_MIB and report["fd_growth"] <= FD_TOLERANCE
     )
+    if healthy and args.publish:
+        shutil.copyfile(args.out, PUBLISHED)
+        print(f"published: {PUBLISHED}", file=sys.stderr)
     sys.exit(0 if healthy else 1)
 
 

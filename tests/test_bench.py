@@ -28,5 +28,5 @@ def test_bench_harness_smoke(tmp_path):
     assert all(r[key] > 0 for r in rows for key in ("requests_per_s", "mb_per_s", "rows_per_s", "seconds") if key in r)
     assert all(r["ratios"]["× floor req/s"] > 0 for r in rows if r["workload"] == "a" and r["target"] == "MDS")
     markdown = (tmp_path / "results.md").read_text()
-    assert "| MDS | Predict | 1 |" in markdown and "| MDS UploadModel | 16 |" in markdown
+    assert "| MDS | Predict | 1 |" in markdown and "| MDS UploadModel | external data | 16 |" in markdown
     assert (tmp_path / "results.png").stat().st_size > 0
