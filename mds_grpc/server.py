@@ -50,7 +50,7 @@ from mds_grpc.core.jobs import JobManager
 from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.model_cache import ModelCache, gather_orders, order_file
 from mds_grpc.core.model_folder import register_folder
-from mds_grpc.core.placement import Placer, parse_providers
+from mds_grpc.core.placement import GPU_PROVIDERS, Placer, parse_providers
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.core.validation import Validator
@@ -377,6 +377,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
         raise SystemExit(f"error: cannot listen on {address} (MDS_GRPC_HOST, MDS_GRPC_PORT)") from None
     await check_backends(core, health_servicer)
     metrics.watch_jobs(core.storage.jobs.count, (JobState.QUEUED, JobState.RUNNING))
+    if set(core.registry.available_providers) & GPU_PROVIDERS:
+        metrics.watch_gpus()
     metrics.serve_metrics(settings.grpc_host, settings.metrics_port and settings.metrics_port + (process or 0))
     await server.start()
     tls = websocket_tls(settings) if credentials else None

@@ -5,6 +5,7 @@ Nothing else imports onnxruntime. Types numpy knows only through ml_dtypes (BF16
 """
 
 import ctypes
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from mds_grpc.core.records import TensorSpec
 ort.set_default_logger_severity(3)  # errors only; warnings about unused initializers are noise
 log = logging.getLogger("mds.runtime")
 
-ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 SHORT_NAMES = {ort_name: name for name, ort_name in ORT_NAMES.items()}
 
 
@@ -28,6 +29,12 @@ def available_providers() -> tuple[str, ...]:
     """The execution providers this onnxruntime build has, by short name, GPUs first."""
     have = set(ort.get_available_providers())
     return tuple(name for name, ort_name in ORT_NAMES.items() if ort_name in have)
+
+
+@functools.cache
+def _load_gpu_libraries() -> None:
+    """Load CUDA and cuDNN from their PyPI packages (installed with onnxruntime-gpu's cuda and cudnn extras)."""
+    ort.preload_dlls()
 
 
 def _provider_options(name: str, target: SessionTarget) -> tuple[str, dict]:
@@ -135,6 +142,8 @@ class OnnxSession:
             try:
                 if ORT_NAMES[name] not in ort.get_available_providers():
                     raise RunFailed(f"this onnxruntime has no {name} provider")
+                if name in GPU_PROVIDERS:
+                    _load_gpu_libraries()
                 session = ort.InferenceSession(
                     str(path),
                     options,
@@ -143,7 +152,7 @@ class OnnxSession:
                 )
                 active = SHORT_NAMES.get(session.get_providers()[0])
                 if active != name:
-                    raise RunFailed(f"onnxruntime put it on {active}")
+                    raise RunFailed(f"onnxruntime could not start {name}, see its log, and put the model on {active}")
                 return session
             except Exception as error:  # onnxruntime raises its own exception types
                 if name not in GPU_PROVIDERS:
