@@ -174,6 +174,12 @@ def test_a_browser_posts_form_data_with_fetch(envoy, unique, tmp_path):
             400,
             "sha256 mismatch for 'model.onnx'",
         ),
+        (
+            [("model", onnx_models.dense()), ("header", b'{"placement": {"executionProviders": ["cuda"]}}')],
+            "",
+            400,
+            "this server has no cuda execution provider",
+        ),
     ],
 )
 def test_multipart_errors_store_nothing(envoy, unique, parts, query, status, fragment):

@@ -57,13 +57,14 @@ class ModelRegistry:
 
         `parts` are (file path, bytes); an UploadHeader among them completes `header` (see uploads.receive).
         """
+        self.cache.placer.check(header.placement)  # before any byte is taken, when the header comes first
         staging = StagedUpload(self.tmp_dir, header, self.max_model_bytes, self.blobs.open_upload, self.max_side_files)
         handed_over = False
         try:
             files = await receive(staging, parts)
             header = staging.header
             side_files = {stored.path for stored in files[1:]}
-            self.cache.placer.check(header.placement)
+            self.cache.placer.check(header.placement)  # an HTTP upload's header may come after the files
             # The check runs on the CPU: its session serves only a version that runs there.
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
             warm = warm and not self.cache.placer.on_gpu(header.placement)
