@@ -75,6 +75,7 @@ test("upload a model from the file picker and see it listed", async () => {
   const row = page.locator("#models tr", { hasText: name });
   assert.match(await row.textContent(), /team=console/);
   assert.match(await row.textContent(), /in x FP32 \[rows, 8\]out scores FP32 \[rows, 3\]/);
+  assert.match(await row.textContent(), /runs oncpu/);  // its details: where the server runs it
   await screenshot("uploaded");
 });
 

@@ -37,6 +37,7 @@ const details = (model: Model) =>
       h("dt", {}, "files"), h("dd", {}, model.files.map((f) => `${f.path} (${f.sizeBytes} B)`).join(", ")),
       h("dt", {}, "sha256"), h("dd", {}, h("code", {}, model.sha256)),
       h("dt", {}, "producer"), h("dd", {}, `${model.producerName} ${model.producerVersion}`),
+      h("dt", {}, "runs on"), h("dd", {}, model.executionProviders.join(", ") || "no provider of this server"),
     ),
   );
 
