@@ -161,9 +161,10 @@ class Settings:
     )
     preload_models: bool = setting(
         True,
-        "`mds serve` records the versions loaded, most recently used first, in MDS_DATA_DIR/loaded-models.json; at "
-        "start it serves at once and loads them again in the background, in that order, up to "
-        "MDS_MODEL_CACHE_BYTES. false: nothing is recorded, and each version loads on its first request.",
+        "`mds serve` records the versions loaded, most recently used first, in MDS_DATA_DIR/loaded-models.json "
+        "(loaded-models-i.json for serving process i); at start it serves at once and loads them again in the "
+        "background, in that order, up to MDS_MODEL_CACHE_BYTES. false: nothing is recorded, and each version "
+        "loads on its first request.",
         INFERENCE,
     )
     inference_threads: int = setting(

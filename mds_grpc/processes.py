@@ -13,6 +13,7 @@ import os
 import signal
 
 from mds_grpc.config import Settings
+from mds_grpc.core.model_cache import gather_orders
 from mds_grpc.logs import configure_logging
 from mds_grpc.server import build_core, check_ports, register_model_dir, serve
 
@@ -39,10 +40,13 @@ def _serve_one(settings: Settings, process: int) -> None:
 
 
 def _prepare_storage(settings: Settings) -> None:
-    """Once, before any process starts: register MDS_MODEL_DIR's models, then sweep what uploads left behind."""
+    """Once, before any process starts: register MDS_MODEL_DIR's models, sweep what uploads left behind, and merge
+    the records of the models each process had loaded."""
     registry = build_core(settings).registry
     asyncio.run(register_model_dir(registry, settings))
     registry.sweep_local_copies()  # also drops the model folders and sessions registering made here
+    if settings.preload_models:
+        gather_orders(settings.data_dir)  # what each process used last time, for each to preload
 
 
 def serve_processes(settings: Settings) -> None:

@@ -68,3 +68,21 @@ def test_a_stop_while_the_processes_are_still_starting_is_clean(tmp_path):
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
     server.stdout.close()
+
+
+def test_every_process_preloads_what_any_process_used_after_a_restart(tmp_path):
+    """Each process records what it loaded in a file of its own; at the next start the supervisor merges them,
+    and each process loads all of them again in the background."""
+    server = ServerProcess(tmp_path, mds_processes=2).start()
+    server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=120)  # one process warms it
+    assert server.stop() == 0
+    records = sorted(p.name for p in server.data_dir.glob("loaded-models*.json"))
+    assert records == ["loaded-models-0.json", "loaded-models-1.json"]
+    restarted = ServerProcess(tmp_path, mds_processes=2).start()
+    try:
+        logs = [restarted.log_dir / f"mds-{process}.log" for process in range(2)]
+        wait_until(
+            lambda: all(log.exists() and '"model preloaded"' in log.read_text() for log in logs), what="both to preload"
+        )
+    finally:
+        assert restarted.stop() == 0

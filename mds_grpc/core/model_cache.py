@@ -200,10 +200,10 @@ class ModelCache:
             metrics.cache_event("preload" if preload else "load")
             task = self._loading[key] = asyncio.ensure_future(self._load(record, oldest=preload))
             task.add_done_callback(lambda _: self._loading.pop(key, None))
-        model = await asyncio.shield(task)
-        if not preload and self._models.get(key) is model:  # a request that joined a preload uses it now
+        loaded: LoadedModel = await asyncio.shield(task)
+        if not preload and self._models.get(key) is loaded:  # a request that joined a preload uses it now
             self._models.move_to_end(key)
-        return model
+        return loaded
 
     async def _load(self, record: ModelRecord, oldest: bool = False) -> LoadedModel:
         deleted = NotFound(f"model {record.name!r} version {record.version} was deleted")
@@ -315,7 +315,8 @@ class ModelCache:
 
     def recall(self, source: Path | None = None) -> list[Key]:
         """The versions `source` (the order file by default) lists, most recently used first, now pending preload."""
-        self._pending = read_order(source or self.order_file) if source or self.order_file else []
+        source = source or self.order_file
+        self._pending = [] if source is None else read_order(source)
         return list(self._pending)
 
     def _fits(self, record: ModelRecord) -> bool:
