@@ -119,8 +119,6 @@ class OnnxSession:
         options.enable_cpu_mem_arena = False
         if lean:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        if "cpu" not in self.target.providers:  # fail rather than run some nodes on the CPU
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         self._session = self._open(path, options)
         # The providers it runs on, by short name, preferred first; and the GPU it holds memory on (None: CPU).
         self.providers = tuple(SHORT_NAMES.get(name, name) for name in self._session.get_providers())
