@@ -173,6 +173,14 @@ class Settings:
     ort_intra_op_threads: int = setting(
         0, "onnxruntime's intra-op threads per session; 0 lets onnxruntime decide.", INFERENCE
     )
+    shared_weights_min_bytes: int = setting(
+        64 * MiB,
+        "A version whose external-data files add up to at least this many bytes runs with its weights "
+        "memory-mapped from those files instead of prepacked into memory of its own: it loads in moments, and "
+        "every serving process of the host (`--processes`) shares one copy through the page cache. Prepacking "
+        "(smaller versions) runs batches of many rows faster; weights inside the .onnx file are never shared.",
+        INFERENCE,
+    )
     validation_processes: int = setting(
         1,
         "Helper processes, per serving process, that may check uploaded models at once; further uploads wait "
@@ -253,6 +261,7 @@ AT_LEAST_ONE = (
     "processes",
     "max_model_bytes",
     "model_cache_bytes",
+    "shared_weights_min_bytes",
     "max_message_bytes",
     "stream_max_in_flight",
     "max_inputs",

@@ -149,6 +149,7 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         settings.model_cache_bytes,
         settings.ort_intra_op_threads,
         make_placer(settings),
+        shared_weights_min_bytes=settings.shared_weights_min_bytes,
     )
     registry = ModelRegistry(
         storage.metadata,

@@ -114,6 +114,8 @@ class ModelCache:
     The sum of the CPU sessions' file sizes stays under `capacity_bytes`, in memory and on disk; the
     most recently used model always stays, even when it alone exceeds the bound. Sessions on a GPU
     count their device memory limit against that GPU's budget instead, evicted the same way.
+    A version with `shared_weights_min_bytes` or more of external data runs lean (see OnnxSession), on
+    weights mapped from its files: with the embedded store those are hard links to one stored copy.
 
     With an `order_file`, the cache records which versions it holds, most recently used first, so that
     the next start can load them again before they are asked for (recall, then preload). The file is
@@ -130,6 +132,7 @@ class ModelCache:
         intra_op_threads: int = 0,
         placer: Placer | None = None,
         order_file: Path | None = None,
+        shared_weights_min_bytes: int = 64 << 20,
     ):
         self.blobs = blobs
         self.folder_root = Path(folder_root)
@@ -137,6 +140,7 @@ class ModelCache:
         self.intra_op_threads = intra_op_threads
         self.placer = placer or Placer()
         self.order_file = order_file
+        self.shared_weights_min_bytes = shared_weights_min_bytes
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._latest: dict[str, LoadedModel] = {}  # the version a lookup of "the latest" last resolved to
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
@@ -212,10 +216,12 @@ class ModelCache:
         except FileNotFoundError:
             raise deleted from None
         target = self.placer.target(record.name, record.version, record.placement)
+        # Big external data stays memory-mapped, not prepacked: every process of the host maps the same pages.
+        shared = sum(f.size_bytes for f in record.files if f.path != MAIN_FILE) >= self.shared_weights_min_bytes
         if self.placer.on_gpu(record.placement):  # free the device before the new session takes its share
             self._make_room(target.device_id, target.device_memory_bytes)
         try:
-            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads, False, target)
+            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads, shared, target)
         except Exception:
             if not (folder / MAIN_FILE).exists():  # a delete removed the folder while it was loading
                 raise deleted from None

@@ -68,6 +68,8 @@ class ModelRegistry:
             # The check runs on the CPU: its session serves only a version that runs there.
             warm = sum(stored.size_bytes for stored in files) <= self.warm_max_bytes
             warm = warm and not self.cache.placer.on_gpu(header.placement)
+            # nor one whose weights the cache maps from their files (the check prepacks them)
+            warm = warm and sum(stored.size_bytes for stored in files[1:]) < self.cache.shared_weights_min_bytes
             session, info = await self.validator.inspect(staging.main_path, side_files, warm)
             draft = ModelRecord(
                 name=header.name,

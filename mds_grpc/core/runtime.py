@@ -107,8 +107,9 @@ class OnnxSession:
 
     No custom-op library is ever registered. No CPU memory arena either: after a run fails to allocate a
     huge tensor, onnxruntime's arena makes the next run touch hundreds of MB, and it never gives memory back.
-    A `lean` session, for checking a model only, does not prepack weights: external data then stays
-    memory-mapped and untouched, where prepacking would copy every weight (slower runs without it).
+    A `lean` session does not prepack weights: external data then stays memory-mapped from its files, read
+    on use and shared through the page cache with every process mapping the same files, where prepacking
+    copies every weight into memory of the session's own (faster runs of many rows, a slower load).
     On a GPU (`target`), runs bind their outputs to host memory, so each output is copied once.
     """
 
