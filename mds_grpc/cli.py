@@ -7,12 +7,18 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from google.protobuf import json_format
 
-from mds_grpc.client import Client, JobState, MdsError, Placement
+from mds.v1.job_service_pb2 import JobState
+from mds.v1.model_service_pb2 import Placement
 from mds_grpc.config import RENAMED, Settings, env_name, load_settings, parse, warn_renamed
+from mds_grpc.core.errors import MdsError
+
+if TYPE_CHECKING:  # the client loads gRPC: `mds serve --processes N`'s supervisor must not
+    from mds_grpc.client import Client
 
 
 def _settings(args) -> Settings:
@@ -24,13 +30,14 @@ def _settings(args) -> Settings:
 
 
 def _serve(args) -> None:
-    from mds_grpc.processes import serve_processes
-    from mds_grpc.server import serve
-
     settings = _settings(args)
-    if settings.processes > 1:
+    if settings.processes > 1:  # a lean supervisor: the server loads only in the processes it starts
+        from mds_grpc.processes import serve_processes
+
         serve_processes(settings)
     else:
+        from mds_grpc.server import serve
+
         asyncio.run(serve(settings))
 
 
@@ -81,7 +88,9 @@ def _worker(args) -> None:
     run_worker(_settings(args))
 
 
-def _client(args) -> Client:
+def _client(args) -> "Client":
+    from mds_grpc.client import Client
+
     return Client(args.server, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
@@ -248,7 +257,7 @@ def _jobs(args) -> None:
             _save_results(client, args.target, Path(args.out))
 
 
-def _save_results(client: Client, job_id: str, out: Path) -> None:
+def _save_results(client: "Client", job_id: str, out: Path) -> None:
     """One NAME.npy per output of a job, filled batch by batch."""
     out.mkdir(parents=True, exist_ok=True)
     total = client.get_job(job_id).rows_total

@@ -1,21 +1,18 @@
 """`mds serve --processes N`: N serving processes on one port (SO_REUSEPORT), supervised by this one.
 
-The kernel spreads connections over the processes. Each loads its own models, so memory for
-sessions grows N times; storage, keys and jobs are shared through the configured stores.
+The kernel spreads connections over the processes. Each loads its own sessions; the weights of big models
+with external data are memory-mapped from the same files, so the page cache holds one copy for all of them.
+Storage, keys and jobs are shared through the configured stores. The supervisor only starts and watches:
+it never imports onnxruntime, gRPC or a store's client (a helper process prepares the storage).
 """
 
-import asyncio
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 from mds_grpc.config import Settings
-from mds_grpc.core.model_cache import gather_orders
-from mds_grpc.logs import configure_logging
-from mds_grpc.server import build_core, check_ports, register_model_dir, serve
 
 log = logging.getLogger("mds.server")
 PR_SET_PDEATHSIG = 1
@@ -30,6 +27,13 @@ def _stop(signum, frame):
 
 
 def _serve_one(settings: Settings, process: int) -> None:
+    import asyncio
+    import ctypes
+    import os
+
+    from mds_grpc.logs import configure_logging
+    from mds_grpc.server import serve
+
     # A serving process must not outlive its supervisor, even one killed with SIGKILL.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     parent = multiprocessing.parent_process()
@@ -40,8 +44,16 @@ def _serve_one(settings: Settings, process: int) -> None:
 
 
 def _prepare_storage(settings: Settings) -> None:
-    """Once, before any process starts: register MDS_MODEL_DIR's models, sweep what uploads left behind, and merge
-    the records of the models each process had loaded."""
+    """Once, in a helper process, before any serving process starts: check the ports, register MDS_MODEL_DIR's
+    models, sweep what uploads left behind, and merge the records of the models each process had loaded."""
+    import asyncio
+
+    from mds_grpc.core.model_cache import gather_orders
+    from mds_grpc.logs import configure_logging
+    from mds_grpc.server import build_core, check_ports, register_model_dir
+
+    configure_logging(settings.log_dir, settings.log_level)
+    check_ports(settings)  # once, before any process shares the ports
     registry = build_core(settings).registry
     asyncio.run(register_model_dir(registry, settings))
     registry.sweep_local_copies()  # also drops the model folders and sessions registering made here
@@ -53,9 +65,9 @@ def serve_processes(settings: Settings) -> None:
     """Run `settings.processes` servers until SIGTERM or SIGINT, or until one of them exits."""
     if settings.grpc_port == 0:
         raise SystemExit("error: MDS_PROCESSES > 1 needs a fixed MDS_GRPC_PORT: processes cannot share port 0")
-    check_ports(settings)  # once, before any process shares the ports
-    _prepare_storage(settings)
     spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as helper:
+        helper.submit(_prepare_storage, settings).result()  # its SystemExit (a bad setting) is raised here
     children = [
         spawn.Process(target=_serve_one, args=(settings, i), name=f"mds-serve-{i}") for i in range(settings.processes)
     ]

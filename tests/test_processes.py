@@ -27,24 +27,62 @@ def started_pids(server: ServerProcess) -> list[int]:
     return next(e["pids"] for e in map(json.loads, lines) if e["message"] == "serving processes started")
 
 
+def predict_in_both(server: ServerProcess, predict_request) -> list:
+    """24 predictions, each on a new connection, which the kernel hands to either process; both must serve."""
+    replies = []
+    for _ in range(24):
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            replies.append(stub.Predict(predict_request, timeout=30))
+    wait_until(lambda: sum(access_pids(server).values()) == 24, what="24 access lines")
+    assert all(count > 0 for count in access_pids(server).values()), access_pids(server)
+    return replies
+
+
 def test_two_processes_share_the_port_and_the_models(tmp_path):
     server = ServerProcess(tmp_path, mds_processes=2).start()
     try:
         server.models.UploadModel(upload_requests("adder", onnx_models.add_two()), timeout=120)
         ones = np.ones(2, np.float32)
-        # Each new channel is a new connection, which the kernel hands to either process.
-        for _ in range(24):
-            with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-                reply = inference_service_pb2_grpc.InferenceServiceStub(channel).Predict(
-                    request("adder", {"a": ones, "b": ones}), timeout=30
-                )
-                assert outputs_of(reply)["z"].tolist() == [2.0, 2.0]
-        wait_until(lambda: sum(access_pids(server).values()) == 24, what="24 access lines")
-        assert all(count > 0 for count in access_pids(server).values()), access_pids(server)
+        for reply in predict_in_both(server, request("adder", {"a": ones, "b": ones})):
+            assert outputs_of(reply)["z"].tolist() == [2.0, 2.0]
     finally:
         assert server.stop() == 0
     pids = started_pids(server)
     assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_the_supervisor_loads_neither_onnxruntime_nor_grpc_nor_a_store(tmp_path):
+    """Only the serving processes (and the helper that prepared the storage) map those libraries."""
+    server = ServerProcess(tmp_path, mds_processes=2).start()
+    try:
+        supervisor = Path(f"/proc/{server.process.pid}/maps").read_text()
+        serving = Path(f"/proc/{started_pids(server)[0]}/maps").read_text()
+        for library in ("onnxruntime", "cygrpc", "_sqlite3"):  # the embedded store's metadata is SQLite
+            assert library in serving and library not in supervisor, library
+    finally:
+        assert server.stop() == 0
+
+
+def mapped_files(pid: int, suffix: str) -> set[tuple[str, str]]:
+    """(device, inode) of each file a process maps whose path ends with `suffix`."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {(fields[3], fields[4]) for fields in map(str.split, lines) if fields[-1].endswith(suffix)}
+
+
+def test_the_processes_map_one_copy_of_big_external_data(tmp_path):
+    """Weights in external data over MDS_SHARED_WEIGHTS_MIN_BYTES stay mapped from the stored file: every
+    serving process maps the same inode, so the page cache holds them once."""
+    model = onnx_models.save_with_external_data(tmp_path / "model", rows=64, columns=64)  # 16 KiB of weights
+    data = {"model.onnx.data": (model.parent / "model.onnx.data").read_bytes()}
+    server = ServerProcess(tmp_path / "server", mds_processes=2, mds_shared_weights_min_bytes=16384).start()
+    try:
+        server.models.UploadModel(upload_requests("mapped", model.read_bytes(), side_files=data), timeout=120)
+        predict_in_both(server, request("mapped", {"x": np.ones((1, 64), np.float32)}))
+        first, second = (mapped_files(pid, "/model.onnx.data") for pid in started_pids(server))
+        assert first and first == second
+    finally:
+        assert server.stop() == 0
 
 
 def test_when_one_process_dies_the_others_stop_and_the_supervisor_fails(tmp_path):
