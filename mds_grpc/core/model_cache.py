@@ -120,8 +120,8 @@ class ModelCache:
     With an `order_file`, the cache records which versions it holds, most recently used first, so that
     the next start can load them again before they are asked for (recall, then preload). The file is
     rewritten whole (a temp file renamed over it) when a version is loaded, evicted or deleted, and at
-    shutdown (save_order), not on every hit. Serving processes sharing a data folder share the file: each
-    write is complete, and the last one wins.
+    shutdown (save_order), not on every hit. Each serving process writes a file of its own (order_file), and
+    gather_orders merges them before the next start.
     """
 
     def __init__(
