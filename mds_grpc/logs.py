@@ -43,9 +43,16 @@ def configure_logging(log_dir: Path, level: str = "INFO", file_name: str = "mds.
     root.setLevel(level.upper())
 
 
+_JSON = json.JSONEncoder(default=str)  # made once: json.dumps(default=...) makes one per line
+_second: list = [None, ""]  # the last whole second formatted, and its text
+
+
 def _log_time(seconds: float) -> str:
     """The `time` field as logging's asctime writes it: 2026-11-27 11:03:00,321."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) + f",{int(seconds % 1 * 1000):03d}"
+    whole = int(seconds)
+    if _second[0] != whole:
+        _second[:] = whole, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    return f"{_second[1]},{int(seconds % 1 * 1000):03d}"
 
 
 class AccessLog:
@@ -78,9 +85,8 @@ class AccessLog:
         record: list[str] = []
         size = 0
         for t, fields in batch:
-            line = json.dumps(
-                {"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc", **fields},
-                default=str,
+            line = _JSON.encode(
+                {"time": _log_time(t), "level": "INFO", "logger": self.logger.name, "message": "rpc", **fields}
             )
             if record and size + len(line) >= ACCESS_RECORD_BYTES:
                 self.logger.info("\n".join(record), extra={"preformatted": True})

@@ -30,11 +30,14 @@ class Guard:
         rpc = self.rpcs[method]
         if self.open_probes and rpc.scope == PUBLIC:
             return
-        key_id, secret = self.authenticator.parse(authorization)
-        known, key = self.authenticator.cached(key_id)
-        if not known:  # only a key not seen lately costs a store read, off the event loop
-            key = await asyncio.to_thread(self.authenticator.load, key_id)
-        key = self.authenticator.verify(key, secret)
+        key = self.authenticator.verified(authorization)
+        if key is None:
+            key_id, secret = self.authenticator.parse(authorization)
+            known, key = self.authenticator.cached(key_id)
+            if not known:  # only a key not seen lately costs a store read, off the event loop
+                key = await asyncio.to_thread(self.authenticator.load, key_id)
+            key = self.authenticator.verify(key, secret)
+            self.authenticator.remember(authorization, key_id, key)
         _current_key.set(key)
         if rpc.scope != PUBLIC:
             authorize(key, rpc.scope, getattr(request, rpc.model_field) if rpc.model_field else "")

@@ -24,36 +24,29 @@ _AsyncStreaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 @dataclass(frozen=True)
 class _Route:
-    """What every call of one method shares: its name, guard, access log and the request fields it logs."""
+    """What every call of one method shares: its name, access log and the request fields it logs."""
 
     method: str
-    guard: _Guard | None
     access: AccessLog | None
     logged: tuple[tuple[str, str], ...]  # (request field, access-line field) the request message has
 
 
 class _RpcScope:
-    """One RPC: runs the guard on entry; on exit turns an error into its status and records the call."""
+    """One RPC's record: `fail` turns an error into its status, and it or `finish` records the call.
 
-    __slots__ = ("route", "request", "context", "fields", "start")
+    Plain methods, not an async context manager: a call that passes pays for no extra coroutine.
+    """
+
+    __slots__ = ("route", "context", "fields", "start")
 
     def __init__(self, route: _Route, request, context: grpc.aio.ServicerContext):
-        self.route, self.request, self.context = route, request, context
-
-    async def __aenter__(self) -> None:
+        self.route, self.context = route, context
         self.start = time.perf_counter()
-        self.fields = {
-            target: value for source, target in self.route.logged if (value := getattr(self.request, source))
-        }
+        self.fields = {target: value for source, target in route.logged if (value := getattr(request, source))}
         call_record.start(self.fields)
-        if self.route.guard is not None:
-            try:
-                await self.route.guard(self.route.method, self.request, self.context)
-            except BaseException as error:  # the with-block never starts, so __aexit__ would not run
-                await self.__aexit__(type(error), error, error.__traceback__)
-                raise
 
-    async def __aexit__(self, kind, error, traceback) -> None:
+    async def fail(self, error: BaseException) -> None:
+        """The call ends with `error`: abort with its status (unless it is one already), and record it."""
         code = None
         try:
             if isinstance(error, asyncio.CancelledError):
@@ -62,12 +55,13 @@ class _RpcScope:
                 code, message = status_of(error)
                 await self.context.abort(code, message)
         finally:
-            self._record((code or self.context.code() or grpc.StatusCode.OK).name)
+            self.finish(code)
 
-    def _record(self, code: str) -> None:
+    def finish(self, code: grpc.StatusCode | None = None) -> None:
         if self.route.access is not None:  # else a probe: no access line, no metrics
+            code = code or self.context.code() or grpc.StatusCode.OK
             call_record.finish(
-                self.route.access, self.route.method, self.fields, code, time.perf_counter() - self.start
+                self.route.access, self.route.method, self.fields, code.name, time.perf_counter() - self.start
             )
 
 
@@ -87,13 +81,21 @@ def _wrap(
         for pair in _REQUEST_FIELDS
         if pair[0] in present and not (pair[0] == "id" and method.startswith("/inference."))
     )  # there `id` is a request id
-    route = _Route(method, guard, access, logged)
+    route = _Route(method, access, logged)
     unary = handler.unary_unary or handler.stream_unary
     if unary is not None:
 
         async def unary_response(request, context):
-            async with _RpcScope(route, request, context):
-                return await unary(request, context)
+            scope = _RpcScope(route, request, context)
+            try:
+                if guard is not None:
+                    await guard(method, request, context)
+                response = await unary(request, context)
+            except BaseException as error:
+                await scope.fail(error)
+                raise
+            scope.finish()
+            return response
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(unary_response, handler.request_deserializer, handler.response_serializer)
@@ -101,9 +103,16 @@ def _wrap(
     streaming = cast(_AsyncStreaming, handler.unary_stream or handler.stream_stream)
 
     async def stream_response(request, context):
-        async with _RpcScope(route, request, context):
+        scope = _RpcScope(route, request, context)
+        try:
+            if guard is not None:
+                await guard(method, request, context)
             async for response in streaming(request, context):
                 yield response
+        except BaseException as error:
+            await scope.fail(error)
+            raise
+        scope.finish()
 
     factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
     return factory(stream_response, handler.request_deserializer, handler.response_serializer)

@@ -1,17 +1,65 @@
 """Bidirectional streams of independent requests: bounded concurrency, replies in request order."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
 
+class _Resumed:
+    """Carries on a coroutine that `started` ran up to its first wait, from the future it waits on."""
+
+    __slots__ = ("work", "waits_on")
+
+    def __init__(self, work: Coroutine[Any, Any, Reply], waits_on: Any):
+        self.work, self.waits_on = work, waits_on
+
+    def __await__(self) -> Generator[Any, Any, Reply]:
+        waits_on = self.waits_on
+        while True:  # what `yield from` does, from the second step on
+            try:
+                sent = yield waits_on
+            except BaseException as error:  # cancellation, or the awaited future's failure
+                try:
+                    waits_on = self.work.throw(error)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    waits_on = self.work.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+async def _resume(work: Coroutine[Any, Any, Reply], waits_on: Any) -> Reply:
+    return await _Resumed(work, waits_on)
+
+
+def started(work: Coroutine[Any, Any, Reply]) -> asyncio.Future[Reply]:
+    """`work`, run here up to its first wait: a finished future when it needed none (no task, no turn of the
+    event loop: a model run inline), else a task that carries it on (Python 3.12's eager tasks, by hand)."""
+    loop = asyncio.get_running_loop()
+    try:
+        waits_on = work.send(None)
+    except StopIteration as done:
+        finished: asyncio.Future[Reply] = loop.create_future()
+        finished.set_result(done.value)
+        return finished
+    except Exception as error:
+        failed: asyncio.Future[Reply] = loop.create_future()
+        failed.set_exception(error)
+        return failed
+    return asyncio.ensure_future(_resume(work, waits_on))
+
+
 async def in_order(
-    requests: AsyncIterable[Request], handle: Callable[[Request], Awaitable[Reply]], max_in_flight: int
+    requests: AsyncIterable[Request], handle: Callable[[Request], Coroutine[Any, Any, Reply]], max_in_flight: int
 ) -> AsyncGenerator[Reply, None]:
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
+
+    Each request's handling starts as it is read (see `started`): one that never waits costs no task.
 
     A request counts until its reply is taken, so no more than `max_in_flight` are read ahead of
     the reply being sent. `handle` must turn its own failures into replies; an error reading the
@@ -24,7 +72,7 @@ async def in_order(
         try:
             async for request in requests:
                 await slots.acquire()
-                pending.put_nowait(asyncio.ensure_future(handle(request)))
+                pending.put_nowait(started(handle(request)))
         finally:
             pending.put_nowait(None)
 

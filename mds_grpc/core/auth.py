@@ -40,13 +40,31 @@ def new_key(scopes: list[str], prefixes: list[str], description: str = "") -> tu
     )
 
 
+VERIFIED_MAX = 4096  # header values remembered as verified; past it, the memory starts over
+
+
 class Authenticator:
-    """Checks `authorization: Bearer <token>` against the key store; keys are re-read every `cache_seconds`."""
+    """Checks `authorization: Bearer <token>` against the key store; keys are re-read every `cache_seconds`.
+
+    A header value verified once passes without parsing or hashing until its key is due to be re-read.
+    """
 
     def __init__(self, get_key, cache_seconds: float = 5.0):
         self.get_key = get_key
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._verified: dict[str | None, tuple[float, ApiKey]] = {}  # header value -> (until, its key)
+
+    def verified(self, authorization: str | None) -> ApiKey | None:
+        """The key `authorization` was verified for, while that key's read is fresh; None: check it."""
+        entry = self._verified.get(authorization)
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
+
+    def remember(self, authorization: str | None, key_id: str, key: ApiKey) -> None:
+        """`authorization` was verified for `key`: it passes until the key is due to be re-read."""
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[authorization] = (self._cache[key_id][0], key)
 
     @staticmethod
     def parse(authorization: str | None) -> tuple[str, str]:

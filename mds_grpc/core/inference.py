@@ -2,10 +2,12 @@
 
 import asyncio
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ from mds_grpc.core.model_cache import LoadedModel
 from mds_grpc.core.records import ModelRecord, TensorSpec
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.runtime import Cancellation, RunFailed
+
+
+INLINE_SPIKE = 4.0  # a run on the loop counts as at most this many times its estimate (see InferenceEngine._run)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,53 @@ def _check_input(spec: TensorSpec, array: np.ndarray) -> None:
         )
 
 
+def _fixed(spec: TensorSpec) -> tuple[Callable[[tuple], Any], Any]:
+    """A function picking the dimensions the spec fixes out of a shape, and what it must pick."""
+    fixed = [(axis, size) for axis, size in enumerate(spec.shape) if size >= 0]
+    if not fixed:
+        return (lambda shape: ()), ()
+    # itemgetter of one index picks the item itself, of several a tuple
+    return itemgetter(*(axis for axis, _ in fixed)), fixed[0][1] if len(fixed) == 1 else tuple(s for _, s in fixed)
+
+
+class Signature:
+    """A version's input and output specs, precomputed: the common request is checked without building anything,
+    and one that does not plainly fit goes through check_inputs for its precise error."""
+
+    __slots__ = ("record", "inputs", "plain", "outputs")
+
+    def __init__(self, record: ModelRecord):
+        self.record = record
+        # (name, numpy dtype or None for any, rank, what picks the fixed dimensions out of a shape, their sizes)
+        self.inputs = tuple(
+            (spec.name, dtypes.BY_NAME[spec.dtype].numpy if spec.dtype else None, len(spec.shape), *_fixed(spec))
+            for spec in record.inputs
+        )
+        # Comparing numpy dtypes suffices where an array of the spec's numpy dtype reads as the spec's dtype.
+        self.plain = all(
+            not spec.dtype or dtypes.BY_NUMPY.get(dtypes.BY_NAME[spec.dtype].numpy) is dtypes.BY_NAME[spec.dtype]
+            for spec in record.inputs
+        )
+        self.outputs = [spec.name for spec in record.outputs]
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raise InvalidArgument naming the first input that does not fit (see check_inputs)."""
+        if self.plain and len(inputs) == len(self.inputs):
+            for name, dtype, rank, pick, sizes in self.inputs:
+                array = inputs.get(name)
+                if array is None or (dtype is not None and array.dtype != dtype) or array.ndim != rank:
+                    break
+                if pick(array.shape) != sizes:
+                    break
+            else:
+                return
+        check_inputs(self.record, inputs)
+
+    def select(self, requested: Sequence[str]) -> list[str]:
+        """The outputs to run, in the model's order (see select_outputs); the list is shared: do not change it."""
+        return select_outputs(self.record, requested) if requested else self.outputs
+
+
 def select_outputs(record: ModelRecord, requested: Sequence[str]) -> list[str]:
     names = [spec.name for spec in record.outputs]
     unknown = [name for name in requested if name not in names]
@@ -89,6 +141,8 @@ class InferenceEngine:
         self.aliases = aliases or Aliases(registry.metadata, registry, registry.resolve_ttl)
         self.executor = executor
         self.inline_max_seconds = inline_max_seconds
+        # Each loaded version's signature, for as long as the version stays loaded.
+        self._signatures: weakref.WeakKeyDictionary[LoadedModel, Signature] = weakref.WeakKeyDictionary()
 
     async def predict(
         self,
@@ -102,7 +156,7 @@ class InferenceEngine:
     ) -> Prediction:
         """Run one request on `version` (0: the latest) or through `alias` (a canary share routed by a hash of
         `request_id`). `deadline` is a time.monotonic() value after which the model is not run."""
-        chosen = await self.aliases.version_for(model, version, alias, request_id)
+        chosen = await self.aliases.version_for(model, version, alias, request_id) if alias else version
         try:
             loaded = await self.registry.load(model, chosen)
         except NotFound:
@@ -113,8 +167,11 @@ class InferenceEngine:
                 model, await self.aliases.version_for(model, 0, alias, request_id, reread=True)
             )
         record = loaded.record
-        check_inputs(record, inputs)
-        names = select_outputs(record, output_names)
+        signature = self._signatures.get(loaded)
+        if signature is None:
+            signature = self._signatures[loaded] = Signature(record)
+        signature.check(inputs)
+        names = signature.select(output_names)
         if record.batching.enabled:
             if loaded.batcher is None:
                 loaded.batcher = Batcher(record.batching, partial(self._run, deadline=None))
@@ -128,7 +185,8 @@ class InferenceEngine:
     ) -> list:
         record, session = loaded.record, loaded.session
         elements = max(1, sum(a.size for a in inputs.values()))
-        on_loop = session.estimate_seconds(elements) <= self.inline_max_seconds
+        estimate = session.estimate_seconds(elements)
+        on_loop = estimate <= self.inline_max_seconds
         cancellation = None if on_loop else Cancellation()  # a run on a thread stops when its client leaves
         submitted = time.perf_counter()
 
@@ -138,7 +196,7 @@ class InferenceEngine:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the deadline passed before the model ran")
             started = time.perf_counter()
-            cpu_started = 0.0 if on_loop else time.thread_time()
+            cpu_started = 0.0 if on_loop else time.thread_time()  # a system call: a cost on the loop
             try:
                 values = session.run(names, inputs, cancellation)
             except RunFailed as error:
@@ -148,9 +206,13 @@ class InferenceEngine:
                     f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
                 ) from None
             computed = time.perf_counter() - started
-            # On a thread, CPU time rather than wall time: that run also waits for the GIL while the
-            # loop is busy, and counting the wait would keep a short model off the loop for good.
-            session.observe(computed if on_loop else time.thread_time() - cpu_started, elements)
+            # On a thread, CPU time rather than wall time: that run also waits for the GIL while the loop is
+            # busy, and counting the wait would keep a short model off the loop for good. On the loop, a run
+            # counts as at most INLINE_SPIKE times the estimate: one run stalled by a loaded machine moves
+            # the estimate up by little, where several slow runs in a row still move the model off the loop.
+            session.observe(
+                min(computed, INLINE_SPIKE * estimate) if on_loop else time.thread_time() - cpu_started, elements
+            )
             metrics.observe_run(
                 record.name,
                 record.version,
