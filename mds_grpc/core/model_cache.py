@@ -114,8 +114,8 @@ class ModelCache:
     The sum of the CPU sessions' file sizes stays under `capacity_bytes`, in memory and on disk; the
     most recently used model always stays, even when it alone exceeds the bound. Sessions on a GPU
     count their device memory limit against that GPU's budget instead, evicted the same way.
-    A version with `shared_weights_min_bytes` or more of external data runs lean (see OnnxSession), on
-    weights mapped from its files: with the embedded store those are hard links to one stored copy.
+    A version with `shared_weights_min_bytes` or more of external data and no batching policy runs lean (see
+    OnnxSession), on weights mapped from its files: with the embedded store, hard links to one stored copy.
 
     With an `order_file`, the cache records which versions it holds, most recently used first, so that
     the next start can load them again before they are asked for (recall, then preload). The file is
@@ -216,8 +216,10 @@ class ModelCache:
         except FileNotFoundError:
             raise deleted from None
         target = self.placer.target(record.name, record.version, record.placement)
-        # Big external data stays memory-mapped, not prepacked: every process of the host maps the same pages.
-        shared = sum(f.size_bytes for f in record.files if f.path != MAIN_FILE) >= self.shared_weights_min_bytes
+        # Big external data stays memory-mapped, not prepacked: every process of the host maps the same pages;
+        # a version that batches requests runs many rows at once, which prepacked weights do faster.
+        external = sum(f.size_bytes for f in record.files if f.path != MAIN_FILE)
+        shared = external >= self.shared_weights_min_bytes and not record.batching.enabled
         if self.placer.on_gpu(record.placement):  # free the device before the new session takes its share
             self._make_room(target.device_id, target.device_memory_bytes)
         try:
