@@ -22,7 +22,6 @@ from mds_grpc.core.records import ModelRecord, TensorSpec
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.runtime import Cancellation, RunFailed
 
-
 INLINE_SPIKE = 4.0  # a run on the loop counts as at most this many times its estimate (see InferenceEngine._run)
 
 
@@ -183,50 +182,67 @@ class InferenceEngine:
     async def _run(
         self, loaded: LoadedModel, inputs: dict[str, np.ndarray], names: list[str], deadline: float | None
     ) -> list:
-        record, session = loaded.record, loaded.session
         elements = max(1, sum(a.size for a in inputs.values()))
-        estimate = session.estimate_seconds(elements)
-        on_loop = estimate <= self.inline_max_seconds
-        cancellation = None if on_loop else Cancellation()  # a run on a thread stops when its client leaves
-        submitted = time.perf_counter()
-
-        def run() -> list:
-            if cancellation is not None and cancellation.cancelled:
-                raise Cancelled("the request was cancelled before the model ran")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("the deadline passed before the model ran")
-            started = time.perf_counter()
-            cpu_started = 0.0 if on_loop else time.thread_time()  # a system call: a cost on the loop
-            try:
-                values = session.run(names, inputs, cancellation)
-            except RunFailed as error:
-                if cancellation is not None and cancellation.cancelled:
-                    raise Cancelled("the request was cancelled while the model ran") from None
-                raise InvalidArgument(
-                    f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
-                ) from None
-            computed = time.perf_counter() - started
-            # On a thread, CPU time rather than wall time: that run also waits for the GIL while the loop is
-            # busy, and counting the wait would keep a short model off the loop for good. On the loop, a run
-            # counts as at most INLINE_SPIKE times the estimate: one run stalled by a loaded machine moves
-            # the estimate up by little, where several slow runs in a row still move the model off the loop.
-            session.observe(
-                min(computed, INLINE_SPIKE * estimate) if on_loop else time.thread_time() - cpu_started, elements
-            )
-            metrics.observe_run(
-                record.name,
-                record.version,
-                None if on_loop else started - submitted,
-                computed,
-                next((a.shape[0] for a in inputs.values() if a.ndim), 1),
-            )
-            return values
-
-        if cancellation is None:  # on the loop
-            return run()
-        future = asyncio.get_running_loop().run_in_executor(self.executor, run)
+        estimate = loaded.session.estimate_seconds(elements)
+        if estimate <= self.inline_max_seconds:
+            return self._run_now(loaded, inputs, names, deadline, elements, estimate)
+        cancellation = Cancellation()  # a run on a thread stops when its client leaves
+        future = asyncio.get_running_loop().run_in_executor(
+            self.executor,
+            partial(self._run_now, cancellation=cancellation, submitted=time.perf_counter()),
+            loaded,
+            inputs,
+            names,
+            deadline,
+            elements,
+            estimate,
+        )
         try:
             return await future
         except asyncio.CancelledError:
             cancellation.cancel()  # stops a run in progress; the client is gone
             raise
+
+    @staticmethod
+    def _run_now(
+        loaded: LoadedModel,
+        inputs: dict[str, np.ndarray],
+        names: list[str],
+        deadline: float | None,
+        elements: int,
+        estimate: float,
+        cancellation: Cancellation | None = None,
+        submitted: float = 0.0,
+    ) -> list:
+        """The run itself: on the event loop, or (with a `cancellation`) on an inference thread since `submitted`."""
+        record, session, on_loop = loaded.record, loaded.session, cancellation is None
+        if cancellation is not None and cancellation.cancelled:
+            raise Cancelled("the request was cancelled before the model ran")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the deadline passed before the model ran")
+        started = time.perf_counter()
+        cpu_started = 0.0 if on_loop else time.thread_time()  # a system call: a cost on the loop
+        try:
+            values = session.run(names, inputs, cancellation)
+        except RunFailed as error:
+            if cancellation is not None and cancellation.cancelled:
+                raise Cancelled("the request was cancelled while the model ran") from None
+            raise InvalidArgument(
+                f"onnxruntime could not run model {record.name!r} version {record.version}: {error}"
+            ) from None
+        computed = time.perf_counter() - started
+        # On a thread, CPU time rather than wall time: that run also waits for the GIL while the loop is
+        # busy, and counting the wait would keep a short model off the loop for good. On the loop, a run
+        # counts as at most INLINE_SPIKE times the estimate: one run stalled by a loaded machine moves
+        # the estimate up by little, where several slow runs in a row still move the model off the loop.
+        session.observe(
+            min(computed, INLINE_SPIKE * estimate) if on_loop else time.thread_time() - cpu_started, elements
+        )
+        metrics.observe_run(
+            record.name,
+            record.version,
+            None if on_loop else started - submitted,
+            computed,
+            next((a.shape[0] for a in inputs.values() if a.ndim), 1),
+        )
+        return values
