@@ -2,7 +2,7 @@
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 
 import grpc
 import numpy as np
@@ -104,13 +104,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         `deadline()` is asked as each request is read, before it waits for an in-flight slot (a
         time.monotonic() value, or None).
         """
-
-        async def with_deadlines() -> AsyncIterator[tuple[pb.PredictRequest | MdsError, float | None]]:
-            async for request in requests:
-                yield request, deadline()
-
         count = errors = 0
-        replies = in_order(with_deadlines(), lambda item: self._stream_item(*item), self.stream_max_in_flight)
+        replies = in_order(requests, lambda request: self._stream_item(request, deadline()), self.stream_max_in_flight)
         try:
             async with contextlib.aclosing(replies):  # closing this stream stops its requests at once
                 async for reply in replies:
@@ -120,7 +115,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         finally:
             annotate(messages=count, errors=errors)
 
-    async def PredictStream(self, request_iterator, context):
+    def PredictStream(self, request_iterator, context):
         deadline = deadline_of(context)
-        async for reply in self.stream(request_iterator, lambda: deadline):
-            yield reply
+        return self.stream(request_iterator, lambda: deadline)  # the wrapper iterates it: no layer of its own

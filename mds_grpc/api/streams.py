@@ -59,7 +59,8 @@ async def in_order(
 ) -> AsyncGenerator[Reply, None]:
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
 
-    Each request's handling starts as it is read (see `started`): one that never waits costs no task.
+    `handle(request)` is called as each request is read, before it waits for a slot; its work starts once it
+    has one (see `started`: work that never waits costs no task).
 
     A request counts until its reply is taken, so no more than `max_in_flight` are read ahead of
     the reply being sent. `handle` must turn its own failures into replies; an error reading the
@@ -71,8 +72,13 @@ async def in_order(
     async def read():
         try:
             async for request in requests:
-                await slots.acquire()
-                pending.put_nowait(started(handle(request)))
+                work = handle(request)  # its arguments taken now; it starts once it has a slot
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    work.close()
+                    raise
+                pending.put_nowait(started(work))
         finally:
             pending.put_nowait(None)
 
