@@ -150,6 +150,8 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         settings.ort_intra_op_threads,
         make_placer(settings),
         shared_weights_min_bytes=settings.shared_weights_min_bytes,
+        # S3 blobs are downloaded: into one copy per host, which each process's model folders link to
+        shared_files=data / "models" / ".files" if settings.s3_endpoint else None,
     )
     registry = ModelRegistry(
         storage.metadata,

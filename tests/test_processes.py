@@ -3,14 +3,16 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 import onnx_models
-from harness import ServerProcess, outputs_of, request, upload_requests, wait_until
-from mds.v1 import inference_service_pb2_grpc
+from harness import ServerProcess, backend_env, outputs_of, request, upload_requests, wait_until
+from mds.v1 import inference_service_pb2_grpc, model_service_pb2
 
 
 def access_pids(server: ServerProcess) -> dict[int, int]:
@@ -70,17 +72,52 @@ def mapped_files(pid: int, suffix: str) -> set[tuple[str, str]]:
     return {(fields[3], fields[4]) for fields in map(str.split, lines) if fields[-1].endswith(suffix)}
 
 
-def test_the_processes_map_one_copy_of_big_external_data(tmp_path):
-    """Weights in external data over MDS_SHARED_WEIGHTS_MIN_BYTES stay mapped from the stored file: every
-    serving process maps the same inode, so the page cache holds them once."""
-    model = onnx_models.save_with_external_data(tmp_path / "model", rows=64, columns=64)  # 16 KiB of weights
+def s3_env(services: dict[str, str]) -> dict[str, str]:
+    """MongoDB and S3 in a database and bucket of their own; jobs are not used here, so no Redis."""
+    env = backend_env(services, f"mds-test-{os.getpid()}-{time.time_ns()}")
+    return {key: value for key, value in env.items() if "REDIS" not in key}
+
+
+@pytest.fixture(params=["embedded", "mongo-s3"])
+def storage_env(request) -> dict[str, str]:
+    """The embedded default, or MongoDB and S3."""
+    if request.param == "embedded":
+        return {}
+    return s3_env(request.getfixturevalue("services"))
+
+
+def upload_mapped(server: ServerProcess, tmp_path: Path) -> None:
+    """Upload "mapped": a MatMul whose 16 KiB of weights are in external data, at the servers' 16 KiB threshold."""
+    model = onnx_models.save_with_external_data(tmp_path / "model", rows=64, columns=64)
     data = {"model.onnx.data": (model.parent / "model.onnx.data").read_bytes()}
-    server = ServerProcess(tmp_path / "server", mds_processes=2, mds_shared_weights_min_bytes=16384).start()
+    server.models.UploadModel(upload_requests("mapped", model.read_bytes(), side_files=data), timeout=120)
+
+
+def test_the_processes_map_one_copy_of_big_external_data(tmp_path, storage_env):
+    """Weights in external data over MDS_SHARED_WEIGHTS_MIN_BYTES stay mapped from one file of the host (the
+    stored blob, or one download from S3): every serving process maps the same inode, so the page cache holds
+    them once."""
+    server = ServerProcess(tmp_path / "server", mds_processes=2, mds_shared_weights_min_bytes=16384, **storage_env)
+    server.start()
     try:
-        server.models.UploadModel(upload_requests("mapped", model.read_bytes(), side_files=data), timeout=120)
+        upload_mapped(server, tmp_path)
         predict_in_both(server, request("mapped", {"x": np.ones((1, 64), np.float32)}))
         first, second = (mapped_files(pid, "/model.onnx.data") for pid in started_pids(server))
         assert first and first == second
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_host_copy_goes_with_the_last_folder_linking_it(tmp_path, services):
+    """On S3 the host's copy of a file (MDS_DATA_DIR/models/.files) is removed once no model folder links it."""
+    server = ServerProcess(tmp_path / "server", mds_shared_weights_min_bytes=16384, **s3_env(services)).start()
+    copies = server.data_dir / "models" / ".files"
+    try:
+        upload_mapped(server, tmp_path)
+        server.inference.Predict(request("mapped", {"x": np.ones((1, 64), np.float32)}), timeout=30)
+        assert len(list(copies.iterdir())) == 2  # model.onnx and its data
+        server.models.DeleteModel(model_service_pb2.DeleteModelRequest(name="mapped", version=1), timeout=30)
+        wait_until(lambda: not any(copies.iterdir()), what="the host's copies to go")
     finally:
         assert server.stop() == 0
 

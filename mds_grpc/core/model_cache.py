@@ -2,6 +2,7 @@
 preloaded in the background in the order they were last used."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -89,8 +90,9 @@ class LoadedModel:
     trusted_until: dict[int, float] = field(default_factory=dict)
 
 
-def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
-    """The model's files in `folder` (built under a temp name, then renamed); kept when present."""
+def materialize(blobs: BlobStore, record: ModelRecord, folder: Path, shared: Path | None = None) -> Path:
+    """The model's files in `folder` (built under a temp name, then renamed); kept when present. With `shared`,
+    each file is a hard link to the host's one copy of it there (see fetch_shared)."""
     if folder.exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,10 @@ def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
     try:
         for stored in record.files:
             (partial / stored.path).parent.mkdir(parents=True, exist_ok=True)
-            blobs.fetch_to(stored.sha256, partial / stored.path)
+            if shared is None:
+                blobs.fetch_to(stored.sha256, partial / stored.path)
+            else:
+                fetch_shared(blobs, stored.sha256, shared, partial / stored.path)
         partial.rename(folder)
     except OSError:
         if not folder.exists():
@@ -106,6 +111,37 @@ def materialize(blobs: BlobStore, record: ModelRecord, folder: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def fetch_shared(blobs: BlobStore, sha256: str, shared: Path, dest: Path) -> None:
+    """Hard-link `dest` to the blob's copy in `shared`, fetched there first when missing: the serving processes
+    of a host share one file, so its pages (memory-mapped weights) are in the page cache once."""
+    copy = shared / sha256
+    try:
+        os.link(copy, dest)
+        return
+    except FileNotFoundError:
+        pass
+    shared.mkdir(parents=True, exist_ok=True)
+    partial = shared / f".{sha256}.{uuid.uuid4().hex}.part"
+    try:
+        blobs.fetch_to(sha256, partial)
+        with contextlib.suppress(FileExistsError):  # another process fetched it meanwhile: share that one
+            os.link(partial, copy)
+        try:
+            os.link(copy, dest)
+        except FileNotFoundError:  # released meanwhile as unused: this one stays private
+            os.link(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def release_shared(shared: Path) -> None:
+    """Remove the copies no model folder links any more (a process linking one then fetches it again)."""
+    for copy in shared.glob("[0-9a-f]*"):
+        with contextlib.suppress(FileNotFoundError):
+            if copy.stat().st_nlink == 1:
+                copy.unlink()
 
 
 class ModelCache:
@@ -133,6 +169,7 @@ class ModelCache:
         placer: Placer | None = None,
         order_file: Path | None = None,
         shared_weights_min_bytes: int = 64 << 20,
+        shared_files: Path | None = None,
     ):
         self.blobs = blobs
         self.folder_root = Path(folder_root)
@@ -141,6 +178,7 @@ class ModelCache:
         self.placer = placer or Placer()
         self.order_file = order_file
         self.shared_weights_min_bytes = shared_weights_min_bytes
+        self.shared_files = shared_files  # see fetch_shared; None: the store's fetch_to shares (hard links)
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._latest: dict[str, LoadedModel] = {}  # the version a lookup of "the latest" last resolved to
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
@@ -231,10 +269,16 @@ class ModelCache:
         return self.put(record, session, oldest)
 
     def _materialize(self, record: ModelRecord) -> Path:
-        return materialize(self.blobs, record, self._folder((record.name, record.version)))
+        return materialize(self.blobs, record, self._folder((record.name, record.version)), self.shared_files)
 
     def adopt_folder(self, record: ModelRecord, folder: Path) -> None:
-        """Take a fully written folder (e.g. a validated upload) as the model's folder."""
+        """Take a fully written folder (e.g. a validated upload) as the model's folder; with `shared_files`, its
+        files become the host's copies that other processes link to."""
+        if self.shared_files is not None:
+            self.shared_files.mkdir(parents=True, exist_ok=True)
+            for stored in record.files:
+                with contextlib.suppress(FileExistsError):
+                    os.link(folder / stored.path, self.shared_files / stored.sha256)
         target = self._folder((record.name, record.version))
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
@@ -290,9 +334,14 @@ class ModelCache:
         except FileNotFoundError:
             return
         try:
-            asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+            asyncio.get_running_loop().run_in_executor(None, self._remove, trash)
         except RuntimeError:  # no event loop (a script or a test driving the cache directly)
-            shutil.rmtree(trash, ignore_errors=True)
+            self._remove(trash)
+
+    def _remove(self, trash: Path) -> None:
+        shutil.rmtree(trash, ignore_errors=True)
+        if self.shared_files is not None:
+            release_shared(self.shared_files)
 
     def forget(self, name: str, versions: list[int]) -> None:
         """Drop the sessions and folders of deleted versions."""
