@@ -24,7 +24,10 @@ from mds_grpc.core.limits import TensorLimits
 def wants_raw(request: pb.PredictRequest) -> bool:
     """Unspecified: raw when every input came without typed contents (reading raw_data would copy it)."""
     if request.output_encoding == tensor_pb2.TENSOR_ENCODING_UNSPECIFIED:
-        return bool(request.inputs) and not any(t.HasField("contents") for t in request.inputs)
+        for tensor in request.inputs:  # a loop: a generator costs more than the one input most requests have
+            if tensor.HasField("contents"):
+                return False
+        return bool(request.inputs)
     return request.output_encoding == tensor_pb2.TENSOR_ENCODING_RAW
 
 

@@ -20,7 +20,7 @@ LITTLE_ENDIAN = {d.name: d.numpy.newbyteorder("<") for d in dtypes.DTYPES}
 def checked_shape(name: str, shape: Sequence[int], limits: TensorLimits) -> tuple[int, ...]:
     shape = tuple(shape)
     limits.check_rank(name, shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
     return shape
 
