@@ -129,6 +129,23 @@ def test_keys_list_shows_no_secret(secured):
     assert all(key.split("_", 2)[2] not in listed for key in keys.values())
 
 
+def test_a_key_revoked_after_use_is_refused_once_its_read_is_due(tmp_path):
+    """A header verified once passes unchecked only until its key is due to be re-read (here: at once)."""
+    server = ServerProcess(tmp_path, mds_auth="on", mds_auth_cache_seconds="0").start()
+    key_id, key = create_key(server, "--scope", "admin")
+    metadata = (("authorization", f"Bearer {key}"),)
+    try:
+        server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=metadata, timeout=30)
+        mds_keys(server, "revoke", key_id)
+        assert_status(
+            lambda: server.models.ListModels(model_service_pb2.ListModelsRequest(), metadata=metadata, timeout=30),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid or revoked API key",
+        )
+    finally:
+        assert server.stop() == 0
+
+
 def test_probes_can_require_a_key(tmp_path):
     server = ServerProcess(tmp_path, mds_auth="on", mds_auth_open_probes="false")
     _, key = create_key(server, "--scope", "predict")  # keys live in the data folder: made before the start
