@@ -1,7 +1,7 @@
 """Bidirectional streams of independent requests: bounded concurrency, replies in request order."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 Request = TypeVar("Request")
@@ -60,14 +60,34 @@ async def in_order(
     """Yield `handle(request)` for each request, in order, with up to `max_in_flight` running at once.
 
     `handle(request)` is called as each request is read, before it waits for a slot; its work starts once it
-    has one (see `started`: work that never waits costs no task).
+    has one (see `started`). While every request's work finishes without waiting (a model run inline), each
+    is handled as it is read, and its reply sent, in this one coroutine: no task, no queue. From the first
+    that waits, a reader task reads ahead of the replies.
 
     A request counts until its reply is taken, so no more than `max_in_flight` are read ahead of
     the reply being sent. `handle` must turn its own failures into replies; an error reading the
     requests ends the stream.
     """
-    slots = asyncio.Semaphore(max_in_flight)
+    iterator = aiter(requests)
+    async for request in iterator:
+        work = started(handle(request))
+        if not work.done():
+            async for reply in _read_ahead(iterator, handle, max_in_flight, work):
+                yield reply
+            return
+        yield work.result()
+
+
+async def _read_ahead(
+    requests: AsyncIterator[Request],
+    handle: Callable[[Request], Coroutine[Any, Any, Reply]],
+    max_in_flight: int,
+    first: asyncio.Future[Reply],
+) -> AsyncGenerator[Reply, None]:
+    """in_order from a request whose work waits (`first`, holding a slot), with a reader task reading ahead."""
+    slots = asyncio.Semaphore(max_in_flight - 1)
     pending: asyncio.Queue = asyncio.Queue()
+    pending.put_nowait(first)
 
     async def read():
         try:
