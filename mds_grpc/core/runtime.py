@@ -173,9 +173,12 @@ class OnnxSession:
     ) -> list:
         """The outputs named, in that order; raise RunFailed with onnxruntime's reason."""
         options = None if cancellation is None else cancellation.options
-        extensions = {self._extension_outputs[n] for n in output_names if n in self._extension_outputs} | {
-            a.dtype for a in feeds.values() if a.dtype.kind == "V"
-        }  # DType.extension
+        extensions = set()  # DType.extension: none for most models, found without building anything
+        if self._extension_outputs:
+            extensions = {self._extension_outputs[n] for n in output_names if n in self._extension_outputs}
+        for array in feeds.values():
+            if array.dtype.kind == "V":
+                extensions.add(array.dtype)
         try:
             if not extensions:
                 if self.device is not None and self._bindable:
