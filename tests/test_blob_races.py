@@ -26,6 +26,7 @@ from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.core.uploads import UploadHeader
 from mds_grpc.storage import open_storage
+from mds_grpc.storage.s3_blobs import S3BlobStore
 
 SHARED = onnx_models.add_two(7.0)  # the bytes of both the old and the new model
 FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
@@ -191,6 +192,39 @@ async def test_gc_keeps_a_blob_a_job_input_recorded_after_its_snapshot(open_stor
     stores.jobs.create_input(rows)
     assert not garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256, jobs=stores.jobs)
     assert stores.blobs.exists(sha256)
+
+
+def everything_in(blobs) -> list[str]:
+    """Every object in the bucket, or every file in the blob folder."""
+    if isinstance(blobs, S3BlobStore):
+        return sorted(o.object_name for o in blobs.client.list_objects(blobs.bucket, recursive=True))
+    return sorted(str(p.relative_to(blobs.root)) for p in blobs.root.rglob("*") if p.is_file())
+
+
+async def test_gc_removes_an_unreferenced_uploaded_blob_whole(open_stores, tmp_path):
+    """On S3 an uploaded file is its upload object and the link naming it by hash: gc removes both."""
+    stores = open_stores()
+    await orphan_or_last_use("gc", stores, tmp_path / "a")
+    (sha256,) = stores.blobs.list_blobs(older_than=FOREVER)
+    assert len(everything_in(stores.blobs)) == (2 if isinstance(stores.blobs, S3BlobStore) else 1)
+    assert garbage.collect_garbage(stores, -60) == {"orphan_blobs": [sha256], "partial_writes": []}
+    assert everything_in(stores.blobs) == []
+
+
+async def test_a_claim_keeps_an_uploaded_blob_from_gc(open_stores, tmp_path):
+    """A publish's claim taken after gc's grace period blocks the deletion: the blob stays whole."""
+    stores = open_stores()
+    await orphan_or_last_use("gc", stores, tmp_path / "a")
+    (sha256,) = stores.blobs.list_blobs(older_than=FOREVER)
+    stored = everything_in(stores.blobs)
+    await asyncio.sleep(1.2)  # the blob is older than gc's grace of 1 s; the claim below is younger
+    assert stores.metadata.claim_blob(sha256, datetime.now(UTC) - garbage.DELETION_LEASE)
+    assert garbage.collect_garbage(open_stores(), 1) == {"orphan_blobs": [], "partial_writes": []}
+    assert not garbage.delete_unreferenced(stores.metadata, stores.blobs, sha256)
+    assert everything_in(stores.blobs) == stored and stores.blobs.exists(sha256)
+    stores.metadata.release_blob(sha256)
+    assert garbage.collect_garbage(open_stores(), 1) == {"orphan_blobs": [sha256], "partial_writes": []}
+    assert everything_in(stores.blobs) == []
 
 
 @pytest.mark.parametrize("stopped_in", ["create", "release_blob"])

@@ -123,8 +123,8 @@ def test_serves_a_real_model_through_the_published_port(server, settings, pretra
     for name, expected in in_process(pretrained / "magika.onnx", inputs).items():
         np.testing.assert_allclose(prediction.outputs[name], expected, rtol=1e-5, atol=1e-6)
     s3 = Minio(settings["MDS_S3_ENDPOINT"], settings["MDS_S3_ACCESS_KEY"], settings["MDS_S3_SECRET_KEY"], secure=False)
-    stored_blobs = {
-        o.object_name.rsplit("/", 1)[-1] for o in s3.list_objects(settings["MDS_S3_BUCKET"], recursive=True)
+    stored_blobs = {  # sha256/<sha256>, or links/<sha256>/<upload> for a streamed upload (storage/s3_blobs.py)
+        o.object_name.split("/")[1] for o in s3.list_objects(settings["MDS_S3_BUCKET"], recursive=True)
     }
     assert stored.sha256 in stored_blobs  # the model went to MinIO, not into the container
 

@@ -17,8 +17,11 @@ class BlobUpload(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def close(self) -> None:
+        """No more bytes: send what is left and free what the upload held (commit closes, too)."""
+
     def commit(self, sha256: str) -> bool:
-        """Publish under `sha256`; False when that blob already existed."""
+        """Publish under `sha256`, without copying the bytes already sent; False when that blob already existed."""
 
     def abort(self) -> None:
         """Leave nothing behind (safe after commit, too)."""
@@ -35,6 +38,10 @@ class BlobStore(Protocol):
 
     def fetch_to(self, sha256: str, dest: Path) -> None:
         """Place the blob's bytes at `dest` (which must not exist yet)."""
+
+    def read_range(self, sha256: str, offset: int, into: memoryview) -> None:
+        """Fill `into` (bytes) with the blob's bytes from `offset` on; FileNotFoundError when there is no
+        such blob, EOFError when it ends first."""
 
     def delete(self, sha256: str) -> None:
         """Remove a blob; a missing blob is not an error."""
