@@ -168,7 +168,13 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(
         broker,
-        JobRunner(storage, job_work_dir(data / "jobs"), settings.ort_intra_op_threads, settings.job_commit_ms / 1000),
+        JobRunner(
+            storage,
+            job_work_dir(data / "jobs"),
+            settings.ort_intra_op_threads,
+            settings.job_commit_ms / 1000,
+            placer=cache.placer,
+        ),
     )
     limits = JobLimits(
         settings.job_batch_rows,

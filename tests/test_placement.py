@@ -14,9 +14,10 @@ from google.protobuf import json_format
 from prometheus_client import REGISTRY
 
 import onnx_models
-from harness import ServerProcess, assert_status, request, serve_fails, upload
+from harness import ServerProcess, assert_status, request, serve_fails, storage_of, upload, watch
 from mds.oip import grpc_service_pb2, grpc_service_pb2_grpc
-from mds.v1 import model_service_pb2
+from mds.v1 import job_service_pb2, model_service_pb2
+from mds_grpc.api.tensors import from_array
 from mds_grpc.core.errors import FailedPrecondition, InvalidArgument
 from mds_grpc.core.model_cache import ModelCache
 from mds_grpc.core.placement import Placer, SessionTarget, parse_providers
@@ -203,3 +204,24 @@ def test_a_listed_provider_the_server_lacks_is_skipped_with_a_warning(tmp_path, 
     finally:
         assert server.stop() == 0
     assert "this server has no cuda; models run on the next listed" in (tmp_path / "stdout.log").read_text()
+
+
+def test_a_version_placed_where_this_server_cannot_run_it_fails_predictions_and_jobs(cpu_server, unique):
+    """A version another server recorded for cuda (written to the shared store directly: no GPU server here)."""
+    cpu_version = upload(cpu_server, unique, onnx_models.dense())
+    metadata = storage_of(cpu_server).metadata
+    record = metadata.get(unique, cpu_version.version)
+    gpu_only = metadata.create(dataclasses.replace(record, version=0, placement=Placement(("cuda",))))
+    got = cpu_server.models.GetModel(model_service_pb2.GetModelRequest(name=unique, version=gpu_only.version))
+    assert list(got.placement.execution_providers) == ["cuda"] and not got.execution_providers
+    x = np.ones((2, 8), np.float32)
+    assert_status(
+        lambda: cpu_server.inference.Predict(request(unique, {"x": x}, version=gpu_only.version), timeout=30),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"model {unique!r} version {gpu_only.version} runs on cuda, and this server has only cpu",
+    )
+    job = cpu_server.jobs.CreateJob(
+        job_service_pb2.CreateJobRequest(model=unique, version=gpu_only.version, inputs=[from_array("x", x, raw=True)])
+    )
+    final = watch(cpu_server, job.id)[-1]
+    assert final.state == job_service_pb2.JOB_STATE_FAILED and "runs on cuda" in final.error
