@@ -242,6 +242,16 @@ def backend_env(services: dict[str, str], namespace: str) -> dict[str, str]:
     }  # test_auth covers keys
 
 
+def mongo_s3_settings(services: dict[str, str], namespace: str) -> dict[str, str]:
+    """load_settings() arguments for MongoDB and S3, in a database and bucket of their own."""
+    keys = ("MDS_MONGO_URI", "MDS_S3_ENDPOINT", "MDS_S3_ACCESS_KEY", "MDS_S3_SECRET_KEY")
+    return {
+        **{k.removeprefix("MDS_").lower(): services[k] for k in keys},
+        "mongo_database": namespace,
+        "s3_bucket": namespace,
+    }
+
+
 def storage_of(server: ServerProcess):
     """The server's storage (metadata and blobs), opened in this process."""
     env = {

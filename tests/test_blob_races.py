@@ -16,7 +16,7 @@ import pytest
 
 import onnx_models
 from backends import private_services, server_env
-from harness import wait_until
+from harness import mongo_s3_settings, wait_until
 from mds_grpc.config import load_settings
 from mds_grpc.core import garbage
 from mds_grpc.core.errors import Unavailable
@@ -67,15 +67,7 @@ def open_stores(request, tmp_path):
     """Opens new clients of one shared pair of stores, as a separate process would."""
     settings = {"data_dir": tmp_path / "shared"}
     if request.param == "mongo-s3":
-        env, namespace = request.getfixturevalue("services"), "race-" + uuid.uuid4().hex[:12]
-        settings.update(
-            mongo_uri=env["MDS_MONGO_URI"],
-            mongo_database=namespace,
-            s3_endpoint=env["MDS_S3_ENDPOINT"],
-            s3_access_key=env["MDS_S3_ACCESS_KEY"],
-            s3_secret_key=env["MDS_S3_SECRET_KEY"],
-            s3_bucket=namespace,
-        )
+        settings.update(mongo_s3_settings(request.getfixturevalue("services"), "race-" + uuid.uuid4().hex[:12]))
     return lambda: open_storage(load_settings(**settings))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import onnx_models
-from harness import parts
+from harness import mongo_s3_settings, parts
 from mds_grpc.config import load_settings
 from mds_grpc.core import dtypes, job_runner, result_files
 from mds_grpc.core.errors import InvalidArgument
@@ -33,15 +33,7 @@ LATER = datetime.now(UTC) + timedelta(days=1)
 def core(request, tmp_path):
     settings: dict = {"data_dir": tmp_path / "data", "redis_url": ""}
     if request.param == "mongo-s3":
-        env, namespace = request.getfixturevalue("services"), "runner-" + uuid.uuid4().hex[:12]
-        settings.update(
-            mongo_uri=env["MDS_MONGO_URI"],
-            mongo_database=namespace,
-            s3_endpoint=env["MDS_S3_ENDPOINT"],
-            s3_access_key=env["MDS_S3_ACCESS_KEY"],
-            s3_secret_key=env["MDS_S3_SECRET_KEY"],
-            s3_bucket=namespace,
-        )
+        settings.update(mongo_s3_settings(request.getfixturevalue("services"), "runner-" + uuid.uuid4().hex[:12]))
     return build_core(load_settings(**settings))
 
 
