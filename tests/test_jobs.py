@@ -77,6 +77,12 @@ def test_cancel_stops_a_job(server, dense):
     x = RNG.standard_normal((200_000, 8)).astype(np.float32)
     job_input = server.jobs.UploadJobInput(chunked_input(x, chunk_rows=50_000))
     job = server.jobs.CreateJob(pb.CreateJobRequest(model=dense, input_id=job_input.id, batch_rows=10))
+    # Cancelled once running: FerretDB's SQLite handler applies findAndModify outside a transaction
+    # (FerretDB issue 3040), so a cancel racing the worker's own QUEUED -> RUNNING update can be lost
+    # there, which MongoDB's atomic conditional updates rule out.
+    updates = server.jobs.WatchJob(pb.WatchJobRequest(id=job.id), timeout=120)
+    assert next(u for u in updates if u.state != pb.JOB_STATE_QUEUED).state == pb.JOB_STATE_RUNNING
+    updates.cancel()
     cancelled = server.jobs.CancelJob(pb.CancelJobRequest(id=job.id))
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     final = watch(server, job.id)[-1]
