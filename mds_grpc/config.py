@@ -176,10 +176,20 @@ class Settings:
     shared_weights_min_bytes: int = setting(
         64 * MiB,
         "A version whose external-data files add up to at least this many bytes, uploaded without a batching "
-        "policy, runs with its weights memory-mapped from those files instead of prepacked into memory of its own: "
-        "it loads in moments, and every serving process of the host (`--processes`) shares one copy through the "
-        "page cache. Prepacked weights run requests of many rows faster (about 3x at 8 rows); weights inside the "
-        ".onnx file are never shared.",
+        "policy, first runs with its weights memory-mapped from those files instead of prepacked into memory of "
+        "its own: it loads in moments, and every serving process of the host (`--processes`) shares one copy "
+        "through the page cache. Prepacked weights run requests of many rows faster (about 2-3x at 8 rows): "
+        "see MDS_PREPACKED_COPIES, which applies to every CPU version of at least this many bytes.",
+        INFERENCE,
+    )
+    prepacked_copies: bool = setting(
+        True,
+        "A CPU version of at least MDS_SHARED_WEIGHTS_MIN_BYTES (its files together, weights inside the .onnx "
+        "file or not) switches, once loaded, to the host's prepacked copy in MDS_DATA_DIR/prepacked: its weights "
+        "laid out for onnxruntime's kernels and memory-mapped, so runs of many rows are fast and every serving "
+        "process shares one copy. A helper process (see MDS_VALIDATION_PROCESSES) makes the copy once per host, "
+        "onnxruntime version and CPU; it takes about twice the weights on disk and goes once no loaded version "
+        "uses it. false: no copies.",
         INFERENCE,
     )
     validation_processes: int = setting(

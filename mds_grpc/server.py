@@ -51,6 +51,7 @@ from mds_grpc.core.limits import JobLimits, TensorLimits
 from mds_grpc.core.model_cache import ModelCache, gather_orders, order_file
 from mds_grpc.core.model_folder import register_folder
 from mds_grpc.core.placement import GPU_PROVIDERS, Placer, parse_providers
+from mds_grpc.core.prepacked import PrepackedCopies
 from mds_grpc.core.registry import ModelRegistry
 from mds_grpc.core.stores import Storage
 from mds_grpc.core.validation import Validator
@@ -143,6 +144,9 @@ def make_placer(settings: Settings) -> Placer:
 def _build_core(settings: Settings, cache_folder: str) -> Core:
     data = settings.data_dir
     storage = open_storage(settings)
+    helpers = Validator(
+        settings.validation_processes, settings.validation_in_process_max_bytes, settings.ort_intra_op_threads
+    )
     cache = ModelCache(
         storage.blobs,
         data / cache_folder,
@@ -152,6 +156,8 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         shared_weights_min_bytes=settings.shared_weights_min_bytes,
         # S3 blobs are downloaded: into one copy per host, which each process's model folders link to
         shared_files=data / "models" / ".files" if settings.s3_endpoint else None,
+        prepacked=PrepackedCopies(data / "prepacked") if settings.prepacked_copies else None,
+        run_helper=helpers.run,
     )
     registry = ModelRegistry(
         storage.metadata,
@@ -161,9 +167,7 @@ def _build_core(settings: Settings, cache_folder: str) -> Core:
         settings.max_model_bytes,
         settings.resolve_ttl_seconds,
         max_side_files=settings.max_model_files,
-        validator=Validator(
-            settings.validation_processes, settings.validation_in_process_max_bytes, settings.ort_intra_op_threads
-        ),
+        validator=helpers,
     )
     broker = job_queue.make_broker(settings)
     run_job = job_queue.declare_actor(

@@ -93,31 +93,44 @@ def upload_mapped(server: ServerProcess, tmp_path: Path) -> None:
     server.models.UploadModel(upload_requests("mapped", model.read_bytes(), side_files=data), timeout=120)
 
 
+def switched(server: ServerProcess, processes: int) -> bool:
+    """Whether each serving process logged that it runs the version on the host's prepacked copy."""
+    names = ["mds.log"] if processes == 1 else [f"mds-{i}.log" for i in range(processes)]
+    return all("prepacked weights in use" in (server.log_dir / name).read_text() for name in names)
+
+
 def test_the_processes_map_one_copy_of_big_external_data(tmp_path, storage_env):
     """Weights in external data over MDS_SHARED_WEIGHTS_MIN_BYTES stay mapped from one file of the host (the
-    stored blob, or one download from S3): every serving process maps the same inode, so the page cache holds
-    them once."""
+    stored blob, or one download from S3), then from the host's one prepacked copy: every serving process maps
+    the same inode, so the page cache holds them once."""
     server = ServerProcess(tmp_path / "server", mds_processes=2, mds_shared_weights_min_bytes=16384, **storage_env)
     server.start()
     try:
         upload_mapped(server, tmp_path)
-        predict_in_both(server, request("mapped", {"x": np.ones((1, 64), np.float32)}))
-        first, second = (mapped_files(pid, "/model.onnx.data") for pid in started_pids(server))
+        x = request("mapped", {"x": np.ones((1, 64), np.float32)})
+        predict_in_both(server, x)
+        wait_until(lambda: switched(server, 2), what="both processes on the prepacked copy")
+        first, second = (mapped_files(pid, ".prepacked~/model.onnx.data") for pid in started_pids(server))
         assert first and first == second
     finally:
         assert server.stop() == 0
 
 
 def test_the_host_copy_goes_with_the_last_folder_linking_it(tmp_path, services):
-    """On S3 the host's copy of a file (MDS_DATA_DIR/models/.files) is removed once no model folder links it."""
+    """On S3 the host's copy of a file (MDS_DATA_DIR/models/.files), and the prepacked copy of the version, are
+    removed once no model folder links them."""
     server = ServerProcess(tmp_path / "server", mds_shared_weights_min_bytes=16384, **s3_env(services)).start()
     copies = server.data_dir / "models" / ".files"
     try:
         upload_mapped(server, tmp_path)
         server.inference.Predict(request("mapped", {"x": np.ones((1, 64), np.float32)}), timeout=30)
         assert len(list(copies.iterdir())) == 2  # model.onnx and its data
+        wait_until(lambda: switched(server, 1), what="the version on its prepacked copy")
+        prepacked = server.data_dir / "prepacked"
+        assert len(list(prepacked.iterdir())) == 2  # the copy and its lock file
         server.models.DeleteModel(model_service_pb2.DeleteModelRequest(name="mapped", version=1), timeout=30)
         wait_until(lambda: not any(copies.iterdir()), what="the host's copies to go")
+        wait_until(lambda: not any(prepacked.iterdir()), what="the prepacked copy to go")
     finally:
         assert server.stop() == 0
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from mds_grpc import metrics
 from mds_grpc.core.errors import NotFound
 from mds_grpc.core.placement import Placer
+from mds_grpc.core.prepacked import PrepackedCopies
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
 from mds_grpc.core.runtime import OnnxSession
 from mds_grpc.core.stores import BlobStore
@@ -152,6 +153,9 @@ class ModelCache:
     count their device memory limit against that GPU's budget instead, evicted the same way.
     A version with `shared_weights_min_bytes` or more of external data and no batching policy runs lean (see
     OnnxSession), on weights mapped from its files: with the embedded store, hard links to one stored copy.
+    With `prepacked` copies, a CPU version of at least that many bytes then switches to the host's prepacked
+    copy (see core.prepacked), made in a helper process by `run_helper` when the host has none yet; a version
+    whose copy exists loads it at once.
 
     With an `order_file`, the cache records which versions it holds, most recently used first, so that
     the next start can load them again before they are asked for (recall, then preload). The file is
@@ -170,6 +174,8 @@ class ModelCache:
         order_file: Path | None = None,
         shared_weights_min_bytes: int = 64 << 20,
         shared_files: Path | None = None,
+        prepacked: PrepackedCopies | None = None,
+        run_helper: Callable[..., Awaitable] | None = None,
     ):
         self.blobs = blobs
         self.folder_root = Path(folder_root)
@@ -179,6 +185,9 @@ class ModelCache:
         self.order_file = order_file
         self.shared_weights_min_bytes = shared_weights_min_bytes
         self.shared_files = shared_files  # see fetch_shared; None: the store's fetch_to shares (hard links)
+        self.prepacked = prepacked if run_helper is not None else None
+        self.run_helper = run_helper
+        self._packing: dict[Key, asyncio.Task] = {}  # versions switching to the host's prepacked copy
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._latest: dict[str, LoadedModel] = {}  # the version a lookup of "the latest" last resolved to
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
@@ -255,18 +264,58 @@ class ModelCache:
             raise deleted from None
         target = self.placer.target(record.name, record.version, record.placement)
         # Big external data stays memory-mapped, not prepacked: every process of the host maps the same pages;
-        # a version that batches requests runs many rows at once, which prepacked weights do faster.
+        # a version that batches requests runs many rows at once, which prepacked weights do faster. Either
+        # then switches to the host's prepacked copy, which is both (loaded at once when the host has it).
         external = sum(f.size_bytes for f in record.files if f.path != MAIN_FILE)
         shared = external >= self.shared_weights_min_bytes and not record.batching.enabled
-        if self.placer.on_gpu(record.placement):  # free the device before the new session takes its share
+        on_gpu = self.placer.on_gpu(record.placement)
+        prepacked = self.prepacked if not on_gpu and record.total_bytes >= self.shared_weights_min_bytes else None
+        if on_gpu:  # free the device before the new session takes its share
             self._make_room(target.device_id, target.device_memory_bytes)
         try:
-            session = await asyncio.to_thread(OnnxSession, folder / MAIN_FILE, self.intra_op_threads, shared, target)
+            copy = await asyncio.to_thread(prepacked.link, record, folder) if prepacked else None
+            path = copy or folder / MAIN_FILE
+            session = await asyncio.to_thread(OnnxSession, path, self.intra_op_threads, shared and not copy, target)
         except Exception:
             if not (folder / MAIN_FILE).exists():  # a delete removed the folder while it was loading
                 raise deleted from None
             raise
-        return self.put(record, session, oldest)
+        model = self.put(record, session, oldest)
+        if prepacked and copy is None:
+            key = (record.name, record.version)
+            self._packing[key] = asyncio.ensure_future(self._switch_to_prepacked(model, folder))
+            self._packing[key].add_done_callback(lambda _: self._packing.pop(key, None))
+        return model
+
+    async def _switch_to_prepacked(self, model: LoadedModel, folder: Path) -> None:
+        """Have the host's prepacked copy of the version made (or wait for another process making it), then
+        run the version on it; on failure the version keeps its session, with a warning."""
+        record, key = model.record, (model.record.name, model.record.version)
+        which = {"model": record.name, "version": record.version}
+        assert self.prepacked is not None and self.run_helper is not None
+        try:
+            started = time.monotonic()
+            if self._models.get(key) is not model:
+                return  # evicted at once (the cache is full)
+            copy = await self.prepacked.make(record, folder, self.run_helper)
+            if self._models.get(key) is not model:
+                return  # evicted or deleted meanwhile: release drops the copy if nothing else links it
+            if copy is None:
+                raise FileNotFoundError("the model's folder went before it linked the copy")
+            session = await asyncio.to_thread(OnnxSession, copy, self.intra_op_threads, False, model.session.target)
+            if self._models.get(key) is model:
+                model.session = session  # runs under way finish on the session they started with
+                log.info("prepacked weights in use", extra={**which, "seconds": round(time.monotonic() - started, 3)})
+        except Exception as error:
+            log.warning(
+                "model keeps its own weights: no prepacked copy",
+                extra={**which, "error": str(error) or type(error).__name__},
+            )
+
+    async def settle(self) -> None:
+        """Wait until every loaded version runs on the session it will keep (its prepacked copy, if any)."""
+        while self._packing:
+            await asyncio.wait(list(self._packing.values()))
 
     def _materialize(self, record: ModelRecord) -> Path:
         return materialize(self.blobs, record, self._folder((record.name, record.version)), self.shared_files)
@@ -342,6 +391,8 @@ class ModelCache:
         shutil.rmtree(trash, ignore_errors=True)
         if self.shared_files is not None:
             release_shared(self.shared_files)
+        if self.prepacked is not None:
+            self.prepacked.release()
 
     def forget(self, name: str, versions: list[int]) -> None:
         """Drop the sessions and folders of deleted versions."""
