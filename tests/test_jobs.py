@@ -1,5 +1,6 @@
 """Bulk jobs against a real server: embedded (in-process worker) and MongoDB + S3 + Redis (mds worker)."""
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 
 import onnx_models
-from harness import DENSE, ServerProcess, assert_status, chunked_input, in_process, results, upload_requests, watch
+from harness import (
+    DENSE,
+    ServerProcess,
+    assert_status,
+    chunked_input,
+    in_process,
+    results,
+    upload_requests,
+    wait_until,
+    watch,
+)
 from mds.v1 import job_service_pb2 as pb
 from mds.v1 import tensor_pb2
 from mds_grpc.api.tensors import from_array
@@ -42,6 +53,14 @@ def test_inline_job_is_queued_then_succeeds_with_onnxruntime_outputs(server, den
     assert (
         fetched.state == pb.JOB_STATE_SUCCEEDED and fetched.updated_at.ToDatetime() >= fetched.created_at.ToDatetime()
     )
+    logs = [server.log_dir, *(worker.root / "logs" for worker in server.workers)]
+
+    def succeeded() -> list[dict]:  # the line comes just after the state changes
+        lines = [json.loads(line) for log in logs for line in (log / "mds.log").read_text().splitlines()]
+        return [line for line in lines if line["message"] == "job succeeded" and line["job"] == job.id]
+
+    wait_until(succeeded, what="the job's last log line")
+    assert set(succeeded()[0]["seconds"]) == {"load", "fetch", "run", "store"}  # where its time went
 
 
 def test_uploaded_input_in_chunks(server, dense):

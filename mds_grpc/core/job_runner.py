@@ -80,15 +80,18 @@ class JobRunner:
             self._run_batches(job, folder)
 
     def _run_batches(self, job: JobRecord, folder: Path) -> None:
+        spent = Stopwatch()  # where the job's time went, in its last log line
         record = self.storage.metadata.get(job.model, job.version)
         if record is None:
             raise _JobFailed(f"model {job.model!r} version {job.version} was deleted")
         try:
+            spent.start("load")
             target = self.placer.target(record.name, record.version, record.placement)
             path = materialize(self.storage.blobs, record, folder / "model") / MAIN_FILE
             session = OnnxSession(path, self.intra_op_threads, target=target)
         except FailedPrecondition as error:
             raise _JobFailed(str(error)) from None
+        spent.start("fetch")
         columns = {}
         for i, tensor in enumerate(job.input.tensors):
             path = folder / f"input-{i}"  # never a client-chosen name in a path
@@ -114,6 +117,7 @@ class JobRunner:
             ):
                 rows = min(job.batch_rows, job.rows_total - end)
                 try:
+                    spent.start("run")
                     outputs = carried[1] if carried is not None and carried[0] == end else run_batch(end, rows)
                 except _JobFailed as error:
                     failure = error  # the batches before it are still recorded
@@ -126,6 +130,7 @@ class JobRunner:
                 size += sum(output.nbytes for output in batches[-1])
                 end += rows
             if batches:
+                spent.start("store")
                 recorded = self._record(job, folder, offset, end - offset, batches)
                 if recorded is None or recorded.state != JobState.RUNNING:
                     return
@@ -133,7 +138,7 @@ class JobRunner:
             if failure is not None:
                 raise failure
         self.storage.jobs.transition(job.id, {JobState.RUNNING}, JobState.SUCCEEDED)
-        log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total})
+        log.info("job succeeded", extra={"job": job.id, "rows": job.rows_total, "seconds": spent.totals()})
 
     def _record(
         self, job: JobRecord, folder: Path, offset: int, rows: int, batches: list[list[np.ndarray]]
@@ -164,6 +169,25 @@ class JobRunner:
             )
         except _NotRecorded:  # the result blob is gone again (unless another job uses the same bytes)
             return self.storage.jobs.get(job.id)
+
+
+class Stopwatch:
+    """Seconds spent per phase: each start() ends the phase before it."""
+
+    def __init__(self):
+        self._totals: dict[str, float] = {}
+        self._phase, self._since = "", time.perf_counter()
+
+    def start(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self._phase:
+            self._totals[self._phase] = self._totals.get(self._phase, 0.0) + now - self._since
+        self._phase, self._since = phase, now
+
+    def totals(self) -> dict[str, float]:
+        """The seconds of each phase so far, the one under way included, rounded to milliseconds."""
+        self.start("")
+        return {phase: round(seconds, 3) for phase, seconds in self._totals.items()}
 
 
 class _JobFailed(Exception):
