@@ -76,6 +76,13 @@ async def test_the_copy_goes_with_the_last_version_using_it(tmp_path):
     wait_until(lambda: not any(root.iterdir()), what="the copy and its lock file to go")
 
 
+async def test_a_copy_left_half_made_is_removed_at_the_next_start(tmp_path):
+    root = tmp_path / "data" / "prepacked"
+    (root / f".{'0' * 64}.1234.part").mkdir(parents=True)  # as a process killed while making it leaves it
+    processes(tmp_path / "data", 1)
+    assert not any(root.iterdir())
+
+
 async def test_without_copies_a_big_version_keeps_its_session(tmp_path):
     settings = load_settings(data_dir=tmp_path / "data", shared_weights_min_bytes=65536, prepacked_copies=False)
     registry = build_core(settings).registry

@@ -198,8 +198,11 @@ class ModelCache:
         return self.folder_root / key[0] / str(key[1])
 
     def clear_folders(self) -> None:
-        """Remove every model folder (at start-up: none is loaded yet)."""
+        """Remove every model folder, and prepacked copies an earlier run left half made (at start-up: none is
+        loaded yet)."""
         shutil.rmtree(self.folder_root, ignore_errors=True)
+        if self.prepacked is not None:
+            self.prepacked.remove_partial()
 
     @property
     def loaded_bytes(self) -> int:

@@ -115,6 +115,11 @@ class PrepackedCopies:
                 if (copy / DATA_FILE).stat().st_nlink == 1:
                     self._remove_unless_locked(copy)
 
+    def remove_partial(self) -> None:
+        """Remove the copies a process ended before it finished making them (at start-up only)."""
+        for partial in self.root.glob(".*.part"):
+            shutil.rmtree(partial, ignore_errors=True)
+
     def _remove_unless_locked(self, copy: Path) -> None:
         lock = self.root / f".{copy.name}.lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
