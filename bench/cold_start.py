@@ -27,7 +27,7 @@ from harness import REPO, Target, upload  # noqa: E402
 from local_machine import free_port  # noqa: E402
 from mds.v1 import inference_service_pb2 as pb  # noqa: E402
 from mds.v1 import inference_service_pb2_grpc  # noqa: E402
-from mds_grpc.api.tensors import from_array  # noqa: E402
+from mds_grpc.api.tensors import from_array, to_array  # noqa: E402
 
 MODEL_NAME = "cold"
 RETRY_EVERY_10_MS = [
@@ -57,15 +57,32 @@ def floor_argv(port: int, model: Path) -> list[str]:
     return [sys.executable, str(REPO / "bench" / "floor_server.py"), str(port), str(model)]
 
 
-def first_prediction(argv: list[str], env: dict[str, str], port: int, request: pb.PredictRequest) -> float:
-    """Seconds from starting ARGV to the answer of its first Predict; the server is stopped after."""
+def from_bytecode(folder: Path) -> dict[str, str]:
+    """Settings under which a server starts from compiled bytecode (kept in FOLDER), as an installed package does,
+    even where PYTHONDONTWRITEBYTECODE is set: the first start writes it, so time the ones after."""
+    return {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(folder)}
+
+
+def first_prediction(
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    request: pb.PredictRequest,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    want: np.ndarray | None = None,
+) -> float:
+    """Seconds from starting ARGV to the answer of its first Predict (sent with METADATA); the server is stopped
+    after. WANT, when given, is the first output the answer must hold (checked after the clock stops)."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=RETRY_EVERY_10_MS) as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            stub.Predict(request, wait_for_ready=True, timeout=600)
-        return time.perf_counter() - start
+            reply = stub.Predict(request, metadata=metadata, wait_for_ready=True, timeout=600)
+        seconds = time.perf_counter() - start
+        if want is not None:
+            np.testing.assert_array_equal(to_array(reply.outputs[0]), want, err_msg=f"{argv} first Predict")
+        return seconds
     finally:
         process.send_signal(signal.SIGTERM)
         if process.wait(60) not in (0, -signal.SIGTERM):  # the floor has no handler for it
@@ -82,9 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     work = (args.work or Path(tempfile.mkdtemp(prefix="mds-cold-"))).resolve()
     args.model = args.model.resolve()
-    # Both servers start from compiled bytecode, as an installed package does; the first start writes it.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.update(from_bytecode(work / "pycache"))
     os.chdir(work)  # `python -m` puts the working folder first on sys.path: PYTHONPATH picks the code
     data = work / "data"
     port = free_port()

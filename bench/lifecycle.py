@@ -1,5 +1,6 @@
 """Workloads on MDS with production storage (private MinIO + FerretDB): (d) a big upload, (e) a bulk job,
-(f) cold start. Jobs run in the server itself (no Redis)."""
+(f) cold start; jobs run in the server itself (no Redis). And (g) replicas: the big model in two serving
+processes, on embedded storage (shared_memory.py)."""
 
 import itertools
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 import models
+import shared_memory
+from cold_start import first_prediction, floor_argv, from_bytecode
 from harness import PREDICT, REPO, Target, check_outputs, peak_memory, session, upload
 from local_machine import free_port
 from mds.v1 import inference_service_pb2 as pb
@@ -23,6 +26,8 @@ EXTERNAL_DATA = "external data"  # (d) models: the big one, weights in big.onnx.
 SINGLE_FILE = "single file"  # weights inline in the .onnx file
 IN_PROCESS_JOB = "onnxruntime in-process"
 ORT_LOAD = "onnxruntime read + load"
+MDS_RESTART = "MDS restart → first prediction"
+FLOOR_RESTART = "floor restart → first prediction"
 JOB_BATCH_ROWS = 4096  # MDS_JOB_BATCH_ROWS's default
 JOB_CHUNK_ROWS = 65536
 
@@ -156,7 +161,10 @@ def bulk_job(bench) -> list[dict]:
 
 def cold_start(bench) -> list[dict]:
     """(f) Upload → first prediction and restart → first prediction, against reading the files and loading
-    them into an onnxruntime session (with its first run). The real model, then the big one."""
+    them into an onnxruntime session (with its first run), and restart → first prediction against the floor's
+    (bench/floor_server.py on the same file): each timed from starting its process to the answer of its first
+    Predict, by the same client retrying every 10 ms (cold_start.first_prediction), both from compiled bytecode.
+    The real model, then the big one."""
     import serving
 
     rows = big_shape(bench)[0]
@@ -168,6 +176,7 @@ def cold_start(bench) -> list[dict]:
     else:
         cases.insert(0, ("ocr-det", models.ocr_detector(), (), np.ones(serving.HEAVY_SHAPE, np.float32)))
     mds = production(bench)
+    bytecode = from_bytecode(bench.work / "pycache")
     results = []
     for name, path, side, x in cases:
         start = time.perf_counter()
@@ -183,17 +192,41 @@ def cold_start(bench) -> list[dict]:
         upload(mds, request.model, path, side)
         check_outputs(mds, PREDICT, request, want)
         uploaded = time.perf_counter() - start
-        mds.stop()
-        start = time.perf_counter()
-        mds.start()
-        check_outputs(mds, PREDICT, request, want)
-        restarted = time.perf_counter() - start
+        mds.stop()  # each timed while neither the other nor MDS's own server runs
+        port = free_port()
+        for _ in range(2 if name == cases[0][0] else 1):  # the first start of each writes its bytecode
+            restarted = first_prediction(mds.argv, {**mds.env, **bytecode}, mds.port, request, mds.metadata, want)
+            floor = first_prediction(floor_argv(port, path), bytecode, port, request, want=want)
+        mds.start()  # again, for the workloads after this one
         results += [
             {"target": target, "model": name, "seconds": seconds}
             for target, seconds in (
                 (ORT_LOAD, loaded),
                 ("MDS upload → first prediction", uploaded),
-                ("MDS restart → first prediction", restarted),
+                (MDS_RESTART, restarted),
+                (FLOOR_RESTART, floor),
             )
         ]
     return results
+
+
+REPLICA_PROCESSES = 2
+REPLICA_BATCHES = (1, 8)
+MEMORY, THROUGHPUT = "MDS memory", "MDS throughput"
+
+
+def replicas(bench) -> list[dict]:
+    """(g) `mds serve --processes 2` with the big model, its weights prepacked into each process's session or
+    shared (mapped from the stored file, the default): the serving processes' PSS with one and with two
+    processes, then both ways' predictions/s in turns at batch 1 and 8 (shared_memory.measure). 3 turns of
+    --duration each; a smoke run's 16 MiB model is shared from 1 MiB of external data, 1 turn."""
+    memory, speed = shared_memory.measure(
+        bench.work / "replicas",
+        models.big_model(*big_shape(bench)),
+        REPLICA_PROCESSES,
+        REPLICA_BATCHES,
+        bench.duration,
+        rounds=1 if bench.smoke else 3,
+        shared_min_bytes=1 << 20 if bench.smoke else None,
+    )
+    return [{"target": MEMORY, **row} for row in memory] + [{"target": THROUGHPUT, **row} for row in speed]
