@@ -122,9 +122,24 @@ def maps_heavy(pid: int) -> list[str]:
     return [library for library in HEAVY_LIBRARIES if library in maps]
 
 
-def settle(target: Target, logs: Path, processes: int) -> None:
-    """Wait until each of TARGET's PROCESSES serving processes (logging into LOGS, `log_names`) uses its final
-    session for the model, so that memory and speed are measured on what serves from then on."""
+def settle(way: str, logs: Path, processes: int) -> None:
+    """Wait until each of the PROCESSES serving processes (logging into LOGS, `log_names`) uses its final
+    session for the model, so that memory and speed are measured on what serves from then on: shared weights
+    switch to the host's prepacked copy (MDS_PREPACKED_COPIES), made meanwhile in a helper process."""
+    if way != "shared":
+        return
+    deadline = time.monotonic() + 900
+    while not all(logged(logs / name, "prepacked weights in use") for name in log_names(processes)):
+        if any(logged(logs / name, "model keeps its own weights: no prepacked copy") for name in log_names(processes)):
+            raise SystemExit(f"error: no prepacked copy (see {logs})")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: the serving processes did not switch to the prepacked copy (see {logs})")
+        time.sleep(0.5)
+
+
+def logged(log: Path, message: str) -> bool:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return any(json.loads(line).get("message") == message for line in lines)
 
 
 def ways(shared_min_bytes: int | None = None) -> dict[str, dict[str, str]]:
@@ -189,7 +204,7 @@ def measure(
         target = Target("MDS", argv(port), port, env=run_env)
         try:
             load_everywhere(target, logs, processes, requests[batches[0]])
-            settle(target, logs, processes)
+            settle(way, logs, processes)
         except BaseException:
             target.stop()
             raise

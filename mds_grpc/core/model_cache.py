@@ -284,7 +284,9 @@ class ModelCache:
                 raise deleted from None
             raise
         model = self.put(record, session, oldest)
-        if prepacked and copy is None:
+        if copy is not None:
+            log.info("prepacked weights in use", extra={"model": record.name, "version": record.version})
+        elif prepacked:
             key = (record.name, record.version)
             self._packing[key] = asyncio.ensure_future(self._switch_to_prepacked(model, folder))
             self._packing[key].add_done_callback(lambda _: self._packing.pop(key, None))
