@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -236,12 +237,12 @@ async def start_websocket(
     health_servicer: health.aio.HealthServicer,
     tls: ssl.SSLContext | None,
 ) -> "PredictionSocket | None":
-    """PredictStream over WebSocket when MDS_WEBSOCKET_PORT is set; the websockets package is imported only then."""
+    """PredictStream over WebSocket when MDS_WEBSOCKET_PORT is set; the websockets package is imported only then,
+    on a thread, so that gRPC requests (and the models they load) go on meanwhile."""
     if not settings.websocket_port:
         return None
-    from mds_grpc.api.websocket import PredictionSocket
-
-    websocket = PredictionSocket(inference, guard, access_log, health_servicer)
+    module = await asyncio.to_thread(importlib.import_module, "mds_grpc.api.websocket")
+    websocket: PredictionSocket = module.PredictionSocket(inference, guard, access_log, health_servicer)
     await websocket.start(
         settings.grpc_host, settings.websocket_port, settings.max_message_bytes, tls, shared=process is not None
     )
@@ -338,6 +339,8 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     if process is None:
         core.registry.sweep_local_copies()
         await register_model_dir(core.registry, settings)  # several processes: their supervisor did
+    # In the background from now on: sessions load on threads while the server starts, and once it serves.
+    preloading = asyncio.ensure_future(cache.preload(core.registry.get))
     worker = None if settings.redis_url else start_embedded_worker(core, settings, requeue=not process)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="onnxruntime")
     auth_on = settings.auth == "on" or settings.auth == "auto" and bool(settings.mongo_uri)
@@ -397,7 +400,6 @@ async def serve(settings: Settings, process: int | None = None) -> None:
     tls = websocket_tls(settings) if credentials else None
     websocket = await start_websocket(settings, process, inference, guard, access_log, health_servicer, tls)
     watcher = asyncio.ensure_future(watch_backends(core, health_servicer, settings.backend_check_seconds))
-    preloading = asyncio.ensure_future(cache.preload(core.registry.get))  # already serving: in the background
     log.info(
         "serving",
         extra={
