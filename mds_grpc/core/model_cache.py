@@ -287,6 +287,7 @@ class ModelCache:
         if copy is not None:
             log.info("prepacked weights in use", extra={"model": record.name, "version": record.version})
         elif prepacked:
+            log.info("switching to a prepacked copy", extra={"model": record.name, "version": record.version})
             key = (record.name, record.version)
             self._packing[key] = asyncio.ensure_future(self._switch_to_prepacked(model, folder))
             self._packing[key].add_done_callback(lambda _: self._packing.pop(key, None))
