@@ -159,7 +159,26 @@ def bulk_job(bench) -> list[dict]:
             ("MDS job: CreateJob → SUCCEEDED", done - created),
             ("MDS job: input upload → results read", read - start),
         )
+    ] + [  # where the time went: the client's calls, and the job's phases from the server's log
+        {"target": f"  of which {part}", "seconds": s}
+        for part, s in (
+            ("UploadJobInput", created - start),
+            ("GetJobResults", read - done),
+            *((f"the job's {phase}", s) for phase, s in job_phases(mds, job.id).items()),
+        )
     ]
+
+
+def job_phases(server: Target, job_id: str) -> dict[str, float]:
+    """Seconds per phase of a job that succeeded (load, fetch, run, store), from the server's log line."""
+    log = Path(server.env["MDS_LOG_DIR"]) / "mds.log"
+    for _ in range(100):  # the line comes just after the state changes
+        lines = map(json.loads, log.read_text().splitlines())
+        line = next((x for x in lines if x["message"] == "job succeeded" and x.get("job") == job_id), None)
+        if line is not None:
+            return line["seconds"]
+        time.sleep(0.1)
+    return {}
 
 
 def cold_start(bench) -> list[dict]:
