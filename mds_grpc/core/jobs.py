@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, S
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -24,9 +25,10 @@ from mds_grpc.core.limits import JobLimits
 from mds_grpc.core.pages import decode_token, encode_token, page_limit
 from mds_grpc.core.records import ModelRecord, utc_now
 from mds_grpc.core.registry import ModelRegistry
-from mds_grpc.core.stores import Storage
+from mds_grpc.core.stores import BlobUpload, Storage
 from mds_grpc.core.to_the_end import to_the_end
-from mds_grpc.core.uploads import sha256_of
+
+STREAMED_COLUMNS = 2  # columns of one input streamed to the blob store at once; more go through local files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +41,21 @@ class ColumnSpec:
 
 
 class _InputWriter:
-    """Writes the rows of every column to its own raw file: whole chunks of rows checked against the
-    declared columns (write), or each column's raw bytes, one column after another (append)."""
+    """Writes the rows of every column, hashed as they come, to a blob upload of its own while they arrive
+    (STREAMED_COLUMNS at a time, where the blob store takes streams) or else to a raw file: whole chunks of
+    rows checked against the declared columns (write), or each column's raw bytes, one column after another
+    (append)."""
 
-    def __init__(self, folder: Path, limits: JobLimits):
+    def __init__(self, folder: Path, limits: JobLimits, open_remote: Callable[[], BlobUpload | None] = lambda: None):
         self.folder = folder
         self.limits = limits
+        self.open_remote = open_remote
         self.specs: dict[str, ColumnSpec] = {}
         self.paths: dict[str, Path] = {}
         self.files: dict[str, BinaryIO] = {}  # open: every column for `write`, the current one for `append`
+        self.remote: dict[str, BlobUpload] = {}  # columns streamed to the blob store (no local file)
+        self.streaming: set[str] = set()  # those still taking bytes
+        self.hashers: dict[str, hashlib._Hash] = {}
         self.sizes: dict[str, int] = {}  # bytes written per column
         self.total = 0  # bytes declared, all columns together
         self.rows = -1
@@ -73,9 +81,15 @@ class _InputWriter:
                 f"job input of {size} bytes exceeds the server's limit of {self.limits.max_input_bytes} bytes"
             )
         self.rows, self.total = spec.shape[0], size
-        self.paths[spec.name] = self.folder / f"column-{len(self.specs)}"
-        self.files[spec.name] = open(self.paths[spec.name], "wb")
+        remote = self.open_remote() if len(self.streaming) < STREAMED_COLUMNS else None
+        if remote is not None:
+            self.remote[spec.name] = remote
+            self.streaming.add(spec.name)
+        else:
+            self.paths[spec.name] = self.folder / f"column-{len(self.specs)}"
+            self.files[spec.name] = open(self.paths[spec.name], "wb")
         self.specs[spec.name] = spec
+        self.hashers[spec.name] = hashlib.sha256()
         self.sizes[spec.name] = 0
 
     @staticmethod
@@ -99,25 +113,43 @@ class _InputWriter:
                     f"chunk tensor {name!r} must be {spec.dtype} with rows of shape {list(spec.shape[1:])}, "
                     f"got {dtype.name if dtype else array.dtype} {list(array.shape)}"
                 )
-            self._put(name, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+            little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            self._put(name, little_endian.reshape(-1).view(np.uint8).data)  # no copy
         self.written += count
 
     def append(self, spec: ColumnSpec, data: bytes) -> None:
         """The next raw bytes (little-endian, C order) of column `spec`, which starts when first seen."""
         if spec.name != self.current:
             if self.current:
-                self.files.pop(self.current).close()
+                self._end(self.current)
             self.add(spec)
             self.current = spec.name
         if self.sizes[spec.name] + len(data) > self._bytes(spec):
             raise InvalidArgument(f"input {spec.name!r} has more data than its shape {list(spec.shape)} holds")
         self._put(spec.name, data)
 
-    def _put(self, name: str, data: bytes) -> None:
-        self.files[name].write(data)
+    def _put(self, name: str, data: bytes | memoryview) -> None:
+        if not len(data):
+            return
+        self.hashers[name].update(data)
+        if name in self.remote:
+            self.remote[name].write(cast(bytes, data))  # any bytes-like object
+        else:
+            self.files[name].write(data)
         self.sizes[name] += len(data)
 
-    def finish(self) -> list[tuple[ColumnSpec, Path]]:
+    def _end(self, name: str) -> None:
+        """No more bytes for column `name`."""
+        if name in self.files:
+            self.files.pop(name).close()
+        if name in self.streaming:
+            self.streaming.remove(name)
+            self.remote[name].close()  # its part buffers go now, not at the commit
+
+    def finish(self) -> list[tuple[ColumnSpec, str]]:
+        """The columns with their sha256, once all their bytes are written."""
+        for name in list(self.streaming):
+            self._end(name)
         self.close()
         if not self.specs:
             raise InvalidArgument("a job input needs at least one tensor")
@@ -126,11 +158,17 @@ class _InputWriter:
                 row = self._bytes(spec) // max(1, self.rows)
                 got = f"{self.sizes[name] // row} rows" if row else f"{self.sizes[name]} bytes"
                 raise InvalidArgument(f"received {got}, the header declared {self.rows} (input {name!r})")
-        return [(spec, self.paths[name]) for name, spec in self.specs.items()]
+        return [(spec, self.hashers[name].hexdigest()) for name, spec in self.specs.items()]
 
     def close(self) -> None:
         for handle in self.files.values():
             handle.close()
+
+    def discard(self) -> None:
+        """Close the files and abandon the uploads that were not committed."""
+        self.close()
+        for upload in self.remote.values():
+            upload.abort()  # a no-op once committed
 
 
 def _as_rows(column: ColumnSpec) -> np.ndarray:
@@ -222,23 +260,24 @@ class JobManager:
     async def _store_input(self, fill: Callable[["_InputWriter"], Awaitable[None]]) -> JobInputRecord:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="job-input-", dir=self.tmp_dir))
-        writer = _InputWriter(folder, self.limits)
+        writer = _InputWriter(folder, self.limits, self.storage.blobs.open_upload)
         try:
             await fill(writer)
             columns = await to_the_end(asyncio.to_thread(writer.finish))
-            hashes = [await to_the_end(asyncio.to_thread(sha256_of, path)) for _, path in columns]
             record = JobInputRecord(
                 uuid.uuid4().hex,
                 writer.rows,
-                tuple(
-                    JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256)
-                    for (spec, _), sha256 in zip(columns, hashes, strict=True)
-                ),
+                tuple(JobTensor(spec.name, spec.dtype, spec.shape[1:], sha256) for spec, sha256 in columns),
                 utc_now(),
             )
             writes = [
-                (sha256, partial(self.storage.blobs.put_file, path, sha256))
-                for (_, path), sha256 in zip(columns, hashes, strict=True)
+                (
+                    sha256,
+                    partial(writer.remote[spec.name].commit, sha256)
+                    if spec.name in writer.remote
+                    else partial(self.storage.blobs.put_file, writer.paths[spec.name], sha256),
+                )
+                for spec, sha256 in columns
             ]
             await to_the_end(
                 asyncio.to_thread(
@@ -251,8 +290,8 @@ class JobManager:
                 )
             )
             return record
-        finally:
-            writer.close()  # the writes above have ended: a cancellation waits for the thread it interrupts
+        finally:  # the writes above have ended: a cancellation waits for the thread it interrupts
+            await to_the_end(asyncio.to_thread(writer.discard))
             await to_the_end(asyncio.to_thread(shutil.rmtree, folder, True))
 
     async def create(
@@ -371,13 +410,30 @@ class JobManager:
         if job.state != JobState.SUCCEEDED:
             raise FailedPrecondition(f"job {job.id!r} is {job.state.value}; results are readable once it has SUCCEEDED")
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for result in job.results:
-            arrays = await asyncio.to_thread(self._read_result, result, job.output_names)
-            row_bytes = max(1, sum(_bytes_of(a) for a in arrays.values()) // max(1, result.rows))
-            step = max(1, self.limits.result_message_bytes // row_bytes)
-            for start in range(0, result.rows, step):
-                rows = min(step, result.rows - start)
-                yield result.offset + start, rows, {name: a[start : start + rows] for name, a in arrays.items()}
+
+        def read(i: int) -> asyncio.Future | None:
+            """Result i, read on a thread while the one before it is sent."""
+            if i == len(job.results):
+                return None
+            future = asyncio.ensure_future(asyncio.to_thread(self._read_result, job.results[i], job.output_names))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a result never sent is no error
+            return future
+
+        reading = read(0)
+        try:
+            for i, result in enumerate(job.results):
+                assert reading is not None
+                arrays = await reading
+                reading = read(i + 1)
+                row_bytes = max(1, sum(_bytes_of(a) for a in arrays.values()) // max(1, result.rows))
+                step = max(1, self.limits.result_message_bytes // row_bytes)
+                for start in range(0, result.rows, step):
+                    rows = min(step, result.rows - start)
+                    yield result.offset + start, rows, {name: a[start : start + rows] for name, a in arrays.items()}
+                del arrays
+        finally:
+            if reading is not None:
+                reading.cancel()
 
     async def output_rows(self, job: JobRecord, name: str) -> OutputRows:
         """One output of a SUCCEEDED job as a single array: its dtype, its row shape and its rows in chunks.
