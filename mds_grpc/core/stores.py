@@ -39,10 +39,6 @@ class BlobStore(Protocol):
     def fetch_to(self, sha256: str, dest: Path) -> None:
         """Place the blob's bytes at `dest` (which must not exist yet)."""
 
-    def read_range(self, sha256: str, offset: int, into: memoryview) -> None:
-        """Fill `into` (bytes) with the blob's bytes from `offset` on; FileNotFoundError when there is no
-        such blob, EOFError when it ends first."""
-
     def delete(self, sha256: str) -> None:
         """Remove a blob; a missing blob is not an error."""
 

@@ -50,16 +50,6 @@ class LocalBlobStore:
     def fetch_to(self, sha256: str, dest: Path) -> None:
         _link_or_copy(self._path(sha256), dest)
 
-    def read_range(self, sha256: str, offset: int, into: memoryview) -> None:
-        with open(self._path(sha256), "rb") as handle:
-            handle.seek(offset)
-            filled = 0
-            while filled < len(into):
-                got = handle.readinto(into[filled:])
-                if not got:
-                    raise EOFError(f"blob {sha256} ends at byte {offset + filled}, before {offset + len(into)}")
-                filled += got
-
     def delete(self, sha256: str) -> None:
         self._path(sha256).unlink(missing_ok=True)
 

@@ -47,7 +47,6 @@ PART_BYTES = 6 << 20  # S3 allows 10,000 parts: files up to 58 GiB (MDS_MAX_MODE
 PART_BUFFERS = 4  # per file being streamed: up to this many parts in flight, while the writer waits for one
 PART_SENDERS = 16  # threads sending parts, for all uploads of a store (its connection pool holds as many)
 NOT_FOUND = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
-READ_PIECE_BYTES = 1 << 20  # read_range copies a ranged GET's body in pieces of this size
 # Answers of a store that is starting, stopping or overloaded (besides any 5xx status): retry later.
 TRANSIENT_CODES = {"ClientDisconnected", "RequestTimeout", "SlowDown", "XMinioServerNotInitialized"}
 
@@ -227,7 +226,6 @@ class S3BlobStore:
         self.endpoint = endpoint
         self.bucket = bucket
         self._bucket_ready = False
-        self._read_keys: dict[str, str] = {}  # sha256: the key read_range last found the blob at
         self._sender_pool: ThreadPoolExecutor | None = None  # made at the first part sent
         self._senders_lock = threading.Lock()
 
@@ -291,45 +289,6 @@ class S3BlobStore:
                     if error.code not in NOT_FOUND:
                         raise
             raise FileNotFoundError(f"blob {sha256} is missing from bucket {self.bucket}")
-
-    def read_range(self, sha256: str, offset: int, into: memoryview) -> None:
-        """One ranged GET; the key the blob lives at is looked up at the first read and then remembered."""
-        if not len(into):
-            return
-        with self._reachable():
-            known = self._read_keys.get(sha256)
-            if known is not None and self._read_from(known, offset, into):
-                return
-            for key in [*self._linked_uploads(sha256), self._key(sha256)]:
-                if self._read_from(key, offset, into):
-                    if len(self._read_keys) >= 1024:
-                        self._read_keys.clear()
-                    self._read_keys[sha256] = key
-                    return
-            raise FileNotFoundError(f"blob {sha256} is missing from bucket {self.bucket}")
-
-    def _read_from(self, key: str, offset: int, into: memoryview) -> bool:
-        """Fill `into` with object `key`'s bytes from `offset` on; False when there is no such object."""
-        try:
-            response = self.client.get_object(self.bucket, key, offset=offset, length=len(into))
-        except S3Error as error:
-            if error.code in NOT_FOUND:
-                return False
-            if error.code == "InvalidRange":
-                raise EOFError(f"object {key} ends before byte {offset}") from None
-            raise
-        try:
-            filled = 0
-            while filled < len(into):
-                piece = response.read(min(READ_PIECE_BYTES, len(into) - filled))
-                if not piece:
-                    raise EOFError(f"object {key} ends at byte {offset + filled}, before {offset + len(into)}")
-                into[filled : filled + len(piece)] = piece
-                filled += len(piece)
-        finally:
-            response.close()
-            response.release_conn()
-        return True
 
     def delete(self, sha256: str) -> None:
         """Remove every copy of the blob; the caller holds its deletion mark (rule 2 of the layout)."""
