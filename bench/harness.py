@@ -43,18 +43,18 @@ def memory_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def helper_peaks(log: Path | None) -> list[float]:
-    """Peak RSS, in MiB, of each helper process that checked a model so far, from the server's JSON log LOG."""
+def helpers_ended(log: Path | None) -> list[dict]:
+    """The "helper process ended" lines (peak_rss_mib, seconds...) of the server's JSON log LOG so far."""
     lines = map(json.loads, log.read_text().splitlines()) if log and log.exists() else []
-    ended = (line for line in lines if line.get("message") == "helper process ended")
-    return [line["peak_rss_mib"] for line in ended if line["peak_rss_mib"] is not None]
+    return [line for line in lines if line.get("message") == "helper process ended"]
 
 
 def peak_memory(pids: dict[str, int], action: Callable[[], object], log: Path | None = None) -> dict:
     """Run ACTION: each process's peak RSS growth in MiB (VmHWM, reset just before, minus VmRSS just before),
     under its name in PIDS; "helper": the peak RSS in MiB of the helper process that checked a model meanwhile
-    (from the server's log LOG; None when none did); "seconds": how long ACTION took."""
-    helpers = len(helper_peaks(log))
+    and "helper_seconds" its run time (from the server's log LOG; None when none did); "seconds": how long
+    ACTION took."""
+    helpers = len(helpers_ended(log))
     before = {name: memory_kib(pid, "VmRSS") for name, pid in pids.items()}
     for pid in pids.values():
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
@@ -62,7 +62,13 @@ def peak_memory(pids: dict[str, int], action: Callable[[], object], log: Path | 
     action()
     seconds = time.perf_counter() - start
     growth = {name: (memory_kib(pid, "VmHWM") - before[name]) / 1024 for name, pid in pids.items()}
-    return {**growth, "helper": max(helper_peaks(log)[helpers:], default=None), "seconds": seconds}
+    ended = [line for line in helpers_ended(log)[helpers:] if line["peak_rss_mib"] is not None]
+    return {
+        **growth,
+        "helper": max((line["peak_rss_mib"] for line in ended), default=None),
+        "helper_seconds": sum(line["seconds"] for line in ended) if ended else None,
+        "seconds": seconds,
+    }
 
 
 class Target:

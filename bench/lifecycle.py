@@ -102,6 +102,7 @@ def upload_rate(bench) -> list[dict]:
                 "mb_per_s": size / 1e6 / figures["seconds"],
                 "rss_growth_mib": figures["server"],
                 "helper_peak_mib": figures["helper"],
+                "helper_seconds": figures["helper_seconds"],
             },
         ]
     return rows

@@ -173,6 +173,7 @@ WORKLOADS = {
             ("MB/s", "mb_per_s", ",.0f"),
             ("server peak RSS growth MiB", "rss_growth_mib", ",.0f"),
             ("helper process peak RSS MiB", "helper_peak_mib", ",.0f"),
+            ("helper process seconds", "helper_seconds", ".2f"),
         ],
         "mb_per_s",
         [("× minio client", lifecycle.RAW_PUT)],
