@@ -207,8 +207,8 @@ class Settings:
     )
     inline_run_max_us: int = setting(
         250,
-        "Models whose recent runs average under this many microseconds run on "
-        "the event loop (no thread hop); 0 always uses the inference threads.",
+        "Models whose recent runs average under this many microseconds of CPU time (wall time on a GPU) run "
+        "on the event loop (no thread hop); 0 always uses the inference threads.",
         INFERENCE,
     )
     resolve_ttl_seconds: float = setting(

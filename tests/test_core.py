@@ -90,6 +90,27 @@ async def test_short_runs_move_onto_the_event_loop(registry, inline_max_seconds,
     assert executor.submitted == submitted
 
 
+async def test_runs_slowed_by_a_busy_machine_keep_a_short_model_on_the_event_loop(registry, monkeypatch):
+    """A loaded machine takes the core away from a run now and then: its wall time grows, its CPU time does
+    not. Faked here (the only fake): every wall-clock reading jumps 50 ms, as if each run were preempted."""
+    await registry.upload(UploadHeader(name="adder"), parts(onnx_models.add_two()))
+    executor = CountingExecutor(1)
+    engine = InferenceEngine(registry, executor, inline_max_seconds=0.001)
+    inputs = {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}
+    await engine.predict("adder", 0, inputs)  # the first run, on a thread, sets the estimate
+    wall = time.perf_counter()
+
+    def preempted() -> float:
+        nonlocal wall
+        wall += 0.05
+        return wall
+
+    monkeypatch.setattr(time, "perf_counter", preempted)
+    for _ in range(50):
+        await engine.predict("adder", 0, inputs)
+    assert executor.submitted == 1
+
+
 def memory_kib(field: str) -> int:
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
 
