@@ -210,12 +210,14 @@ def v2_outputs(reply: oip.ModelInferResponse) -> list[np.ndarray]:
 
 
 def check_outputs(target: Target, call: str, request, want: np.ndarray) -> None:
-    """Every target must answer what in-process onnxruntime answers before its speed counts."""
+    """Every target must answer what in-process onnxruntime answers before its speed counts: to the last few
+    bits, as a MatMul on weights mapped from their file (MDS's big models, until their prepacked copy is in
+    use) sums in another order than one on prepacked weights."""
     if call in (PREDICT, PREDICT_VIA_ALIAS):
         got = to_array(target.call(call, request, pb.PredictResponse, timeout=60).outputs[0])
     else:
         got = v2_outputs(target.call(call, request, oip.ModelInferResponse, timeout=60))[0]
-    np.testing.assert_array_equal(got, want, err_msg=f"{target.name} {call}")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{target.name} {call}")
 
 
 def upload(

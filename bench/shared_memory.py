@@ -52,10 +52,10 @@ def log_names(processes: int) -> list[str]:
     return ["mds.log"] if processes == 1 else [f"mds-{i}.log" for i in range(processes)]
 
 
-def predicted(log: Path) -> bool:
-    """Whether the serving process writing LOG has answered a Predict (its access log says so)."""
+def predicted(log: Path) -> int:
+    """How many Predicts the serving process writing LOG has answered (its access log says so)."""
     lines = log.read_text().splitlines() if log.exists() else []
-    return any(json.loads(line).get("method", "").endswith("/Predict") for line in lines)
+    return sum(json.loads(line).get("method", "").endswith("/Predict") for line in lines)
 
 
 def serving_pids(target: Target, logs: Path, processes: int) -> list[int]:
@@ -82,9 +82,11 @@ def new_channel(address: str) -> grpc.Channel:
 
 
 def load_everywhere(target: Target, logs: Path, processes: int, request: pb.PredictRequest) -> None:
-    """Predict over fresh connections until every serving process has answered one (so each has loaded it)."""
+    """Predict over fresh connections until every serving process has answered one more (so each has loaded
+    the model, or read every weight of the session it now runs)."""
+    before = {name: predicted(logs / name) for name in log_names(processes)}
     for _ in range(200):
-        if all(predicted(logs / name) for name in log_names(processes)):
+        if all(predicted(logs / name) > before[name] for name in log_names(processes)):
             return
         predict_new(target.address, request)
         time.sleep(0.2)  # the access log is written in batches
@@ -205,6 +207,7 @@ def measure(
         try:
             load_everywhere(target, logs, processes, requests[batches[0]])
             settle(way, logs, processes)
+            load_everywhere(target, logs, processes, requests[batches[0]])  # the pages of what it settled on
         except BaseException:
             target.stop()
             raise
