@@ -20,9 +20,8 @@ import uuid
 from functools import cache
 from pathlib import Path
 
-import onnxruntime as ort
-
 from mds_grpc.core.records import MAIN_FILE, ModelRecord
+from mds_grpc.core.runtime import runtime_version, save_prepacked
 
 LINKS = ".prepacked~"  # in a model folder: links to its copy ('~' is in no uploaded file's path)
 DATA_FILE = f"{MAIN_FILE}.data"
@@ -33,8 +32,8 @@ def _machine() -> str:
     """The onnxruntime build and the CPU's features, which the kernels a copy was laid out for depend on."""
     with contextlib.suppress(OSError):
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-        return f"{ort.__version__} {platform.machine()} {flags}"
-    return f"{ort.__version__} {platform.machine()} {platform.processor()}"
+        return f"{runtime_version()} {platform.machine()} {flags}"
+    return f"{runtime_version()} {platform.machine()} {platform.processor()}"
 
 
 def digest(record: ModelRecord) -> str:
@@ -46,14 +45,7 @@ def digest(record: ModelRecord) -> str:
 def write_copy(source: Path, folder: Path) -> None:
     """Write the prepacked copy of the model at `source` into `folder` (in a helper process: it takes about
     the model twice in memory)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.enable_cpu_mem_arena = False
-    options.optimized_model_filepath = str(folder / MAIN_FILE)
-    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    save_prepacked(source, folder / MAIN_FILE, DATA_FILE)
 
 
 class PrepackedCopies:

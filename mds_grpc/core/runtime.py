@@ -25,6 +25,24 @@ ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
 SHORT_NAMES = {ort_name: name for name, ort_name in ORT_NAMES.items()}
 
 
+def runtime_version() -> str:
+    return ort.__version__
+
+
+def save_prepacked(source: Path, model: Path, data_file: str) -> None:
+    """Save the model at `source` as onnxruntime optimizes it for this CPU, its weights prepacked for its
+    kernels, into `model` and its external-data file `data_file` next to it: a session loading that file maps
+    the prepacked weights instead of packing them into memory of its own."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    options.optimized_model_filepath = str(model)
+    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
 def available_providers() -> tuple[str, ...]:
     """The execution providers this onnxruntime build has, by short name, GPUs first."""
     have = set(ort.get_available_providers())
