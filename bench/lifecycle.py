@@ -251,22 +251,7 @@ def cold_start(bench) -> list[dict]:
 def settled(server: Target) -> None:
     """Wait until the server's big models run on their prepacked copies, made in a helper process after the
     first load (MDS_PREPACKED_COPIES): as a server restarted later finds them."""
-    log = Path(server.env["MDS_LOG_DIR"]) / "mds.log"
-    deadline = time.monotonic() + 900
-    while True:
-        lines = [json.loads(line) for line in log.read_text().splitlines()]
-        switches = sum(line["message"] == "switching to a prepacked copy" for line in lines)
-        ended = sum(
-            line["message"] == "prepacked weights in use"
-            and "seconds" in line
-            or line["message"] == "model keeps its own weights: no prepacked copy"
-            for line in lines
-        )
-        if ended >= switches:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{server.name}: no prepacked copy after 15 minutes (see {log})")
-        time.sleep(0.5)
+    shared_memory.wait_for_copies([Path(server.env["MDS_LOG_DIR"]) / "mds.log"])
 
 
 REPLICA_PROCESSES = 2

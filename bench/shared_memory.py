@@ -124,24 +124,28 @@ def maps_heavy(pid: int) -> list[str]:
     return [library for library in HEAVY_LIBRARIES if library in maps]
 
 
-def settle(way: str, logs: Path, processes: int) -> None:
+def settle(logs: Path, processes: int) -> None:
     """Wait until each of the PROCESSES serving processes (logging into LOGS, `log_names`) uses its final
     session for the model, so that memory and speed are measured on what serves from then on: shared weights
     switch to the host's prepacked copy (MDS_PREPACKED_COPIES), made meanwhile in a helper process."""
-    if way != "shared":
-        return
-    deadline = time.monotonic() + 900
-    while not all(logged(logs / name, "prepacked weights in use") for name in log_names(processes)):
-        if any(logged(logs / name, "model keeps its own weights: no prepacked copy") for name in log_names(processes)):
-            raise SystemExit(f"error: no prepacked copy (see {logs})")
+    if wait_for_copies([logs / name for name in log_names(processes)]):
+        raise SystemExit(f"error: no prepacked copy (see {logs})")
+
+
+def wait_for_copies(logs: list[Path], seconds: float = 900) -> int:
+    """Wait until every switch to a prepacked copy that the servers' LOGS announce has ended; how many failed.
+    A log's lines are written before the request that started the load is answered."""
+    deadline = time.monotonic() + seconds
+    while True:
+        lines = [json.loads(line) for log in logs if log.exists() for line in log.read_text().splitlines()]
+        switches = sum(line["message"] == "switching to a prepacked copy" for line in lines)
+        switched = sum(line["message"] == "prepacked weights in use" and "seconds" in line for line in lines)
+        failed = sum(line["message"] == "model keeps its own weights: no prepacked copy" for line in lines)
+        if switched + failed >= switches:
+            return failed
         if time.monotonic() > deadline:
-            raise SystemExit(f"error: the serving processes did not switch to the prepacked copy (see {logs})")
+            raise RuntimeError(f"the servers did not switch to their prepacked copies in {seconds:.0f} s: {logs}")
         time.sleep(0.5)
-
-
-def logged(log: Path, message: str) -> bool:
-    lines = log.read_text().splitlines() if log.exists() else []
-    return any(json.loads(line).get("message") == message for line in lines)
 
 
 def ways(shared_min_bytes: int | None = None) -> dict[str, dict[str, str]]:
@@ -206,7 +210,7 @@ def measure(
         target = Target("MDS", argv(port), port, env=run_env)
         try:
             load_everywhere(target, logs, processes, requests[batches[0]])
-            settle(way, logs, processes)
+            settle(logs, processes)
             load_everywhere(target, logs, processes, requests[batches[0]])  # the pages of what it settled on
         except BaseException:
             target.stop()
